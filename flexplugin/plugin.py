@@ -1,0 +1,41 @@
+"""The Scipion Plugin class: variables, environment and how protocols call the engine."""
+import os
+import sys
+
+import pwem
+import pyworkflow.utils as pwutils
+
+FLEXPLUGIN_PYTHON = "FLEXPLUGIN_PYTHON"
+
+
+class Plugin(pwem.Plugin):
+    """Registers flexplugin with Scipion. The engine runs in the Python named by FLEXPLUGIN_PYTHON
+    (default: the Python running Scipion, where `pip install scipion-em-flexplugin` put torch)."""
+
+    _homeVar = ""
+    _pathVars = []  # nothing must exist beyond the Python package itself
+    _url = "https://github.com/flexplugin/scipion-em-flexplugin"
+    _supportedVersions = []
+
+    @classmethod
+    def _defineVariables(cls):
+        cls._defineVar(FLEXPLUGIN_PYTHON, sys.executable)
+
+    @classmethod
+    def getPython(cls) -> str:
+        return os.environ.get(FLEXPLUGIN_PYTHON, cls.getVar(FLEXPLUGIN_PYTHON) or sys.executable)
+
+    @classmethod
+    def getProgram(cls) -> str:
+        """The command protocols give to runJob; subcommand and options follow as arguments."""
+        return f"{cls.getPython()} -m flexplugin.cli"
+
+    @classmethod
+    def getEnviron(cls):
+        env = pwutils.Environ(os.environ)
+        env.update({"PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"})
+        return env
+
+    @classmethod
+    def defineBinaries(cls, env):
+        pass  # pure Python: everything comes with pip

@@ -1,0 +1,1 @@
+"""flexplugin's Scipion protocols (installed as flexplugin.protocols)."""
