@@ -135,8 +135,8 @@ class ParticleSet:
 
     def rotations(self, rows, device=None) -> torch.Tensor:
         """RELION rotation matrices (B, 3, 3) float32."""
-        t = self.table.iloc[rows] if not isinstance(rows, slice) else self.table.iloc[rows]
-        a = [torch.as_tensor(t[c].to_numpy(np.float64)) for c in POSE_LABELS]
+        t = self.table.iloc[rows]
+        a = [torch.tensor(t[c].to_numpy(np.float64)) for c in POSE_LABELS]
         return euler_to_matrix(*a).to(torch.float32).to(device)
 
     def shifts_px(self, rows, device=None) -> torch.Tensor:

@@ -1,0 +1,39 @@
+"""The command line as a user runs it: subprocesses, exit codes, messages."""
+import subprocess
+import sys
+
+import pytest
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "flexplugin.cli", *args], capture_output=True, text=True)
+
+
+def test_help_and_version():
+    r = _run("--help")
+    assert r.returncode == 0 and "simulate" in r.stdout and "reconstruct" in r.stdout
+    assert "flexplugin" in _run("--version").stdout
+
+
+def test_simulate_then_reconstruct(tmp_path):
+    r = _run("simulate", "--out", str(tmp_path / "d"), "--n", "200", "--box", "32", "--apix", "4", "--snr", "2")
+    assert r.returncode == 0, r.stderr
+    r = _run("reconstruct", "--particles", str(tmp_path / "d" / "particles.star"), "--out", str(tmp_path / "r"),
+             "--device", "cpu", "--batch-size", "64")
+    assert r.returncode == 0, r.stderr
+    assert "resolution" in r.stdout and "ETA" in r.stdout
+    assert (tmp_path / "r" / "map.mrc").exists()
+
+
+def test_bad_input_exit_code_and_message(tmp_path):
+    r = _run("reconstruct", "--particles", str(tmp_path / "missing.star"), "--out", str(tmp_path / "r"))
+    assert r.returncode == 2 and "particle STAR file not found" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_gpu_is_clear(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("machine has CUDA")
+    r = _run("reconstruct", "--particles", "x.star", "--out", str(tmp_path), "--device", "cuda:3")
+    assert r.returncode != 0 and "CUDA is not available" in r.stderr
