@@ -1,0 +1,131 @@
+"""The 3D Flex model: latent → flow generator → per-vertex displacement → per-voxel flow → convected map.
+
+Convection form (ALGORITHMS.md §2.7.3 leaves it open): we use the *backward warp*
+    W(x) = V(x + u(x)),
+i.e. the flow u, defined on the output grid, points from where density ends up to where it comes from
+in the canonical map. It is sampled trilinearly (grid_sample), so W is linear in V and autograd gives
+the exact adjoint (a trilinear scatter) that the high-resolution reconstruction needs. It conserves mass
+up to det(I + ∇u), which the rigidity prior keeps near 1; tests measure the mass change.
+
+Projection of the deformed map is done in real space in one pass: for the rotated-frame grid point r,
+the canonical position is x = Aᵀr (RELION convention, geometry.py) and the sample is V(x + u(x)); the
+sum over r_z is the projection. Only the sub-cube that can hold density (mask radius + motion margin)
+is sampled. Shifts and CTF are applied in Fourier space by the caller.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .mesh import Mesh, rasterize_weights
+
+__all__ = ["FlowGenerator", "MeshRaster", "deformation_gradients", "rigidity_penalty", "project_warped",
+           "warp_volume"]
+
+
+class FlowGenerator(nn.Module):
+    """MLP from a K-dim latent to displacements (n_vertices, 3) in Å; starts at zero flow."""
+
+    def __init__(self, k: int, n_vertices: int, layers: int = 6, hidden: int = 64):
+        super().__init__()
+        if k < 1 or layers < 1 or hidden < 1:
+            raise ValueError("latent dimension, layers and hidden units must be >= 1")
+        dims = [k] + [hidden] * layers
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.out = nn.Linear(hidden, 3 * n_vertices)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.k, self.n_vertices = k, n_vertices
+
+    def forward(self, z: torch.Tensor, return_activations: bool = False):
+        h = z
+        acts = []
+        for lin in self.hidden:
+            h = F.silu(lin(h))
+            acts.append(h)
+        d = self.out(h).view(*z.shape[:-1], self.n_vertices, 3)
+        return (d, acts) if return_activations else d
+
+
+class MeshRaster:
+    """Barycentric interpolation of vertex displacements on a grid of box m (cached per box)."""
+
+    def __init__(self, mesh: Mesh, m: int, device: torch.device | str = "cpu"):
+        (vox, _), verts, bary = rasterize_weights(mesh, m)
+        self.m = m
+        self.vox = torch.as_tensor(vox, device=device)
+        self.verts = torch.as_tensor(verts, device=device)
+        self.bary = torch.as_tensor(bary, dtype=torch.float32, device=device)
+        self.scale = mesh.N / m  # mesh-box voxels per m-box voxel
+
+    def flow(self, d: torch.Tensor, apix_m: float) -> torch.Tensor:
+        """u (B, m, m, m, 3) in voxels of box m (xyz) from displacements d (B, V, 3) in Å."""
+        b = d.shape[0]
+        u_in = (d[:, self.verts] * self.bary[None, :, :, None]).sum(2) / apix_m  # (B, nvox, 3)
+        u = torch.zeros(b, self.m ** 3, 3, dtype=d.dtype, device=d.device)
+        u = u.index_copy(1, self.vox, u_in)
+        return u.view(b, self.m, self.m, self.m, 3)
+
+
+def deformation_gradients(d: torch.Tensor, cells: torch.Tensor, rest_inv: torch.Tensor) -> torch.Tensor:
+    """F = I + ΔD·Dm⁻¹ (B, C, 3, 3) per cell from vertex displacements d (B, V, 3) (Å)."""
+    dc = d[:, cells]  # (B, C, 4, 3)
+    dD = torch.stack([dc[:, :, 1] - dc[:, :, 0], dc[:, :, 2] - dc[:, :, 0], dc[:, :, 3] - dc[:, :, 0]], -1)
+    return torch.eye(3, dtype=d.dtype, device=d.device) + dD @ rest_inv
+
+
+def rigidity_penalty(Fg: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_cells w·‖FᵀF − I‖²_F per batch item: zero exactly for rotations, = Σ (σ²−1)² over singular values.
+
+    Chosen over Σ(σ−1)² through an SVD, whose gradient is unstable where singular values coincide — which
+    is exactly the rest state (all σ = 1).
+    """
+    C = Fg.transpose(-1, -2) @ Fg - torch.eye(3, dtype=Fg.dtype, device=Fg.device)
+    return (C.square().sum((-1, -2)) * weights).sum(-1)
+
+
+def _to_grid(p: torch.Tensor, m: int) -> torch.Tensor:
+    """Voxel positions relative to the centre m//2 → grid_sample coordinates (align_corners=True)."""
+    return (p + m // 2) * (2.0 / (m - 1)) - 1.0
+
+
+def warp_volume(vol: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """W(x) = V(x + u(x)) on the grid: vol (m, m, m), u (B, m, m, m, 3) xyz voxels → (B, m, m, m)."""
+    m = vol.shape[-1]
+    g = torch.arange(m, dtype=vol.dtype, device=vol.device) - m // 2
+    zz, yy, xx = torch.meshgrid(g, g, g, indexing="ij")
+    base = torch.stack([xx, yy, zz], -1)
+    grid = _to_grid(base[None] + u, m)
+    b = u.shape[0]
+    out = F.grid_sample(vol[None, None].expand(b, 1, m, m, m), grid, mode="bilinear", padding_mode="zeros",
+                        align_corners=True)
+    return out[:, 0]
+
+
+def project_warped(vol: torch.Tensor, rotations: torch.Tensor, u: torch.Tensor | None = None,
+                   radius: float | None = None) -> torch.Tensor:
+    """Projections (B, m, m) of V(x + u(x)) at RELION matrices (B, 3, 3); line integrals in voxel units.
+
+    `radius` (voxels) bounds where density can be: only the centred sub-cube of that half-width is sampled.
+    """
+    m = vol.shape[-1]
+    b = rotations.shape[0]
+    h = m // 2 - 1 if radius is None else int(min(m // 2 - 1, math.ceil(radius)))
+    g = torch.arange(-h, h + 1, dtype=vol.dtype, device=vol.device)
+    rz, ry, rx = torch.meshgrid(g, g, g, indexing="ij")
+    r = torch.stack([rx, ry, rz], -1).view(-1, 3)  # rotated-frame points, xyz
+    x = torch.einsum("bji,nj->bni", rotations.to(vol.dtype), r)  # Aᵀ r → (B, n, 3)
+    if u is not None:
+        ux = F.grid_sample(u.permute(0, 4, 1, 2, 3), _to_grid(x, m).reshape(b, 1, 1, -1, 3), mode="bilinear",
+                           padding_mode="zeros", align_corners=True)  # (B, 3, 1, 1, n)
+        x = x + ux.view(b, 3, -1).transpose(1, 2)
+    s = 2 * h + 1
+    vals = F.grid_sample(vol[None, None], _to_grid(x, m).reshape(1, b * s, s, s, 3), mode="bilinear",
+                         padding_mode="zeros", align_corners=True)  # (1, 1, B*s, s, s)
+    proj = vals.view(b, s, s, s).sum(1)  # sum over r_z → (B, y, x)
+    lo = m // 2 - h
+    return F.pad(proj, [lo, m - lo - s, lo, m - lo - s])

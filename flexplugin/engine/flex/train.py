@@ -1,0 +1,405 @@
+"""3D Flex training: flow generator, canonical map and per-particle latents learned jointly.
+
+Per batch: z_i + ε (ε ~ N(0, noise_std²)) → FlowGenerator → vertex displacements → per-voxel flow on the
+current working box → projection of the convected canonical map at the particle's pose (model.py) →
+× scale × shift phase × CTF in Fourier space → whitened squared error up to the current resolution k_max.
+Priors: rigidity λ_rig Σ w_j ‖FᵀF − I‖² over mesh cells, latent centring λ_c Σ_k |z_k|^p, weak L2 on
+the map. Latents are an auto-decoder table (no encoder) updated by their own per-row Adam; they are
+clamped to ±1.5 like cryoSPARC's.
+
+Resolution marching (ALGORITHMS.md §10): epoch e trains at k_max(e), rising linearly from 40 % to 80 %
+of the training Nyquist over the base epochs; images and the canonical map are Fourier-cropped to the
+smallest box that holds k_max, so early epochs cost a fraction of late ones. Flow LR anneals
+geometrically 0.005 → 0.0005, density LR stays 0.01 (cryoSPARC's defaults).
+
+Determinism and resume: the batch order and noise of epoch e depend only on (seed, e); a checkpoint
+holds everything else, so `resume` after epoch j gives the same result as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..ctf import compute_ctf
+from ..errors import InputError
+from ..fourier import freq_grid_2d, fourier_crop_3d, rfft2c, shift_phase_2d
+from ..progress import Progress
+from .mesh import Mesh
+from .model import FlowGenerator, MeshRaster, deformation_gradients, project_warped, rigidity_penalty
+from .prep import PreparedParticles, PrepSpec
+
+__all__ = ["TrainConfig", "FlexTrainer", "normalize_init_latents", "working_box", "kmax_schedule"]
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting; names follow the CLI options (cryoSPARC's keys in comments)."""
+
+    k: int = 2  # flex_K
+    layers: int = 6  # flex_num_layers
+    hidden: int = 64  # flex_hidden_units
+    epochs: int = 16  # base schedule
+    extra_epochs: int = 0  # flex_extra_epochs
+    batch_size: int = 64
+    lr_flow_init: float = 0.005  # flex_lr_flex_init
+    lr_flow_final: float = 0.0005  # flex_lr_flex_final
+    lr_density: float = 0.01  # flex_lr_density_init/_final
+    lr_latent: float = 0.05
+    rigidity: float = 2.0  # flex_sv_lam
+    latent_noise: float = 0.15  # flex_latent_samp_std
+    latent_prior: float = 20.0  # flex_latent_prior_lam
+    latent_prior_pow: float = 4.0  # flex_latent_prior_pow
+    density_l2: float = 1e-3
+    kmax_start: float = 0.4  # fraction of training Nyquist at epoch 0
+    kmax_final: float = 0.8  # fraction of training Nyquist at the end of the base schedule
+    seed: int = 0
+    noise_particles: int = 1000  # particles used to estimate the scale and the noise spectrum
+
+    def validate(self) -> None:
+        checks = [(self.k >= 1, "--k must be >= 1"), (self.layers >= 1, "--layers must be >= 1"),
+                  (self.hidden >= 1, "--hidden must be >= 1"), (self.epochs >= 1, "--epochs must be >= 1"),
+                  (self.extra_epochs >= 0, "--extra-epochs must be >= 0"),
+                  (self.batch_size >= 1, "--batch-size must be >= 1"),
+                  (self.rigidity >= 0, "--rigidity must be >= 0"), (self.latent_noise >= 0, "--latent-noise must be >= 0"),
+                  (self.latent_prior >= 0, "--latent-prior must be >= 0"),
+                  (0 < self.kmax_start <= self.kmax_final <= 1, "need 0 < kmax-start <= kmax-final <= 1"),
+                  (min(self.lr_flow_init, self.lr_flow_final, self.lr_density, self.lr_latent) > 0,
+                   "learning rates must be > 0")]
+        for ok, msg in checks:
+            if not ok:
+                raise InputError(msg)
+
+
+def kmax_schedule(cfg: TrainConfig, epoch: int) -> float:
+    """k_max as a fraction of the training Nyquist for `epoch` (0-based)."""
+    if cfg.epochs <= 1:
+        return cfg.kmax_final
+    f = min(1.0, epoch / (cfg.epochs - 1))
+    return cfg.kmax_start + f * (cfg.kmax_final - cfg.kmax_start)
+
+
+def working_box(train_box: int, kmax_frac: float) -> int:
+    """Smallest even box ≤ training box whose Nyquist holds k_max (in training-box Fourier pixels) + 1."""
+    r = kmax_frac * train_box / 2
+    return int(min(train_box, 2 * math.ceil(r + 1.5)))
+
+
+def normalize_init_latents(z: np.ndarray, k: int, idxs: list[int] | None = None, target_std: float = 0.4) -> np.ndarray:
+    """Pick K columns of external coordinates (e.g. 3DVA) and scale each to std `target_std` around 0.
+
+    3DVA coordinates have an arbitrary scale; ±1.5 (the latent range) is then ±3.75 standard deviations.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    if z.ndim != 2:
+        raise InputError(f"initial latents must be an N×K array, got shape {z.shape}")
+    idxs = list(range(k)) if idxs is None else idxs
+    if len(idxs) != k:
+        raise InputError(f"--init-idxs must name {k} columns, got {idxs}")
+    if max(idxs) >= z.shape[1] or min(idxs) < 0:
+        raise InputError(f"--init-idxs {idxs} out of range for {z.shape[1]} input components")
+    sel = z[:, idxs]
+    sel = sel - sel.mean(0)
+    sd = sel.std(0)
+    sd[sd == 0] = 1.0
+    return np.clip(sel / sd * target_std, -1.5, 1.5).astype(np.float32)
+
+
+class RowAdam:
+    """Adam on selected rows of a table (per-row step counts): the auto-decoder latents' optimiser."""
+
+    def __init__(self, table: torch.Tensor, lr: float, betas=(0.9, 0.999), eps=1e-8):
+        self.t, self.lr, self.b1, self.b2, self.eps = table, lr, betas[0], betas[1], eps
+        self.m = torch.zeros_like(table)
+        self.v = torch.zeros_like(table)
+        self.step = torch.zeros(table.shape[0], dtype=torch.float32, device=table.device)
+
+    def update(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        self.step[rows] += 1
+        s = self.step[rows][:, None]
+        self.m[rows] = self.b1 * self.m[rows] + (1 - self.b1) * grad
+        self.v[rows] = self.b2 * self.v[rows] + (1 - self.b2) * grad * grad
+        mh = self.m[rows] / (1 - self.b1 ** s)
+        vh = self.v[rows] / (1 - self.b2 ** s)
+        self.t[rows] = (self.t[rows] - self.lr * mh / (vh.sqrt() + self.eps)).clamp(-1.5, 1.5)
+
+    def state_dict(self) -> dict:
+        return {"m": self.m, "v": self.v, "step": self.step}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.m.copy_(d["m"])
+        self.v.copy_(d["v"])
+        self.step.copy_(d["step"])
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    kmax_frac: float
+    box: int
+    data: float
+    rigidity: float
+    prior: float
+    seconds: float
+
+
+class FlexTrainer:
+    """Holds the model state; `fit` runs the epochs, checkpointing after each one to `out/checkpoint.pt`."""
+
+    def __init__(self, particles: PreparedParticles, volume: torch.Tensor, mesh: Mesh, cfg: TrainConfig,
+                 device: torch.device | str = "cpu", init_latents: np.ndarray | None = None):
+        cfg.validate()
+        self.p, self.cfg, self.mesh = particles, cfg, mesh
+        self.spec: PrepSpec = particles.spec
+        self.dev = torch.device(device)
+        t = self.spec.train
+        if volume.shape[-1] != t:
+            raise InputError(f"canonical volume box {volume.shape[-1]} differs from the training box {t}")
+        extent_mesh, extent_data = mesh.N * mesh.psize_A, t * self.spec.apix_train
+        if abs(extent_mesh - extent_data) > 0.02 * extent_data:
+            raise InputError(f"the mesh spans {extent_mesh:.1f} Å but the training box spans {extent_data:.1f} Å; "
+                             "build the mesh from the consensus map at the crop box")
+        torch.manual_seed(cfg.seed)
+        self.gen = FlowGenerator(cfg.k, len(mesh.points), cfg.layers, cfg.hidden).to(self.dev)
+        soft = torch.as_tensor(mesh.mask_soft, dtype=torch.float32)
+        self.mask_t = (fourier_crop_3d(soft, t) if soft.shape[-1] != t else soft).clamp(0, 1).to(self.dev)
+        v = volume.to(self.dev, torch.float32)
+        self.v_scale = float((v * self.mask_t).std().clamp(min=1e-12))
+        self.density = torch.nn.Parameter(v / self.v_scale)
+        n = len(particles)
+        if init_latents is not None:
+            if init_latents.shape != (n, cfg.k):
+                raise InputError(f"initial latents have shape {init_latents.shape}, expected ({n}, {cfg.k})")
+            z0 = torch.as_tensor(init_latents, dtype=torch.float32)
+        else:
+            g = torch.Generator().manual_seed(cfg.seed + 1)
+            z0 = 0.1 * torch.randn(n, cfg.k, generator=g)
+        self.latents = z0.to(self.dev).clone()
+        self.opt_flow = torch.optim.Adam(self.gen.parameters(), lr=cfg.lr_flow_init)
+        self.opt_density = torch.optim.Adam([self.density], lr=cfg.lr_density)
+        self.opt_latent = RowAdam(self.latents, cfg.lr_latent)
+        self.cells = torch.as_tensor(mesh.cells, device=self.dev)
+        self.rest_inv = torch.linalg.inv(torch.as_tensor(mesh.rest_edges(), dtype=torch.float32)).to(self.dev)
+        self.rweights = torch.as_tensor(mesh.rweights, dtype=torch.float32, device=self.dev)
+        self.radius_A = self._support_radius()
+        self.scale = 1.0
+        self.noise_shell: torch.Tensor | None = None
+        self.history: list[dict] = []
+        self.epoch = 0
+        self._rasters: dict[int, MeshRaster] = {}
+
+    # --- set-up -------------------------------------------------------------------------------------
+    def _support_radius(self) -> float:
+        """Radius (Å) around the centre that can hold density: mask extent plus a motion margin."""
+        t = self.spec.train
+        g = torch.arange(t, dtype=torch.float32) - t // 2
+        zz, yy, xx = torch.meshgrid(g, g, g, indexing="ij")
+        r = torch.sqrt(xx ** 2 + yy ** 2 + zz ** 2)
+        m = self.mask_t.cpu() > 1e-3
+        rmax = float(r[m].max()) if m.any() else t / 2
+        return (rmax + 0.1 * t) * self.spec.apix_train
+
+    def raster(self, m: int) -> MeshRaster:
+        if m not in self._rasters:
+            self._rasters[m] = MeshRaster(self.mesh, m, self.dev)
+        return self._rasters[m]
+
+    def canonical(self, m: int | None = None) -> torch.Tensor:
+        """The canonical map (masked) at the training box or Fourier-cropped to box m."""
+        v = self.density * self.mask_t * self.v_scale
+        t = self.spec.train
+        return v if m is None or m == t else fourier_crop_3d(v, m)
+
+    def _band(self, m: int, kmax_px: float):
+        """Shell index per coefficient of box m (training-box Fourier pixels), band mask and rfft weights."""
+        g = freq_grid_2d(m, self.dev) * m  # integer Fourier indices
+        r = g.norm(dim=-1)
+        shell = torch.round(r).long().clamp(max=self.spec.train // 2)
+        band = (r <= kmax_px) & (r > 0)
+        mult = torch.full_like(r, 2.0)
+        mult[:, 0] = 1.0
+        if m % 2 == 0:
+            mult[:, -1] = 1.0
+        return shell, band, mult
+
+    def model_ft(self, batch: dict, m: int, d: torch.Tensor | None, vol_m: torch.Tensor) -> torch.Tensor:
+        """Model spectra (B, m, m//2+1) on the training-box scale for displacements d (B, V, 3) or rigid."""
+        t = self.spec.train
+        apix_m = self.spec.apix_train * t / m
+        u = self.raster(m).flow(d, apix_m) if d is not None else None
+        proj = project_warped(vol_m, batch["rotations"], u, radius=self.radius_A / apix_m)
+        ft = rfft2c(proj) * ((t / m) ** 3 * self.scale)
+        ft = ft * shift_phase_2d(m, batch["shifts"] * (m / t))
+        return ft * compute_ctf(batch["ctf"], m, apix_m, self.p.ps.phase_flipped)
+
+    @staticmethod
+    def crop_ft(ft: torch.Tensor, t: int, m: int) -> torch.Tensor:
+        lo = t // 2 - m // 2
+        return ft[..., lo:lo + m, : m // 2 + 1]
+
+    @torch.no_grad()
+    def estimate_noise(self, progress: Callable[[str], None] = print) -> None:
+        """Scale between map and images and the per-shell noise power, from residuals of the rigid model."""
+        t = self.spec.train
+        rng = np.random.default_rng(self.cfg.seed + 17)
+        n = len(self.p)
+        rows = np.sort(rng.choice(n, size=min(n, self.cfg.noise_particles), replace=False))
+        vol = self.canonical()
+        num = den = 0.0
+        res_pow = torch.zeros(t // 2 + 1, device=self.dev)
+        cnt = torch.zeros(t // 2 + 1, device=self.dev)
+        shell, band, mult = self._band(t, 0.5 * t / 2)
+        batches = [rows[i:i + self.cfg.batch_size] for i in range(0, len(rows), self.cfg.batch_size)]
+        spectra = []
+        for br in batches:
+            b = self.p.batch(br, self.dev)
+            y = rfft2c(b["images"])
+            self.scale = 1.0
+            mod = self.model_ft(b, t, None, vol)
+            num += float((y.conj() * mod).real[:, band].sum())
+            den += float(mod.abs().square()[:, band].sum())
+            spectra.append((y, mod))
+        if den <= 0:
+            raise InputError("the consensus map projects to zero: check the map and the mask")
+        self.scale = num / den
+        if self.scale <= 0:
+            raise InputError("images anti-correlate with the consensus map: check the contrast convention "
+                             "(protein must be bright, as RELION writes particles) or the map's hand")
+        for y, mod in spectra:
+            r2 = (y - self.scale * mod).abs().square()
+            res_pow.index_add_(0, shell.flatten(), r2.sum(0).flatten())
+            cnt.index_add_(0, shell.flatten(), torch.full_like(shell.flatten(), len(y), dtype=torch.float32))
+        self.noise_shell = (res_pow / cnt.clamp(min=1)).clamp(min=1e-12)
+        progress(f"flex-train: map-to-image scale {self.scale:.4g}, noise power {self.noise_shell[1:].mean():.4g} "
+                 f"(mean over shells), from {len(rows)} particles")
+
+    # --- training -----------------------------------------------------------------------------------
+    def _lr_flow(self, epoch: int) -> float:
+        c = self.cfg
+        f = min(1.0, epoch / max(1, c.epochs - 1))
+        return c.lr_flow_init * (c.lr_flow_final / c.lr_flow_init) ** f
+
+    def step(self, batch: dict, m: int, kmax_px: float, train: bool = True) -> tuple[float, float, float]:
+        """One optimisation step on a batch; returns the batch means of (data, rigidity, prior)."""
+        c, t = self.cfg, self.spec.train
+        rows = batch["rows"]
+        z = self.latents[rows].clone().requires_grad_(train)
+        g = torch.Generator(device="cpu").manual_seed(int(self._noise_seed))
+        self._noise_seed += 1
+        eps = torch.randn(z.shape, generator=g).to(self.dev) * c.latent_noise if train else 0.0
+        d = self.gen(z + eps)
+        vol_m = self.canonical(m)
+        mod = self.model_ft(batch, m, d, vol_m)
+        y = self.crop_ft(rfft2c(batch["images"]), t, m)
+        shell, band, mult = self._band(m, kmax_px)
+        w = (mult / self.noise_shell[shell]) * band
+        data = 0.5 * ((y - mod).abs().square() * w).sum((-1, -2))
+        rig = rigidity_penalty(deformation_gradients(d, self.cells, self.rest_inv), self.rweights)
+        prior = z.abs().pow(c.latent_prior_pow).sum(-1)
+        loss = (data + c.rigidity * rig + c.latent_prior * prior).mean()
+        loss = loss + c.density_l2 * self.density.square().mean()
+        if train:
+            self.opt_flow.zero_grad(set_to_none=True)
+            self.opt_density.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt_flow.step()
+            self.opt_density.step()
+            self.opt_latent.update(rows, z.grad * len(rows))
+        return float(data.mean()), float(rig.mean()), float(prior.mean())
+
+    def run_epoch(self, progress: Callable[[str], None] = print) -> EpochStats:
+        c, t = self.cfg, self.spec.train
+        e = self.epoch
+        frac = kmax_schedule(c, e)
+        m = working_box(t, frac)
+        kmax_px = frac * t / 2
+        for gr in self.opt_flow.param_groups:
+            gr["lr"] = self._lr_flow(e)
+        order = np.random.default_rng([c.seed, e]).permutation(len(self.p))
+        self._noise_seed = (c.seed * 1000003 + e) * 100003
+        sums = np.zeros(3)
+        t0 = time.monotonic()
+        nb = math.ceil(len(order) / c.batch_size)
+        for bi in range(nb):
+            rows = np.sort(order[bi * c.batch_size:(bi + 1) * c.batch_size])
+            batch = self.p.batch(rows, self.dev)
+            sums += np.array(self.step(batch, m, kmax_px)) * len(rows)
+        sums /= len(order)
+        st = EpochStats(e, frac, m, *sums.tolist(), time.monotonic() - t0)
+        self.history.append(asdict(st))
+        self.epoch += 1
+        return st
+
+    def fit(self, out: str | os.PathLike, progress: Callable[[str], None] = print,
+            stop_after: int | None = None) -> None:
+        """Train to cfg.epochs + extra_epochs, checkpointing every epoch; `stop_after` ends early (tests)."""
+        out = Path(out)
+        total = self.cfg.epochs + self.cfg.extra_epochs
+        if self.noise_shell is None:
+            self.estimate_noise(progress)
+        prog = Progress(total, "flex-train epoch", every=0)
+        prog.t0 -= sum(h["seconds"] for h in self.history)  # ETA counts resumed epochs
+        while self.epoch < total:
+            st = self.run_epoch(progress)
+            self.save_checkpoint(out / "checkpoint.pt")
+            prog.step(self.epoch, f"box {st.box} k_max {st.kmax_frac:.2f} Nyq | data {st.data:.5g} "
+                                  f"rigidity {st.rigidity:.4g} prior {st.prior:.4g} | {st.seconds:.1f} s")
+            if stop_after is not None and self.epoch >= stop_after:
+                break
+
+    # --- persistence --------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "format": "flexplugin-flex-model", "version": 1, "config": asdict(self.cfg),
+            "spec": asdict(self.spec), "epoch": self.epoch, "generator": self.gen.state_dict(),
+            "density": self.density.detach().cpu(), "v_scale": self.v_scale, "mask": self.mask_t.cpu(),
+            "latents": self.latents.cpu(), "ids": torch.as_tensor(self.p.ids), "scale": self.scale,
+            "noise_shell": None if self.noise_shell is None else self.noise_shell.cpu(),
+            "opt_flow": self.opt_flow.state_dict(), "opt_density": self.opt_density.state_dict(),
+            "opt_latent": {k: v.cpu() for k, v in self.opt_latent.state_dict().items()},
+            "history": self.history, "mesh_file": None, "radius_A": self.radius_A,
+        }
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """Atomic write (temp + rename): an interrupted save never corrupts the last good checkpoint."""
+        tmp = f"{path}.tmp"
+        torch.save(self.state(), tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        d = torch.load(path, map_location=self.dev, weights_only=False)
+        if d.get("format") != "flexplugin-flex-model":
+            raise InputError(f"{path} is not a flexplugin 3D Flex checkpoint")
+        saved = {k: v for k, v in d["config"].items() if k not in ("epochs", "extra_epochs")}
+        now = {k: v for k, v in asdict(self.cfg).items() if k not in ("epochs", "extra_epochs")}
+        if saved != now:
+            diff = {k: (saved.get(k), now.get(k)) for k in now if saved.get(k) != now.get(k)}
+            raise InputError(f"cannot continue: settings differ from the checkpoint's {diff}")
+        if not np.array_equal(d["ids"].numpy(), self.p.ids):
+            raise InputError("cannot continue: the particles differ from the checkpoint's (ids)")
+        self.gen.load_state_dict(d["generator"])
+        with torch.no_grad():
+            self.density.copy_(d["density"].to(self.dev))
+            self.latents.copy_(d["latents"].to(self.dev))
+        self.v_scale, self.scale = d["v_scale"], d["scale"]
+        self.noise_shell = None if d["noise_shell"] is None else d["noise_shell"].to(self.dev)
+        self.opt_flow.load_state_dict(d["opt_flow"])
+        self.opt_density.load_state_dict(d["opt_density"])
+        self.opt_latent.load_state_dict({k: v.to(self.dev) for k, v in d["opt_latent"].items()})
+        self.history, self.epoch = d["history"], d["epoch"]
+
+    # --- diagnostics --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def flow_for(self, z: torch.Tensor, m: int | None = None) -> torch.Tensor:
+        """Per-voxel flow (B, m, m, m, 3) in Å at latent points z (B, K), on box m (training box default)."""
+        m = m or self.spec.train
+        d = self.gen(z.to(self.dev))
+        apix_m = self.spec.apix_train * self.spec.train / m
+        return self.raster(m).flow(d, apix_m) * apix_m
