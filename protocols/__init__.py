@@ -1,1 +1,6 @@
-"""flexplugin's Scipion protocols (installed as flexplugin.protocols)."""
+"""flexplugin's Scipion protocols (installed as flexplugin.protocols).
+
+Scipion keeps only protocol classes imported here (their module must lie under flexplugin.protocols).
+"""
+from .protocol_base import FlexPluginProtBase
+from .protocol_simulate import FlexPluginProtSimulate

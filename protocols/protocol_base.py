@@ -1,0 +1,167 @@
+"""The base of every flexplugin protocol: GPU parameters, engine calls, particle export and input checks.
+
+Subclasses define their form and steps; heavy work always goes through `runEngine` (Scipion's runJob
+running `python -m flexplugin.cli <subcommand> ...`), never in the protocol's own process.
+"""
+from __future__ import annotations
+
+import shutil
+
+import pyworkflow as pw
+import pyworkflow.protocol.params as params
+from pyworkflow.protocol.constants import GPU_LIST, USE_GPU
+from pwem.protocols import EMProtocol
+
+from flexplugin import Plugin
+
+# attribute names of the inputs the shared checks know about
+INPUT_PARTICLES = "inputParticles"
+INPUT_VOLUME = "inputVolume"
+INPUT_MASK = "inputMask"
+GPU_PLACEHOLDER = "%(GPU)s"  # replaced by Scipion with the GPU id given to the step
+
+
+def _nvidiaPresent() -> bool:
+    """Cheap guess of whether this machine has an NVIDIA GPU (no torch import in the GUI)."""
+    return shutil.which("nvidia-smi") is not None
+
+
+class FlexPluginProtBase(EMProtocol):
+    """Shared logic of flexplugin protocols (hidden from the protocol tree)."""
+
+    _label = None
+    _devStatus = pw.BETA
+    _requiresCTF = True  # engine jobs model the CTF; subclasses that do not can turn the check off
+
+    # --------------------------- DEFINE param functions ----------------------
+    def _defineGpuParams(self, form: params.Form) -> None:
+        """GPU fields shown at the top of the form (`useGpu`, `gpuList`)."""
+        form.addHidden(USE_GPU, params.BooleanParam, default=_nvidiaPresent(),
+                       label="Use GPU?",
+                       help="Run the engine on a GPU (CUDA). Set to No to run on the CPU.")
+        form.addHidden(GPU_LIST, params.StringParam, default="0",
+                       label="GPU ID",
+                       help="The GPU to use (one id, as numbered by nvidia-smi). Each flexplugin job runs on "
+                            "one GPU.")
+
+    def _defineParticlesParam(self, form: params.Form) -> None:
+        """The input particles: a 3D-aligned set (ALIGN_PROJ) with CTF."""
+        form.addParam(INPUT_PARTICLES, params.PointerParam, pointerClass="SetOfParticles",
+                      pointerCondition="hasAlignmentProj", important=True,
+                      label="Input particles",
+                      help="Particles from a consensus 3D refinement: they need 3D alignment and CTF.")
+
+    def _defineVolumeParam(self, form: params.Form, label: str = "Consensus volume",
+                           help: str = "The consensus map of the input particles (same box and pixel size).",
+                           allowsNull: bool = False) -> None:
+        """A volume matching the particles' box and pixel size."""
+        form.addParam(INPUT_VOLUME, params.PointerParam, pointerClass="Volume", allowsNull=allowsNull,
+                      important=not allowsNull, label=label, help=help)
+
+    def _defineMaskParam(self, form: params.Form, label: str = "Mask",
+                         help: str = "A soft mask around the particle (values in [0, 1], same box and pixel "
+                                     "size as the particles).",
+                         allowsNull: bool = True) -> None:
+        """A mask matching the particles' box and pixel size."""
+        form.addParam(INPUT_MASK, params.PointerParam, pointerClass="VolumeMask", allowsNull=allowsNull,
+                      important=not allowsNull, label=label, help=help)
+
+    # --------------------------- engine ---------------------------------------
+    def getDeviceArgs(self) -> list[str]:
+        """`--device cuda:<id>` for the step's GPU (Scipion fills in the id) or `--device cpu`."""
+        if self.usesGpu():
+            return ["--device", f"cuda:{GPU_PLACEHOLDER}"]
+        return ["--device", "cpu"]
+
+    def getThreadsArgs(self) -> list[str]:
+        """`--threads N` when the protocol was given more than one thread."""
+        n = self.numberOfThreads.get()
+        return ["--threads", str(n)] if n and n > 1 else []
+
+    def runEngine(self, subcommand: str, args: list[str]) -> None:
+        """Run one `flexplugin` CLI subcommand through Scipion's runJob (queues, GPU ids, logs)."""
+        self.runJob(Plugin.getProgram(), " ".join([subcommand] + [str(a) for a in args]),
+                    env=Plugin.getEnviron(), numberOfMpi=1)
+
+    # --------------------------- particles -------------------------------------
+    def _getInputParticles(self, pointer: bool = False):
+        """The input particle set (or its pointer); None when the protocol has no particle input."""
+        ptr = getattr(self, INPUT_PARTICLES, None)
+        if ptr is None:
+            return None
+        return ptr if pointer else ptr.get()
+
+    def _getInputStarFile(self) -> str:
+        """Where the input particles are written for the engine."""
+        return self._getExtraPath("input", "particles.star")
+
+    def writeInputParticles(self, partSet=None, starPath: str | None = None) -> str:
+        """Write the input particles (ids, poses, CTF, optics) as the engine's STAR; returns its path.
+
+        Stacks in formats other than MRC are converted to .mrcs next to the STAR file.
+        """
+        from flexplugin import convert
+        partSet = partSet if partSet is not None else self._getInputParticles()
+        starPath = starPath or self._getInputStarFile()
+        stacksDir = self._getExtraPath("input", "stacks")
+        n = convert.writeSetOfParticles(partSet, starPath, outputDir=stacksDir,
+                                        requireAlignment=True, requireCTF=self._requiresCTF)
+        self.info(f"Wrote {n} particles to {starPath}")
+        return starPath
+
+    # --------------------------- INFO functions --------------------------------
+    def _validate(self) -> list[str]:
+        """Shared checks: 3D-aligned, CTF'd, non-empty particles; volume and mask match them; one GPU."""
+        errors = []
+        parts = self._getInputParticles()
+        if getattr(self, INPUT_PARTICLES, None) is not None:
+            if parts is None:
+                errors.append("Select the input particles.")
+            else:
+                errors += self._validateParticles(parts)
+        for attr, name in ((INPUT_VOLUME, "volume"), (INPUT_MASK, "mask")):
+            ptr = getattr(self, attr, None)
+            obj = ptr.get() if ptr is not None else None
+            if obj is not None and parts is not None:
+                errors += self._validateMatchesParticles(obj, parts, name)
+        errors += self._validateGpu()
+        return errors
+
+    def _validateParticles(self, parts) -> list[str]:
+        """Errors for a particle set the engine cannot use."""
+        errors = []
+        if parts.getSize() == 0:
+            errors.append("The input particle set is empty.")
+        if not parts.hasAlignmentProj():
+            errors.append("The input particles have no 3D alignment (ALIGN_PROJ): use particles from a 3D "
+                          "refinement.")
+        if self._requiresCTF and not parts.hasCTF():
+            errors.append("The input particles have no CTF: estimate the CTF before extracting particles.")
+        apix = parts.getSamplingRate()
+        if not apix or apix <= 0:
+            errors.append("The input particles have no sampling rate.")
+        return errors
+
+    def _validateMatchesParticles(self, obj, parts, name: str) -> list[str]:
+        """Errors when a volume or mask differs from the particles in box or pixel size."""
+        errors = []
+        box, apix = parts.getXDim(), parts.getSamplingRate()
+        dim = obj.getDim()
+        if dim is None:
+            return [f"Cannot read the {name} file {obj.getFileName()}."]
+        if len(set(dim)) != 1:
+            errors.append(f"The {name} must be cubic, it is {dim[0]}x{dim[1]}x{dim[2]}.")
+        if box and dim[0] != box:
+            errors.append(f"The {name} is {dim[0]} voxels wide but the particles are {box} px: resize one of "
+                          "them so the boxes match.")
+        vapix = obj.getSamplingRate()
+        if apix and vapix and abs(vapix - apix) > 1e-3 * apix:
+            errors.append(f"The {name} has pixel size {vapix:.4f} Å but the particles have {apix:.4f} Å.")
+        return errors
+
+    def _validateGpu(self) -> list[str]:
+        """Each engine job runs on one device: at most one GPU id."""
+        if self.allowsGpu() and self.usesGpu() and len(self.getGpuList()) != 1:
+            return ["flexplugin runs each job on one GPU: give a single GPU id."]
+        return []
+

@@ -1,0 +1,10 @@
+"""flexplugin tests (pytest, or unittest / Scipion's runner for the Scipion ones).
+
+`scipion_project` is imported first: it sets the environment of a throwaway Scipion before pyworkflow is
+imported by anything else. The Scipion test modules are imported here so `python -m unittest tests` and
+Scipion's runner find their test cases; pytest collects every test module directly.
+"""
+from . import scipion_project  # noqa: F401  (must stay first)
+from .test_convert import *  # noqa: F401,F403
+from .test_scipion_plugin import *  # noqa: F401,F403
+from .test_scipion_simulate import *  # noqa: F401,F403
