@@ -68,7 +68,11 @@ class FlexPluginProtBase(EMProtocol):
 
     # --------------------------- engine ---------------------------------------
     def getDeviceArgs(self) -> list[str]:
-        """`--device cuda:<id>` for the step's GPU (Scipion fills in the id) or `--device cpu`."""
+        """`--device cuda:<id>` for the step's GPU or `--device cpu`.
+
+        The id is Scipion's `%(GPU)s` placeholder, which runJob replaces by the GPU given to the step (renumbered
+        under queues), so engine steps using it must be inserted with needsGPU=True.
+        """
         if self.usesGpu():
             return ["--device", f"cuda:{GPU_PLACEHOLDER}"]
         return ["--device", "cpu"]
@@ -113,12 +117,9 @@ class FlexPluginProtBase(EMProtocol):
     def _validate(self) -> list[str]:
         """Shared checks: 3D-aligned, CTF'd, non-empty particles; volume and mask match them; one GPU."""
         errors = []
-        parts = self._getInputParticles()
-        if getattr(self, INPUT_PARTICLES, None) is not None:
-            if parts is None:
-                errors.append("Select the input particles.")
-            else:
-                errors += self._validateParticles(parts)
+        parts = self._getInputParticles()  # a missing required input is reported by Scipion's form checks
+        if parts is not None:
+            errors += self._validateParticles(parts)
         for attr, name in ((INPUT_VOLUME, "volume"), (INPUT_MASK, "mask")):
             ptr = getattr(self, attr, None)
             obj = ptr.get() if ptr is not None else None

@@ -89,8 +89,6 @@ class FlexPluginProtSimulate(FlexPluginProtBase):
         box = self.boxSize.get()
         if box is not None and box % 2:
             errors.append(f"The box size must be even, got {box}.")
-        if self.stackSize.get() is not None and self.stackSize.get() < 1:
-            errors.append("Each stack file must hold at least one image.")
         return errors
 
     def _summary(self) -> list[str]:

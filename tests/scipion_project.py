@@ -88,9 +88,18 @@ _writeHosts()
 atexit.register(_cleanup)
 
 
+def loadPlugins() -> dict:
+    """Register every installed plugin and its protocols, as Scipion does at start-up; returns the plugins."""
+    from pyworkflow.plugin import Domain
+    plugins = Domain.getPlugins()
+    Domain.getProtocols()  # binds protocol classes to their plugin (getClassPackage, validateInstallation)
+    return plugins
+
+
 def newProject(prefix: str = "flexplugin"):
     """A new empty project with a unique name; the working directory moves into it (paths are relative)."""
     from pyworkflow.project import Manager
+    loadPlugins()
     name = f"{prefix}_{time.strftime('%H%M%S')}_{uuid.uuid4().hex[:6]}"
     project = Manager().createProject(name)
     os.chdir(project.path)

@@ -26,6 +26,8 @@ from flexplugin.engine.geometry import (euler_to_matrix_np, relion_from_scipion_
                                         scipion_matrix_from_relion)
 from flexplugin.engine.io import read_particles, write_particles_star
 
+__all__ = ["TestPoseConvention", "TestWriteStar", "TestReadStar"]  # what tests/__init__.py re-exports
+
 BOX = 16
 APIX = 1.7
 

@@ -15,7 +15,13 @@ import flexplugin
 from flexplugin import Plugin
 from flexplugin.protocols import FlexPluginProtBase, FlexPluginProtSimulate
 
+__all__ = ["TestPluginDiscovery", "TestProtocolsConf", "TestCitations", "TestBaseProtocol"]  # re-exported
+
 PACKAGE_DIR = os.path.dirname(os.path.abspath(flexplugin.__file__))
+
+
+def setUpModule():
+    scipion_project.loadPlugins()
 
 
 def _protocolsInConf(children: list) -> list[str]:

@@ -16,7 +16,9 @@ from pwem.objects import SetOfParticles, Volume, VolumeMask
 from flexplugin import convert
 from flexplugin.engine.geometry import euler_to_matrix_np, relion_from_scipion_matrix
 from flexplugin.engine.io import read_particles, read_volume, split_image_name, write_volume
-from flexplugin.protocols import FlexPluginProtBase, FlexPluginProtSimulate
+from flexplugin.protocols import FlexPluginProtBase
+
+__all__ = ["TestSimulateProtocol"]  # what tests/__init__.py re-exports
 
 N, BOX, APIX = 200, 32, 4.0
 
@@ -58,6 +60,7 @@ class TestSimulateProtocol(unittest.TestCase):
 
     def test_finished_with_outputs(self):
         self.assertTrue(self.prot.isFinished(), self.log())
+        self.assertEqual(self.prot._validate(), [])
         parts = self.prot.outputParticles
         self.assertIsInstance(parts, SetOfParticles)
         self.assertIsInstance(self.prot.outputVolume, Volume)
