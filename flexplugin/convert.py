@@ -191,8 +191,8 @@ def _float(row: dict, label: str, default: float = 0.0) -> float:
 def _storedPath(path: str, relativeTo: str | None) -> str:
     """`path` relative to `relativeTo` when it lies below it (Scipion projects use relative paths)."""
     if relativeTo:
-        rel = os.path.relpath(path, relativeTo)
-        if not rel.startswith(os.pardir):
+        rel = os.path.relpath(os.path.realpath(path), os.path.realpath(relativeTo))
+        if rel != os.pardir and not rel.startswith(os.pardir + os.sep):
             return rel
     return path
 

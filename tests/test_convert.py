@@ -316,6 +316,22 @@ class TestReadStar(ParticleSetCase):
                 np.testing.assert_array_equal(image, t["image"])
         back.close()
 
+    def test_paths_relative_to_a_symlinked_project(self):
+        parts, _ = self.makeSet(spiderStack=False)
+        star = self.path("particles.star")
+        convert.writeSetOfParticles(parts, star)
+        linkDir = tempfile.mkdtemp(prefix="flexplugin_link_")
+        self.addCleanup(shutil.rmtree, linkDir, True)
+        link = os.path.join(linkDir, "project")
+        os.symlink(self.tmp, link)
+        back = SetOfParticles(filename=self.path("linked.sqlite"))
+        convert.readSetOfParticles(star, back, relativeTo=link)
+        for p in back.iterItems(orderBy="id"):
+            self.assertTrue(p.getFileName().startswith("particles_"), p.getFileName())
+        outside = SetOfParticles(filename=self.path("outside.sqlite"))
+        convert.readSetOfParticles(star, outside, relativeTo=self.path("sub"))
+        self.assertTrue(all(os.path.isabs(p.getFileName()) for p in outside))
+
     def test_update_poses_matches_by_id(self):
         parts, truth = self.makeSet(spiderStack=False)
         star = self.path("particles.star")
