@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-ctf", action="store_true", help="ignore the CTF (for CTF-free test data)")
     _add_common(r)
     r.set_defaults(func=cmd_reconstruct)
+
+    from . import cli_flex
+    cli_flex.register(sub)
     return p
 
 

@@ -1,0 +1,307 @@
+"""`flexplugin flex-prep`, `flex-mesh` and `flex-train`: argument definitions and handlers.
+
+Every option mirrors a cryoSPARC 3D Flex Data Prep / Mesh Prep / Training parameter (key in the help
+text) with cryoSPARC's default, unless stated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+LATENT_LABEL = "rlnFlexLatent{}"  # 1-based columns of the output STAR
+ID = "rlnImageId"
+
+
+def _device(name: str):
+    from .cli import _device as dev
+    return dev(name)
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+
+
+def _int_list(s: str | None) -> list[int] | None:
+    return None if not s else [int(x) for x in s.replace(";", ",").split(",") if x.strip()]
+
+
+# ----------------------------------------------------------------------------------------- flex-prep
+def cmd_flex_prep(a: argparse.Namespace) -> None:
+    import pandas as pd
+    import torch
+    from .engine.errors import InputError
+    from .engine.flex.prep import PreparedParticles, prep_spec, prep_volume
+    from .engine.io import check_volume_matches, read_particles, read_volume, write_particles_star, write_volume
+    ps = read_particles(a.particles)
+    ps.require(poses=True, ctf=True)
+    ps.check_stacks()
+    spec = prep_spec(ps.box, ps.apix, a.crop, a.train_box)
+    rows = np.arange(len(ps))
+    if a.num_particles:
+        if a.num_particles > len(ps):
+            raise InputError(f"--num-particles {a.num_particles} exceeds the {len(ps)} particles")
+        rows = np.sort(np.random.default_rng(a.seed).choice(len(ps), a.num_particles, replace=False))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    vol = None
+    if a.volume:
+        vol, vapix = read_volume(a.volume)
+        check_volume_matches("consensus volume", vol.shape, vapix, ps.box, ps.apix)
+    pp = PreparedParticles(ps, spec)
+    stack = out / "particles_prep.mrcs"
+    imgs = np.empty((len(rows), spec.train, spec.train), dtype=np.float32)
+    for s in range(0, len(rows), 256):
+        r = rows[s:s + 256]
+        imgs[s:s + len(r)] = pp.batch(r, "cpu")["images"].numpy()
+    write_volume(stack, imgs, spec.apix_train)
+    t = ps.table.iloc[rows].copy()
+    t["rlnImageName"] = [f"{i + 1:06d}@{stack.name}" for i in range(len(rows))]
+    t["rlnOriginXAngst"] = t["rlnOriginXAngst"].astype(float)  # Å are unchanged by cropping/binning
+    optics = ps.optics.copy()
+    optics["rlnImagePixelSize"] = spec.apix_train
+    optics["rlnImageSize"] = spec.train
+    write_particles_star(out / "particles_prep.star", t, optics)
+    if vol is not None:
+        write_volume(out / "consensus_prep.mrc", prep_volume(vol, spec), spec.apix_train)
+    print(f"flex-prep: {len(rows)} particles, box {ps.box} → crop {spec.crop} → training box {spec.train} "
+          f"({spec.apix_train:.3f} Å/px); written to {out}", flush=True)
+
+
+def add_prep_parser(sub) -> None:
+    p = sub.add_parser("flex-prep", help="3D Flex data prep: crop and downsample particles to a training box")
+    p.add_argument("--particles", required=True, help="RELION STAR with poses and CTF")
+    p.add_argument("--volume", help="consensus map to prepare alongside (same box and pixel size)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--crop", type=int, help="real-space crop box in px (box_size_pix; default: keep the box)")
+    p.add_argument("--train-box", type=int, default=128,
+                   help="training box in px after Fourier cropping (bin_size_pix; default 128, or the crop box "
+                        "when smaller). Keep training Nyquist below the consensus resolution so the high-res "
+                        "reconstruction can be validated")
+    p.add_argument("--num-particles", type=int, help="use a random subset of this many particles (keep_num_particles)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset")
+    p.set_defaults(func=cmd_flex_prep)
+
+
+# ----------------------------------------------------------------------------------------- flex-mesh
+def cmd_flex_mesh(a: argparse.Namespace) -> None:
+    from .engine.errors import InputError
+    from .engine.flex.mesh import build_mesh, save_mesh, write_mesh_pdb
+    from .engine.io import read_mask, read_volume, write_volume
+    from .plots_flex import plot_mesh
+    vol, apix = read_volume(a.volume)
+    mask = seg = None
+    if a.mask:
+        mask, mapix = read_mask(a.mask)
+        if mask.shape != vol.shape or abs(mapix - apix) > 1e-3 * apix:
+            raise InputError(f"mask ({mask.shape[0]} px, {mapix:.3f} Å) does not match the volume "
+                             f"({vol.shape[0]} px, {apix:.3f} Å)")
+    if a.segmentation:
+        seg, sapix = read_volume(a.segmentation)
+        if seg.shape != vol.shape:
+            raise InputError(f"segmentation box {seg.shape[0]} differs from the volume box {vol.shape[0]}")
+    elif a.fuse or a.rigid:
+        raise InputError("--fuse and --rigid need --segmentation")
+    mesh = build_mesh(vol, apix, mask=mask, cells=a.cells, rigidity_min=a.rigidity_min,
+                      stiffen_low_density=a.stiffen_low_density, segmentation=seg, fuse_list=a.fuse,
+                      rigid_list=a.rigid, lowpass_A=a.mask_lowpass, threshold=a.mask_threshold,
+                      dilate_A=a.mask_dilate, pad_A=a.mask_pad)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_mesh(mesh, out / "mesh.pkl")
+    write_mesh_pdb(mesh, out / "mesh.pdb")
+    write_volume(out / "mesh_mask.mrc", mesh.mask_soft, apix)
+    plot_mesh(vol, mesh.tetraidx_map(), mesh.rweights, out / "mesh_slices.png")
+    info = {"vertices": int(len(mesh.points)), "cells": int(len(mesh.cells)), "box": mesh.N, "apix": apix,
+            "cells_across": a.cells, "rigidity_min": float(mesh.rweights.min()),
+            "rigidity_max": float(mesh.rweights.max()), "segments": sorted(set(mesh.cell_segment.tolist()))}
+    (out / "mesh.json").write_text(json.dumps(info, indent=2))
+    print(f"flex-mesh: {info['vertices']} vertices, {info['cells']} tetrahedra over the mask; "
+          f"mesh.pkl, mesh.pdb, mesh_slices.png in {out}", flush=True)
+
+
+def add_mesh_parser(sub) -> None:
+    p = sub.add_parser("flex-mesh", help="3D Flex mesh prep: tetrahedral mesh and rigidity weights")
+    p.add_argument("--volume", required=True, help="consensus map (at the training or crop box)")
+    p.add_argument("--mask", help="solvent mask; made from the map when absent")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--cells", type=int, default=20, help="tetra cells across the box (tetra_num_cells; default 20)")
+    p.add_argument("--rigidity-min", type=float, default=0.5,
+                   help="rigidity weight of empty cells; dense cells get 1.0 (rigidity_penalty_min; default 0.5)")
+    p.add_argument("--stiffen-low-density", action="store_true",
+                   help="peripheral non-empty cells get weight 3.0 (rigidity_penalty_stiffen_low_density)")
+    p.add_argument("--segmentation", help="MRC with integer segment labels (0 = none): one sub-mesh per segment")
+    p.add_argument("--fuse", help="segments to fuse, a tree breadth-first root first, e.g. '1>3, 1>4, 3>2'")
+    p.add_argument("--rigid", help="segments made rigid (weight 20), e.g. '2,4'")
+    p.add_argument("--mask-lowpass", type=float, default=10.0, help="auto mask: low-pass in Å (default 10)")
+    p.add_argument("--mask-threshold", type=float,
+                   help="auto mask: absolute threshold (default: 5 %% of the low-passed map's maximum)")
+    p.add_argument("--mask-dilate", type=float, default=2.0, help="auto mask: dilation in Å (default 2)")
+    p.add_argument("--mask-pad", type=float, default=5.0, help="auto mask: soft edge in Å (default 5)")
+    p.set_defaults(func=cmd_flex_mesh)
+
+
+# ----------------------------------------------------------------------------------------- flex-train
+def read_init_latents(path: str, ids: np.ndarray) -> np.ndarray:
+    """N×M coordinates in the particles' row order from .npy (row order) or .csv/.star keyed by rlnImageId."""
+    import pandas as pd
+    from .engine.errors import InputError
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"initial latents not found: {path}")
+    if p.suffix == ".npy":
+        z = np.load(p)
+        if z.ndim != 2 or len(z) != len(ids):
+            raise InputError(f"{path} holds {z.shape} but there are {len(ids)} particles; use a file keyed by "
+                             "rlnImageId (.csv/.star) when the particle sets differ")
+        return z
+    if p.suffix == ".star":
+        import starfile
+        d = starfile.read(p, always_dict=True)
+        df = d.get("particles", next(iter(d.values())))
+    else:
+        df = pd.read_csv(p)
+    if ID not in df:
+        raise InputError(f"{path} has no {ID} column to match particles by id")
+    cols = [c for c in df.columns if c != ID and np.issubdtype(df[c].dtype, np.number)
+            and (c.startswith("rlnFlex") or not c.startswith("rln"))]
+    if not cols:
+        raise InputError(f"{path} has no coordinate columns")
+    table = df.set_index(ID)[cols]
+    missing = np.setdiff1d(ids, table.index.to_numpy())
+    if len(missing):
+        raise InputError(f"{len(missing)} particles (e.g. id {missing[0]}) have no initial latent in {path}")
+    return table.loc[ids].to_numpy(np.float64)
+
+
+def _write_outputs(trainer, ps, out: Path, mesh_path: str) -> dict:
+    import pandas as pd
+    import torch
+    from .engine.flex.mesh import load_mesh  # noqa: F401  (documents the file the model refers to)
+    from .engine.io import write_particles_star, write_volume
+    from .plots_flex import plot_activations, plot_flow, plot_latents, plot_losses
+    z = trainer.latents.cpu().numpy().astype(np.float32)
+    ids = ps.ids
+    np.save(out / "latents.npy", z)
+    cols = {LATENT_LABEL.format(k + 1): z[:, k] for k in range(z.shape[1])}
+    pd.DataFrame({ID: ids, **cols}).to_csv(out / "latents.csv", index=False)
+    table = ps.table.copy()
+    for c, v in cols.items():
+        table[c] = v
+    write_particles_star(out / "particles_flex.star", table, ps.optics)
+    canon = trainer.canonical().detach().cpu().numpy()
+    write_volume(out / "canonical.mrc", canon, trainer.spec.apix_train)
+    state = trainer.state()
+    with open(mesh_path, "rb") as fh:
+        state["mesh_pickle"] = fh.read()
+    for k in ("opt_flow", "opt_density", "opt_latent"):
+        state.pop(k)
+    tmp = out / "model.pt.tmp"
+    torch.save(state, tmp)
+    tmp.replace(out / "model.pt")
+    # diagnostics
+    plot_latents(z, out / "latents.png")
+    plot_losses(trainer.history, out / "losses.png")
+    t = np.linspace(-1.5, 1.5, 121)
+    zz = torch.zeros(len(t), z.shape[1])
+    zz[:, 0] = torch.as_tensor(t)
+    with torch.no_grad():
+        _, acts = trainer.gen(zz.to(trainer.dev), return_activations=True)
+    plot_activations(t, [a.cpu().numpy() for a in acts], out / "activations.png")
+    far = int(np.argmax(z[:, 0]))
+    flow = trainer.flow_for(torch.as_tensor(z[far:far + 1]))[0].cpu().numpy()
+    plot_flow(canon, flow, out / "flow.png",
+              title=f"flow of particle id {ids[far]} (furthest along latent 0, z0 = {z[far, 0]:.2f})")
+    return {"particle_furthest_along_latent0": int(ids[far]), "max_displacement_A": float(np.abs(flow).max())}
+
+
+def cmd_flex_train(a: argparse.Namespace) -> None:
+    import torch
+    from .engine.errors import InputError
+    from .engine.flex.mesh import load_mesh
+    from .engine.flex.prep import PreparedParticles, prep_spec, prep_volume
+    from .engine.flex.train import FlexTrainer, TrainConfig, normalize_init_latents
+    from .engine.io import check_volume_matches, read_particles, read_volume
+    dev = _device(a.device)
+    cfg = TrainConfig(k=a.k, layers=a.layers, hidden=a.hidden, epochs=a.epochs, extra_epochs=a.extra_epochs,
+                      batch_size=a.batch_size, lr_flow_init=a.lr_flow_init, lr_flow_final=a.lr_flow_final,
+                      lr_density=a.lr_density, lr_latent=a.lr_latent, rigidity=a.rigidity,
+                      latent_noise=a.latent_noise, latent_prior=a.latent_prior, latent_prior_pow=a.latent_prior_pow,
+                      seed=a.seed)
+    cfg.validate()
+    ps = read_particles(a.particles)
+    ps.require(poses=True, ctf=True)
+    ps.check_stacks()
+    vol, vapix = read_volume(a.volume)
+    check_volume_matches("consensus volume", vol.shape, vapix, ps.box, ps.apix)
+    spec = prep_spec(ps.box, ps.apix, a.crop, a.train_box)
+    mesh = load_mesh(a.mesh)
+    init = None
+    if a.init_latents:
+        init = normalize_init_latents(read_init_latents(a.init_latents, ps.ids), a.k, _int_list(a.init_idxs))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = FlexTrainer(PreparedParticles(ps, spec), prep_volume(vol, spec), mesh, cfg, dev, init)
+    ckpt = out / "checkpoint.pt"
+    if a.cont:
+        if not ckpt.exists():
+            raise InputError(f"--continue: no checkpoint in {out}")
+        trainer.load_checkpoint(ckpt)
+        print(f"flex-train: continuing after epoch {trainer.epoch}", flush=True)
+    elif ckpt.exists():
+        raise InputError(f"{out} already holds a training checkpoint; use --continue to resume it or a new --out")
+    print(f"flex-train: {len(ps)} particles, box {ps.box} → training box {spec.train} ({spec.apix_train:.3f} Å/px), "
+          f"K={cfg.k}, mesh {len(mesh.points)} vertices / {len(mesh.cells)} cells, "
+          f"{cfg.epochs}+{cfg.extra_epochs} epochs, device {dev}", flush=True)
+    t0 = time.time()
+    trainer.fit(out, stop_after=a.stop_after)
+    info = _write_outputs(trainer, ps, out, a.mesh)
+    info.update({"epochs_done": trainer.epoch, "seconds": time.time() - t0, "k": cfg.k, "train_box": spec.train,
+                 "apix_train": spec.apix_train, "crop": spec.crop, "particles": len(ps), "scale": trainer.scale})
+    (out / "train.json").write_text(json.dumps(info, indent=2))
+    print(f"flex-train: done after {trainer.epoch} epochs; model.pt, latents.npy/csv, particles_flex.star, "
+          f"canonical.mrc and plots in {out}", flush=True)
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("flex-train", help="3D Flex training: flow generator, canonical map and latents")
+    p.add_argument("--particles", required=True, help="RELION STAR with poses and CTF")
+    p.add_argument("--volume", required=True, help="consensus map (same box and pixel size as the particles)")
+    p.add_argument("--mesh", required=True, help="mesh.pkl from flex-mesh, built on the map at the crop box")
+    p.add_argument("--out", required=True, help="output folder (checkpoints, model, latents, plots)")
+    p.add_argument("--k", type=int, default=2, help="latent dimensions (flex_K; default 2, start with 2)")
+    p.add_argument("--init-latents", help="initial latents: .npy in particle order, or .csv/.star keyed by "
+                                          "rlnImageId (e.g. 3DVA's latents.csv) (flex_latent_ext_init)")
+    p.add_argument("--init-idxs", help="which input columns seed the K latents, e.g. '0,1' (default: the first K)")
+    p.add_argument("--crop", type=int, help="real-space crop box in px (default: keep the box)")
+    p.add_argument("--train-box", type=int, default=128, help="training box in px (default 128, or the crop box)")
+    p.add_argument("--layers", type=int, default=6, help="flow generator hidden layers (flex_num_layers; 6)")
+    p.add_argument("--hidden", type=int, default=64, help="hidden units per layer (flex_hidden_units; 64)")
+    p.add_argument("--epochs", type=int, default=16, help="base schedule epochs (default 16)")
+    p.add_argument("--extra-epochs", type=int, default=0, help="epochs after the schedule (flex_extra_epochs; 0)")
+    p.add_argument("--batch-size", type=int, default=64, help="particles per step (default 64)")
+    p.add_argument("--lr-flow-init", type=float, default=0.005, help="flow LR at the start (0.005)")
+    p.add_argument("--lr-flow-final", type=float, default=0.0005, help="flow LR at the end (0.0005)")
+    p.add_argument("--lr-density", type=float, default=0.01, help="canonical map LR (0.01)")
+    p.add_argument("--lr-latent", type=float, default=0.05, help="latent LR (per-particle Adam; 0.05)")
+    p.add_argument("--rigidity", type=float, default=2.0, help="rigidity prior λ (flex_sv_lam; 2.0)")
+    p.add_argument("--latent-noise", type=float, default=0.15, help="noise injection std (flex_latent_samp_std; 0.15)")
+    p.add_argument("--latent-prior", type=float, default=20.0,
+                   help="latent centring strength (flex_latent_prior_lam; 20): raise if many latents hit ±1.5")
+    p.add_argument("--latent-prior-pow", type=float, default=4.0, help="latent centring power (4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (batch order, noise, initialisation)")
+    p.add_argument("--continue", dest="cont", action="store_true",
+                   help="resume from the checkpoint in --out (finished epochs are kept)")
+    p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: simulate an interruption
+    _add_device(p)
+    p.set_defaults(func=cmd_flex_train)
+
+
+def register(subparsers) -> None:
+    add_prep_parser(subparsers)
+    add_mesh_parser(subparsers)
+    add_train_parser(subparsers)

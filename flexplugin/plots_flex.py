@@ -1,0 +1,160 @@
+"""3D Flex diagnostics as pure functions (arrays in, PNG out): latents, activations, flow, losses."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+from .plots import _plt
+
+
+def plot_latents(z: np.ndarray, path: str | os.PathLike, jitter: float = 0.05, seed: int = 0,
+                 lim: float = 1.5, title: str = "3D Flex latent coordinates") -> str:
+    """Pair plot of latents: 1-D histograms on the diagonal, jittered scatter (or hexbin for large N) below,
+    2-D histograms (log counts) above, over the (−lim, lim) range; the jitter N(0, jitter²) is for display only."""
+    plt = _plt()
+    z = np.asarray(z, dtype=np.float64)
+    n, k = z.shape
+    rng = np.random.default_rng(seed)
+    zj = z + rng.normal(0, jitter, z.shape) if jitter > 0 else z
+    size = 2.4 * k if k > 1 else 4.0
+    fig, axes = plt.subplots(k, k, figsize=(size, size), dpi=100, squeeze=False)
+    bins = np.linspace(-lim, lim, 61)
+    for i in range(k):
+        for j in range(k):
+            ax = axes[i, j]
+            if i == j:
+                ax.hist(z[:, i], bins=bins, color="#3b6ea5")
+                ax.set_xlim(-lim, lim)
+            elif i > j:
+                if n > 20000:
+                    ax.hexbin(zj[:, j], zj[:, i], gridsize=60, extent=(-lim, lim, -lim, lim), mincnt=1, bins="log")
+                else:
+                    ax.scatter(zj[:, j], zj[:, i], s=2, alpha=0.4, lw=0)
+                ax.set_xlim(-lim, lim)
+                ax.set_ylim(-lim, lim)
+            else:
+                ax.hist2d(z[:, j], z[:, i], bins=bins, cmin=1, norm=_lognorm())
+                ax.set_xlim(-lim, lim)
+                ax.set_ylim(-lim, lim)
+            if i == k - 1:
+                ax.set_xlabel(f"latent {j}")
+            if j == 0:
+                ax.set_ylabel(f"latent {i}" if i != j else "count")
+            ax.tick_params(labelsize=7)
+    fig.suptitle(f"{title} (N={n})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)
+
+
+def _lognorm():
+    from matplotlib.colors import LogNorm
+    return LogNorm()
+
+
+def plot_activations(t: np.ndarray, activations: Sequence[np.ndarray], path: str | os.PathLike,
+                     latent_index: int = 0, max_units: int = 16) -> str:
+    """Hidden-unit activations of the flow generator along one latent axis (others at 0), one panel per layer.
+
+    Read it like cryoSPARC's: smooth, varied curves are healthy; flat lines mean an unused network,
+    wiggly ones over-fitting."""
+    plt = _plt()
+    L = len(activations)
+    fig, axes = plt.subplots(1, L, figsize=(2.2 * L, 2.4), dpi=100, squeeze=False)
+    for li, a in enumerate(activations):
+        ax = axes[0, li]
+        a = np.asarray(a)
+        var = a.var(0)
+        units = np.argsort(-var)[:max_units]
+        for u in units:
+            ax.plot(t, a[:, u], lw=1)
+        ax.set_title(f"layer {li + 1}", fontsize=8)
+        ax.set_xlabel(f"latent {latent_index}", fontsize=8)
+        ax.tick_params(labelsize=6)
+    fig.suptitle("flow generator activations", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_flow(volume: np.ndarray, flow: np.ndarray, path: str | os.PathLike, slice_index: int | None = None,
+              axis: int = 0, title: str = "") -> str:
+    """The same slice of the map three times, coloured by the x, y and z displacement (Å) of the flow.
+
+    volume (m, m, m) [z, y, x]; flow (m, m, m, 3) xyz in Å. Colour is transparent where nothing moves.
+    """
+    plt = _plt()
+    m = volume.shape[0]
+    if slice_index is None:  # the slice with the most density
+        slice_index = int(np.argmax(np.clip(volume, 0, None).sum(axis=tuple(i for i in range(3) if i != axis))))
+    sl = [slice(None)] * 3
+    sl[axis] = slice_index
+    v = volume[tuple(sl)]
+    f = flow[tuple(sl)]
+    vmax = float(np.abs(f).max()) or 1.0
+    fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.6), dpi=100)
+    for c, name in enumerate("xyz"):
+        ax = axes[c]
+        ax.imshow(v, cmap="gray", origin="lower")
+        comp = np.ma.masked_where(np.abs(f[..., c]) < 0.02 * vmax, f[..., c])
+        im = ax.imshow(comp, cmap="coolwarm", vmin=-vmax, vmax=vmax, alpha=0.7, origin="lower")
+        ax.set_title(f"{name} displacement", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(im, ax=axes, shrink=0.8, label="Å")
+    fig.suptitle(title or f"flow on slice {'zyx'[axis]} = {slice_index}", fontsize=10)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return str(path)
+
+
+def plot_losses(history: Sequence[dict], path: str | os.PathLike) -> str:
+    """Per-epoch data, rigidity and latent-prior terms (each particle's mean), and the working box."""
+    plt = _plt()
+    e = [h["epoch"] + 1 for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3), dpi=100)
+    for ax, key, lab in zip(axes, ("data", "rigidity", "prior"), ("data (whitened, in band)", "rigidity", "latent prior")):
+        ax.plot(e, [h[key] for h in history], "o-", ms=3)
+        ax.set_xlabel("epoch")
+        ax.set_title(lab, fontsize=9)
+    ax2 = axes[0].twinx()
+    ax2.plot(e, [h["box"] for h in history], color="grey", lw=0.8, ls="--")
+    ax2.set_ylabel("working box", color="grey", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_mesh(volume: np.ndarray, tetra_map: np.ndarray, rweights: np.ndarray, path: str | os.PathLike) -> str:
+    """Central z, y, x slices: the map with the mesh's cell boundaries, and the rigidity weight per voxel."""
+    plt = _plt()
+    m = volume.shape[0]
+    c = m // 2
+    w = np.where(tetra_map >= 0, rweights[np.clip(tetra_map, 0, None)], np.nan)
+    fig, axes = plt.subplots(2, 3, figsize=(10, 6.6), dpi=100)
+    for k, (sv, st, sw, lab) in enumerate(((volume[c], tetra_map[c], w[c], "z"),
+                                           (volume[:, c], tetra_map[:, c], w[:, c], "y"),
+                                           (volume[:, :, c], tetra_map[:, :, c], w[:, :, c], "x"))):
+        ax = axes[0, k]
+        ax.imshow(sv, cmap="gray", origin="lower")
+        edges = np.zeros_like(st, dtype=bool)
+        edges[1:, :] |= st[1:, :] != st[:-1, :]
+        edges[:, 1:] |= st[:, 1:] != st[:, :-1]
+        ax.imshow(np.ma.masked_where(~edges, edges), cmap="autumn", alpha=0.6, origin="lower")
+        ax.set_title(f"map + cells, {lab} = centre", fontsize=9)
+        ax = axes[1, k]
+        im = ax.imshow(sw, cmap="viridis", origin="lower", vmin=np.nanmin(w) if np.isfinite(w).any() else 0,
+                       vmax=np.nanmax(w) if np.isfinite(w).any() else 1)
+        ax.set_title(f"rigidity weight, {lab} = centre", fontsize=9)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(im, ax=axes[1, :], shrink=0.8)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return str(path)
