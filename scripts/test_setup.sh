@@ -1,31 +1,51 @@
 #!/usr/bin/env bash
-# Reference programs and data for the oracle tests. Nothing here is vendored: RELION comes from Debian,
-# the cisTEM and cryoDRGN reference files from the published sdists' test data, cached in $2.
+# Reference programs and data for the oracle tests (tests/test_ref_*.py). Nothing here is vendored: RELION
+# comes from Debian/Ubuntu, the cisTEM and cryoDRGN reference files from the published sdists' test data,
+# unpacked into the cache folder $2 (the tests find it through $FLEXPLUGIN_REFDATA, default .cache/refdata).
+# Idempotent: a second run only checks what is there. Whatever cannot be set up is reported; the tests
+# that need it skip locally and fail under CI=true.
 set -euo pipefail
 PY=${1:-.venv/bin/python}
 CACHE=${2:-.cache/refdata}
 mkdir -p "$CACHE"
 
-if ! command -v relion_reconstruct >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "test-setup: installing Debian's relion (CPU) as an independent oracle"
-    (apt-get install -y -qq relion >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && \
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq relion >/dev/null 2>&1; }) || \
-      echo "test-setup: could not install relion; RELION oracle tests will be skipped (or fail under CI)"
+# --- RELION 3.1 (CPU): relion_project and relion_reconstruct -----------------------------------------
+if ! command -v relion_project >/dev/null 2>&1 || ! command -v relion_reconstruct >/dev/null 2>&1; then
+  SUDO=
+  if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; fi
+  if { [ "$(id -u)" = 0 ] || [ -n "$SUDO" ]; } && command -v apt-get >/dev/null 2>&1; then
+    echo "test-setup: installing the distribution's relion (CPU) as an independent oracle"
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get install -y -qq relion >/dev/null 2>&1 || \
+      { $SUDO apt-get update -qq >/dev/null 2>&1 && $SUDO apt-get install -y -qq relion >/dev/null 2>&1; } || true
+  fi
+  if command -v relion_project >/dev/null 2>&1 && command -v relion_reconstruct >/dev/null 2>&1; then
+    echo "test-setup: relion installed"
+  else
+    echo "test-setup: relion_project/relion_reconstruct not available (install the 'relion' package as root);" \
+         "the RELION oracle tests will be skipped (or fail under CI=true)"
   fi
 fi
 
-fetch_sdist() {  # name version → unpacked folder in the cache
-  local name=$1 ver=$2 dest="$CACHE/$1-$2"
-  [ -d "$dest" ] && return 0
+# --- published sdists with reference test data -------------------------------------------------------
+fetch_sdist() {  # name version marker-file → unpacked in $CACHE/name-version (kept only if marker exists)
+  local name=$1 ver=$2 marker=$3 dest="$CACHE/$1-$2"
+  [ -f "$dest/$marker" ] && return 0
+  rm -rf "$dest" "$dest.part"
   local tmp; tmp=$(mktemp -d)
-  if "$PY" -m pip download -q --no-deps --no-binary :all: -d "$tmp" "$name==$ver" >/dev/null 2>&1; then
-    mkdir -p "$dest.part" && tar -xzf "$tmp"/*.tar.gz -C "$dest.part" --strip-components=1 && mv "$dest.part" "$dest"
+  if "$PY" -m pip download -q --no-deps --no-binary :all: -d "$tmp" "$name==$ver" >/dev/null 2>&1 \
+     && mkdir -p "$dest.part" \
+     && tar -xzf "$tmp"/*.tar.gz -C "$dest.part" --strip-components=1 \
+     && [ -f "$dest.part/$marker" ]; then
+    mv "$dest.part" "$dest"
+    echo "test-setup: $name $ver sdist unpacked in $dest"
   else
-    echo "test-setup: could not fetch $name==$ver sdist; its reference tests will be skipped (or fail under CI)"
+    rm -rf "$dest.part"
+    echo "test-setup: could not fetch $name==$ver sdist (or it lacks $marker); its reference tests will be" \
+         "skipped (or fail under CI=true)"
   fi
   rm -rf "$tmp"
 }
-fetch_sdist cryojax 0.6.0
-fetch_sdist cryodrgn 4.3.1
+fetch_sdist cryojax 0.6.0 tests/data/cistem_projection.npz
+fetch_sdist cryodrgn 4.3.1 tests/data/relion31.star
 echo "test-setup: reference data in $CACHE"

@@ -60,9 +60,12 @@ def require_program(name: str) -> str:
 
 
 def run(cmd: list[str], cwd: Path, timeout: float = 120.0) -> subprocess.CompletedProcess:
-    """Run a reference program; on failure raise with its output so the test log says why."""
+    """Run a reference program; on failure raise with its output so the test log says why.
+
+    RuntimeError, not AssertionError: a crashing oracle must never count as an xfail's expected failure.
+    """
     proc = subprocess.run([str(c) for c in cmd], cwd=str(cwd), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed with status {proc.returncode}\n"
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed with status {proc.returncode}\n"
                              f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-2000:]}")
     return proc

@@ -160,7 +160,7 @@ def test_projection_with_ctf_matches_relion(projections):
     assert cc.min() > 0.99, cc  # measured ≥ 0.9999
 
 
-@pytest.mark.xfail(strict=True, reason=UV_BUG)
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=UV_BUG)
 def test_ctf_with_defocus_u_below_v_matches_relion(projections):
     P, plain, with_ctf = projections["u_below_v"]
     assert (P.table["rlnDefocusU"] < P.table["rlnDefocusV"]).all()
@@ -187,7 +187,7 @@ def test_relion_moves_content_by_minus_origin(projections):
     assert plus[moving].max() < 0.9, plus
 
 
-@pytest.mark.xfail(strict=True, reason=SHIFT_BUG)
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=SHIFT_BUG)
 def test_origin_shift_sign_matches_relion(projections):
     """Our projection of the particles of a STAR with origins, read by read_particles, vs relion_project."""
     P, relion, _ = projections["shifted"]
@@ -229,7 +229,7 @@ def test_reconstruction_matches_relion_without_origins(tmp_path):
     _assert_maps_agree(ours, relion, gt)
 
 
-@pytest.mark.xfail(strict=True, reason=SHIFT_BUG)
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=SHIFT_BUG)
 def test_reconstruction_matches_relion_with_origins(tmp_path):
     """Same STAR with origins up to 2 px: RELION re-centres by +origin, our simulator moved content by +origin."""
     ours, relion, gt = _reconstruct_both(tmp_path, max_shift_px=2.0)
