@@ -63,6 +63,17 @@ def test_zero_positions_and_astigmatism_axis():
             np.testing.assert_allclose(crossings[:3], expected, atol=1.0 / (n * apix))
 
 
+def test_defocus_u_below_v_is_the_same_ctf_turned():
+    """RELION allows U < V: it must equal the formula, i.e. (V, U) at the angle + 90°."""
+    n, apix = 96, 1.3
+    a = compute_ctf(_params(11000, 15000, 30), n, apix)[0]
+    b = compute_ctf(_params(15000, 11000, 120), n, apix)[0]
+    assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-5)
+    g = freq_grid_2d(n, dtype=torch.float64).numpy() / apix
+    ref = _relion_formula(g[..., 1], g[..., 0], 11000, 15000, 30, 300, 2.7, 0.1, 0, 0)
+    assert np.abs(a.double().numpy() - ref).max() < 2e-3
+
+
 def test_phase_flipped_and_bfactor():
     p = _params(15000, 14000, 10, b=100.0)
     c = compute_ctf(p, 64, 1.5)

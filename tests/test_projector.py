@@ -24,7 +24,7 @@ def _volume():
 
 
 def _analytic(A, shifts):
-    """∫ V(Aᵀ r) dz for Gaussian blobs: 2-D Gaussians at (A c)_xy + s, amplitude √(2π)σ."""
+    """∫ V(Aᵀ r) dz for Gaussian blobs: 2-D Gaussians at (A c)_xy − origin, amplitude √(2π)σ."""
     g = torch.arange(N, dtype=torch.float64) - N // 2
     y, x = torch.meshgrid(g, g, indexing="ij")
     out = []
@@ -33,7 +33,7 @@ def _analytic(A, shifts):
         for c, s, a in BLOBS:
             p = A[b].double() @ torch.tensor(c, dtype=torch.float64)
             im += a * math.sqrt(2 * math.pi) * s * torch.exp(
-                -((x - p[0] - shifts[b, 0]) ** 2 + (y - p[1] - shifts[b, 1]) ** 2) / (2 * s * s))
+                -((x - p[0] + shifts[b, 0]) ** 2 + (y - p[1] + shifts[b, 1]) ** 2) / (2 * s * s))
         out.append(im)
     return torch.stack(out).float()
 
@@ -72,11 +72,12 @@ def test_rotation_convention_is_pinned():
     assert good.max() < 0.02 and wrong.min() > 0.5
 
 
-def test_shift_moves_content_by_plus_s():
+def test_origin_moves_content_by_minus_origin():
+    """RELION origins re-centre the particle: its content sits at −origin (as relion_project makes it)."""
     A = euler_to_matrix(torch.zeros(1), torch.zeros(1), torch.zeros(1))
     img0 = project(_volume(), A)[0]
     img1 = project(_volume(), A, torch.tensor([[4.0, -3.0]]))[0]
-    assert torch.allclose(torch.roll(img0, shifts=(-3, 4), dims=(0, 1)), img1, atol=1e-3 * img0.abs().max())
+    assert torch.allclose(torch.roll(img0, shifts=(3, -4), dims=(0, 1)), img1, atol=1e-3 * img0.abs().max())
 
 
 def test_batch_matches_single():

@@ -60,10 +60,16 @@ def compute_ctf(p: CTFParams, n: int, apix: float, phase_flipped: bool = False) 
 
     With `phase_flipped` the absolute value is returned, as for phase-flipped particles.
     """
+    # torch-ctf takes the square root of the astigmatism, so give it U >= V: swapping U and V and turning
+    # the angle by 90° describes the same CTF (RELION allows U < V)
+    swap = p.defocus_u < p.defocus_v
+    u = torch.where(swap, p.defocus_v, p.defocus_u)
+    v = torch.where(swap, p.defocus_u, p.defocus_v)
+    ang = torch.where(swap, p.defocus_angle + 90.0, p.defocus_angle)
     ctf = calculate_ctf_2d(
-        defocus=(p.defocus_u + p.defocus_v) * 0.5e-4,  # µm
-        astigmatism=(p.defocus_u - p.defocus_v) * 0.5e-4,  # µm
-        astigmatism_angle=p.defocus_angle, voltage=p.voltage, spherical_aberration=p.cs,
+        defocus=(u + v) * 0.5e-4,  # µm
+        astigmatism=(u - v) * 0.5e-4,  # µm
+        astigmatism_angle=ang, voltage=p.voltage, spherical_aberration=p.cs,
         amplitude_contrast=p.amplitude_contrast, phase_shift=p.phase_shift, pixel_size=apix,
         image_shape=(n, n), rfft=True, fftshift=True).to(torch.float32)
     if bool((p.bfactor != 0).any()):

@@ -4,8 +4,10 @@ RELION (Euler ZYZ, degrees): A = Rz(psi) Ry(tilt) Rz(rot) with "passive" element
 exactly `Euler_angles2matrix` in RELION's `euler.cpp`. A projection at (rot, tilt, psi) is
     image(x, y) = ∫ V(Aᵀ (x, y, z)ᵀ) dz,
 so the 3-D frequency sampled by the 2-D frequency k2 is Aᵀ (k2, 0): RELION's projector uses Ainv = Aᵀ.
-The particle's shift s = (rlnOriginX, rlnOriginY) (pixels) displaces the projection: image(x) =
-proj(x - s) — RELION shifts its reference projections by +origin before comparing.
+The particle's origin s = (rlnOriginX, rlnOriginY) (pixels) is the shift that re-centres it: the
+particle's content sits at −s, image(x) = proj(x + s). relion_project applies −origin to its projections
+and relion_reconstruct +origin to the images before back-projection (checked against RELION 3.1 in
+tests/test_ref_relion.py).
 
 Scipion (ALIGN_PROJ, as the relion plugin's converter): M = [[Aᵀ, Aᵀ s], [0, 1]] with s = (sx, sy, 0)
 in pixels; equivalently inv(M) = [[A, -s], [0, 1]].

@@ -3,7 +3,8 @@
 Central slices are taken with torch-fourier-slice (trilinear interpolation on the centred rfft of the
 volume, Friedel conjugates handled by the library). Poses are RELION matrices A (see geometry.py): the
 slice through the 3-D spectrum at 2-D frequency k is Aᵀ(k, 0), so the library — whose matrices rotate
-the slice's xyz coordinates — gets Aᵀ. Shifts are RELION origins in pixels (content moves by +s).
+the slice's xyz coordinates — gets Aᵀ. Shifts are RELION origins in pixels: the content of the image sits
+at −origin (the origin re-centres the particle), so a projection is moved by −origin.
 
 `pad` is the oversampling factor: the volume is zero-padded to pad·N before its FFT (finer spectral
 sampling, far smaller interpolation error) and divided by the sinc² of trilinear interpolation first.
@@ -52,7 +53,7 @@ def project(vol: torch.Tensor, rotations: torch.Tensor, shifts: torch.Tensor | N
     m = vol_ft.shape[-3]
     ft = slice_volume_ft(vol_ft, rotations)
     if shifts is not None:
-        ft = ft * shift_phase_2d(m, shifts.to(torch.float32))
+        ft = ft * shift_phase_2d(m, -shifts.to(torch.float32))
     img = irfft2c(ft, m)
     return crop_center(img, n, 2) if m != n else img
 

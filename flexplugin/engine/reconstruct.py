@@ -36,12 +36,12 @@ class BackprojectionAccumulator:
 
     def add(self, images: torch.Tensor, rotations: torch.Tensor, shifts_px: torch.Tensor | None,
             ctf: CTFParams | None, phase_flipped: bool = False, weights: torch.Tensor | None = None) -> None:
-        """Insert a batch: images (B, N, N), RELION matrices (B, 3, 3), shifts (B, 2) px, optional per-image weights."""
+        """Insert a batch: images (B, N, N), RELION matrices (B, 3, 3), origins (B, 2) px, optional per-image weights."""
         m = self.m
         imgs = images.to(self.device, torch.float32)
         ft = rfft2c(pad_images(imgs, m) if m != self.box else imgs)
         if shifts_px is not None:
-            ft = ft * shift_phase_2d(m, -shifts_px.to(self.device, torch.float32))
+            ft = ft * shift_phase_2d(m, shifts_px.to(self.device, torch.float32))  # re-centre: +origin
         if ctf is not None:
             c = compute_ctf(ctf.to(self.device), m, self.apix, phase_flipped)
         else:

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from .ctf import CTFParams, compute_ctf
+from .errors import InputError
 from .fourier import irfft2c, lowpass_volume, rfft2c
 from .geometry import euler_to_matrix
 from .io import write_particles_star, write_volume
@@ -155,13 +156,15 @@ def render_volumes(obj: FlexibleObject, t: np.ndarray, box: int, apix: float, si
 
 def project_atoms(atoms_A: np.ndarray, A: np.ndarray, shifts_px: np.ndarray, box: int, apix: float,
                   sigma_A: float) -> torch.Tensor:
-    """Analytic projections (B, box, box): Σ_atoms √(2π)σ·G_σ(x − (A c)_xy − s), in voxel units."""
+    """Analytic projections (B, box, box): Σ_atoms √(2π)σ·G_σ(x − (A c)_xy + s), in voxel units.
+
+    `shifts_px` are RELION origins: the particle's content sits at −origin in the image."""
     g = torch.arange(box, dtype=torch.float64) - box // 2
     sig = sigma_A / apix
     c = torch.as_tensor(atoms_A / apix)  # (B, n, 3) px
     p = torch.einsum("bij,bnj->bni", torch.as_tensor(A), c)
-    px = p[..., 0] + torch.as_tensor(shifts_px[:, 0:1])
-    py = p[..., 1] + torch.as_tensor(shifts_px[:, 1:2])
+    px = p[..., 0] - torch.as_tensor(shifts_px[:, 0:1])
+    py = p[..., 1] - torch.as_tensor(shifts_px[:, 1:2])
     gx, gy = _gauss_1d(px, g, sig), _gauss_1d(py, g, sig)  # (B, n, box)
     return (math.sqrt(2 * math.pi) * sig) * torch.einsum("bny,bnx->byx", gy, gx)
 
@@ -182,8 +185,8 @@ def soft_mask_from_volumes(vols: np.ndarray, apix: float, lowpass_A: float = 15.
 def simulate_dataset(cfg: SimConfig, out: str | os.PathLike,
                      progress: Callable[[str], None] = print) -> dict:
     """Write particles.star + stacks, consensus.mrc, mask.mrc, gt/ states and ground_truth.csv to `out`."""
-    if cfg.n < 2 or cfg.box < 16 or cfg.box % 2 or cfg.apix <= 0 or cfg.snr <= 0:
-        raise ValueError("need n >= 2, an even box >= 16, apix > 0 and snr > 0")
+    if cfg.n < 2 or cfg.box < 16 or cfg.box % 2 or cfg.apix <= 0 or cfg.snr <= 0 or cfg.stack_size < 1:
+        raise InputError("need n >= 2, an even box >= 16, apix > 0, snr > 0 and stack size >= 1")
     out = Path(out)
     (out / "stacks").mkdir(parents=True, exist_ok=True)
     (out / "gt").mkdir(exist_ok=True)

@@ -236,7 +236,7 @@ class FlexTrainer:
         u = self.raster(m).flow(d, apix_m) if d is not None else None
         proj = project_warped(vol_m, batch["rotations"], u, radius=self.radius_A / apix_m)
         ft = rfft2c(proj) * ((t / m) ** 3 * self.scale)
-        ft = ft * shift_phase_2d(m, batch["shifts"] * (m / t))
+        ft = ft * shift_phase_2d(m, -batch["shifts"] * (m / t))  # RELION origin: content at −origin
         return ft * compute_ctf(batch["ctf"], m, apix_m, self.p.ps.phase_flipped)
 
     @staticmethod
