@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import pickle
-import re
 import shutil
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 import torch
 
 from flexplugin.engine.errors import InputError
-from flexplugin.engine.geometry import euler_to_matrix, euler_to_matrix_np
+from flexplugin.engine.geometry import euler_to_matrix_np
 from flexplugin.engine.io import read_particles
 from flexplugin.engine.projector import project
 from flexplugin.engine.reconstruct import reconstruct_particles
