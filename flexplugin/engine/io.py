@@ -8,6 +8,7 @@ results are written back keyed by that id. Stacks are memory-mapped: only reques
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,7 +152,7 @@ class ParticleSet:
 
         def col(name, default=0.0):
             v = t[name].to_numpy(np.float64) if name in t else np.full(len(t), default)
-            return torch.as_tensor(v, dtype=torch.float32, device=device)
+            return torch.tensor(v, dtype=torch.float32, device=device)
         return CTFParams(col("rlnDefocusU"), col("rlnDefocusV"), col("rlnDefocusAngle"), col("rlnVoltage"),
                          col("rlnSphericalAberration"), col("rlnAmplitudeContrast"), col("rlnPhaseShift"),
                          col("rlnCtfBfactor"))
@@ -207,7 +208,7 @@ def read_particles(star_path: str | os.PathLike, apix: float | None = None) -> P
     if "rlnImageName" not in parts:
         raise InputError(f"{star_path}: particles have no rlnImageName column")
     if optics is None:  # legacy: build one optics group from particle columns
-        row = {k: float(parts[k].iloc[0]) if k in parts else v for k, v in OPTICS_DEFAULTS.items()}
+        row = {k: float(parts[k].iloc[0]) for k in OPTICS_DEFAULTS if k in parts}
         row["rlnOpticsGroup"] = 1
         if apix is None and "rlnDetectorPixelSize" in parts and "rlnMagnification" in parts:
             apix = float(parts["rlnDetectorPixelSize"].iloc[0]) * 1e4 / float(parts["rlnMagnification"].iloc[0])
@@ -237,9 +238,15 @@ def read_particles(star_path: str | os.PathLike, apix: float | None = None) -> P
         raise InputError(f"{star_path}: pixel size must be positive, got {apix}")
     merge_cols = [c for c in optics.columns if c not in parts.columns or c == "rlnOpticsGroup"]
     table = parts.merge(optics[merge_cols], on="rlnOpticsGroup", how="left")
+    defaults_used = []
     for k, v in OPTICS_DEFAULTS.items():
         if k not in table:
             table[k] = v
+            defaults_used.append(f"{k}={v}")
+    if defaults_used:  # RELION itself would assume 0/0/200 kV: say what we assumed, loudly
+        warnings.warn(f"{star_path}: no {', '.join(d.split('=')[0] for d in defaults_used)}; assuming "
+                      f"{', '.join(defaults_used)}. Add the columns to the optics table if these are wrong.",
+                      stacklevel=2)
     for ax in ("X", "Y"):
         if f"rlnOrigin{ax}Angst" not in table:
             table[f"rlnOrigin{ax}Angst"] = 0.0

@@ -9,7 +9,6 @@ full map uses both halves and twice the SSNR. A sinc² division in real space un
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -121,12 +120,14 @@ def finalize_halves(a1: BackprojectionAccumulator, a2: BackprojectionAccumulator
 
 def reconstruct_particles(particles, batch_size: int = 256, pad: int = 2, device: str = "cpu",
                           seed: int = 0, mask: np.ndarray | None = None,
-                          progress: Callable[[str], None] | None = None) -> Reconstruction:
-    """Reconstruct half maps and the full map from an io.ParticleSet, streaming its stacks in batches."""
+                          progress=None) -> Reconstruction:
+    """Reconstruct half maps and the full map from an io.ParticleSet, streaming its stacks in batches.
+
+    `progress` is a text stream for the progress lines (default: stdout)."""
     particles.require(poses=True, ctf=False)
     half = particles.half_sets(seed)
     accs = {h: BackprojectionAccumulator(particles.box, particles.apix, pad, device) for h in (1, 2)}
-    prog = Progress(len(particles), "reconstruct")
+    prog = Progress(len(particles), "reconstruct", stream=progress)
     done = 0
     for s in range(0, len(particles), batch_size):
         rows = np.arange(s, min(len(particles), s + batch_size))
