@@ -301,7 +301,186 @@ def add_train_parser(sub) -> None:
     p.set_defaults(func=cmd_flex_train)
 
 
+# ----------------------------------------------------------------------------------------- flex-generate
+def _write_series(vols: np.ndarray, points: np.ndarray, folder: Path, apix: float, first: int = 0) -> list[str]:
+    """vol_NNN.mrc per point (the latent point in the MRC header label) and points.csv beside them."""
+    import mrcfile
+    import pandas as pd
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, (v, z) in enumerate(zip(vols, points)):
+        name = f"vol_{first + i:03d}.mrc"
+        tmp = folder / (name + ".tmp")
+        with mrcfile.new(tmp, overwrite=True) as m:
+            m.set_data(np.ascontiguousarray(v, dtype=np.float32))
+            m.voxel_size = apix
+            m.header.label[1] = ("flexplugin z=" + ",".join(f"{x:.5f}" for x in z)).encode()[:80]
+            m.header.nlabl = 2
+        tmp.replace(folder / name)
+        names.append(name)
+    cols = {f"z{k}": points[:, k] for k in range(points.shape[1])}
+    pd.DataFrame({"volume": names, **cols}).to_csv(folder / "points.csv", index=False)
+    return names
+
+
+def cmd_flex_generate(a: argparse.Namespace) -> None:
+    import torch
+    from .engine.errors import InputError
+    from .engine.flex.generate import axis_series, load_model, points_from_particles, read_points
+    from .engine.io import read_volume
+    from .plots_flex import plot_atlas, plot_series
+    dev = _device(a.device)
+    model = load_model(a.model, dev)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.box == "train":
+        m = model.train_box
+    elif a.box == "full":
+        m = model.crop
+    else:
+        m = int(a.box)
+    canonical = None
+    if a.map:
+        hv, hapix = read_volume(a.map)
+        if hv.shape[-1] != m:
+            raise InputError(f"--map is {hv.shape[-1]} px but the output box is {m}; pass --box {hv.shape[-1]}")
+        if abs(hapix - model.apix_at(m)) > 1e-3 * hapix:
+            raise InputError(f"--map has {hapix:.4f} Å/px, the output box needs {model.apix_at(m):.4f}")
+        canonical = torch.as_tensor(hv, device=dev)
+    apix_m = model.apix_at(m)
+    summary = {"box": m, "apix": apix_m, "series": []}
+    if a.points or a.from_particles:
+        if a.points:
+            pts = read_points(a.points, model.k)
+        else:
+            src = Path(a.from_particles)
+            ids = (np.loadtxt(src, dtype=np.int64, ndmin=1).tolist() if src.exists()
+                   else [int(x) for x in a.from_particles.split(",") if x.strip()])
+            pts = points_from_particles(model, ids)
+        vols = model.volumes(pts, m, canonical)
+        names = _write_series(vols, pts, out, apix_m)
+        summary["series"].append({"name": "points", "folder": ".", "volumes": names})
+        plot_series(vols, out / "series.png", "generated at the given points")
+    else:
+        for k, pts in enumerate(axis_series(model.latents, a.frames, a.percentile)):
+            vols = model.volumes(pts, m, canonical)
+            folder = out / f"series_{k:02d}"
+            names = _write_series(vols, pts, folder, apix_m)
+            plot_series(vols, out / f"series_{k:02d}.png", f"latent {k}: {pts[0, k]:.2f} → {pts[-1, k]:.2f}")
+            summary["series"].append({"name": f"latent {k}", "folder": folder.name, "volumes": names})
+            print(f"flex-generate: latent {k}: {len(vols)} volumes in {folder}", flush=True)
+    if not a.no_atlas and model.k >= 1:
+        ax = _int_list(a.atlas_axes) or ([0, 1] if model.k >= 2 else [0, 0])
+        if max(ax) >= model.k:
+            raise InputError(f"--atlas-axes {ax} out of range for K={model.k}")
+        g = a.atlas_grid
+        z = model.latents
+        lo = np.percentile(z[:, ax], 1, axis=0)
+        hi = np.percentile(z[:, ax], 99, axis=0)
+        gx, gy = np.linspace(lo[0], hi[0], g), np.linspace(lo[1], hi[1], g)
+        grid = np.stack(np.meshgrid(gx, gy, indexing="xy"), -1)  # (G, G, 2): [row=y, col=x]
+        pts = np.tile(np.median(z, 0), (g * g, 1)).astype(np.float32)
+        pts[:, ax[0]] = grid[..., 0].ravel()
+        pts[:, ax[1]] = grid[..., 1].ravel()
+        thumbs = model.volumes(pts, model.train_box).sum(1).reshape(g, g, model.train_box, model.train_box)
+        plot_atlas(z[:, ax], grid, thumbs, out / "atlas.png", tuple(ax))
+        summary["atlas"] = "atlas.png"
+    (out / "generate.json").write_text(json.dumps(summary, indent=2))
+    print(f"flex-generate: volumes at box {m} ({apix_m:.3f} Å/px) written to {out}", flush=True)
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("flex-generate", help="3D Flex generator: volumes along the latent space and the atlas")
+    p.add_argument("--model", required=True, help="model.pt from flex-train, or its folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--frames", type=int, default=41, help="volumes per latent axis (flex_gen_num_pts; 41, odd "
+                                                           "puts the centre of the range in the middle)")
+    p.add_argument("--percentile", type=float, default=1.0,
+                   help="each axis spans the particles' [p, 100-p] percentiles (default 1)")
+    p.add_argument("--points", help="CSV of custom latent points: one per row, K comma-separated values, no header")
+    p.add_argument("--from-particles", help="ids (comma-separated, or a file with one id per line): generate at "
+                                            "their mean latent")
+    p.add_argument("--box", default="train", help="'train' (training box, default), 'full' (crop box: the flow is "
+                                                  "re-rasterised on the finer grid) or a number of pixels")
+    p.add_argument("--map", help="canonical map to convect instead of the training one, e.g. flex_map.mrc from "
+                                 "flex-reconstruct (its box and pixel size must match --box)")
+    p.add_argument("--no-atlas", action="store_true", help="skip the latent atlas")
+    p.add_argument("--atlas-axes", help="the two latent axes of the atlas (default 0,1)")
+    p.add_argument("--atlas-grid", type=int, default=7, help="atlas grid points per axis (default 7)")
+    _add_device(p)
+    p.set_defaults(func=cmd_flex_generate)
+
+
+# ----------------------------------------------------------------------------------------- flex-reconstruct
+def cmd_flex_reconstruct(a: argparse.Namespace) -> None:
+    from .engine.flex.generate import load_model
+    from .engine.flex.reconstruct import flex_reconstruct
+    from .engine.io import read_mask, read_particles, write_volume
+    from .plots import plot_fsc, plot_slices
+    from .engine.errors import InputError
+    dev = _device(a.device)
+    model = load_model(a.model, dev)
+    ps = read_particles(a.particles)
+    ps.require(poses=True, ctf=True)
+    ps.check_stacks()
+    mask = None
+    if a.mask:
+        mask, mapix = read_mask(a.mask)
+        if mask.shape[-1] != model.crop:
+            from .engine.fourier import crop_center
+            import torch
+            if mask.shape[-1] != ps.box:
+                raise InputError(f"mask is {mask.shape[-1]} px; expected the particle box {ps.box} or crop box {model.crop}")
+            mask = crop_center(torch.as_tensor(mask), model.crop, 3).numpy()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"flex-reconstruct: {len(ps)} particles at the crop box {model.crop} ({ps.apix:.3f} Å/px), "
+          f"{a.iterations} L-BFGS iterations per half map, device {dev}", flush=True)
+    t0 = time.time()
+    r = flex_reconstruct(model, ps, iterations=a.iterations, batch_size=a.batch_size, lam=a.reg,
+                         do_noflex=not a.no_noflex, mask=mask, seed=a.seed, device=dev)
+    files = {"flex_map.mrc": r.flex_map, "flex_half_A.mrc": r.flex_half1, "flex_half_B.mrc": r.flex_half2}
+    if not a.no_noflex:
+        files.update({"noflex_map.mrc": r.noflex_map, "noflex_half_A.mrc": r.noflex_half1,
+                      "noflex_half_B.mrc": r.noflex_half2})
+    for name, v in files.items():
+        write_volume(out / name, v, ps.apix)
+    freq = np.arange(len(r.fsc_flex)) / (model.crop * ps.apix)
+    np.savetxt(out / "fsc.txt", np.stack([freq, r.fsc_flex, r.fsc_noflex], 1),
+               header="frequency_1/A fsc_flex fsc_noflex", fmt="%.6f")
+    curves = {"flex": r.fsc_flex}
+    if not a.no_noflex:
+        curves["noflex"] = r.fsc_noflex
+    plot_fsc(curves, ps.apix, out / "fsc.png", title="3D Flex reconstruction: half-map FSC"
+             + (" (masked)" if mask is not None else ""))
+    plot_slices({"flex": r.flex_map, **({"noflex": r.noflex_map} if not a.no_noflex else {})}, out / "maps.png")
+    info = {"particles": len(ps), "crop": model.crop, "apix": ps.apix, "iterations": a.iterations,
+            "resolution_flex_A": r.res_flex, "resolution_noflex_A": None if a.no_noflex else r.res_noflex,
+            "masked_fsc": mask is not None, "seconds": time.time() - t0,
+            "objective_first_last": {k: [v[0], v[-1]] for k, v in r.objective.items()}}
+    (out / "reconstruct.json").write_text(json.dumps(info, indent=2))
+    print(f"flex-reconstruct: flex {r.res_flex:.2f} Å"
+          + ("" if a.no_noflex else f", noflex {r.res_noflex:.2f} Å") + f" (FSC 0.143); outputs in {out}", flush=True)
+
+
+def add_reconstruct_parser(sub) -> None:
+    p = sub.add_parser("flex-reconstruct", help="3D Flex reconstruction: high-resolution canonical map, motion undone")
+    p.add_argument("--model", required=True, help="model.pt from flex-train, or its folder")
+    p.add_argument("--particles", required=True, help="the particles of the training (or a subset), RELION STAR")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--iterations", type=int, default=20, help="L-BFGS iterations per half map (flex_bfgs_num_iters; 20)")
+    p.add_argument("--reg", type=float, help="L2 regularisation λ (default: 1e-3 of the data term's mean weight)")
+    p.add_argument("--no-noflex", action="store_true", help="skip the rigid baseline (flex_do_noflex_recon)")
+    p.add_argument("--mask", help="mask for the FSC (particle box or crop box)")
+    p.add_argument("--batch-size", type=int, default=128, help="particles per batch (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the half-set split when rlnRandomSubset is absent")
+    _add_device(p)
+    p.set_defaults(func=cmd_flex_reconstruct)
+
+
 def register(subparsers) -> None:
     add_prep_parser(subparsers)
     add_mesh_parser(subparsers)
     add_train_parser(subparsers)
+    add_generate_parser(subparsers)
+    add_reconstruct_parser(subparsers)

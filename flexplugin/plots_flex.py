@@ -158,3 +158,74 @@ def plot_mesh(volume: np.ndarray, tetra_map: np.ndarray, rweights: np.ndarray, p
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return str(path)
+
+
+def plot_atlas(z: np.ndarray, grid_points: np.ndarray, thumbnails: np.ndarray, path: str | os.PathLike,
+               axes_idx: tuple[int, int] = (0, 1), title: str = "3D Flex latent atlas") -> str:
+    """Thumbnails (G, G, h, w) of generated volumes placed at their latent grid points, over the particle density.
+
+    grid_points (G, G, 2) are the (x, y) latent values of each thumbnail; z (N, 2) the particles' latents on
+    the same two axes, drawn beneath as a smoothed density. Thumbnails are cropped to the object and drawn
+    with transparency proportional to density, so the particle density shows through between them."""
+    from scipy import ndimage
+    plt = _plt()
+    G = thumbnails.shape[0]
+    xs, ys = grid_points[0, :, 0], grid_points[:, 0, 1]
+    dx = (xs[-1] - xs[0]) / max(G - 1, 1) or 1.0
+    dy = (ys[-1] - ys[0]) / max(G - 1, 1) or 1.0
+    x0, x1 = xs[0] - dx / 2, xs[-1] + dx / 2
+    y0, y1 = ys[0] - dy / 2, ys[-1] + dy / 2
+    lo, hi = np.percentile(thumbnails, [1, 99.8])
+    norm = np.clip((thumbnails - lo) / max(hi - lo, 1e-12), 0, 1)
+    occupied = norm.max(axis=(0, 1)) > 0.05
+    if occupied.any():  # crop every thumbnail to the union of the objects (plus a margin)
+        rr, cc = np.nonzero(occupied)
+        mrg = 2
+        r0, r1 = max(rr.min() - mrg, 0), min(rr.max() + mrg + 1, occupied.shape[0])
+        c0, c1 = max(cc.min() - mrg, 0), min(cc.max() + mrg + 1, occupied.shape[1])
+        side = max(r1 - r0, c1 - c0)
+        rc, ccn = (r0 + r1) // 2, (c0 + c1) // 2
+        r0, c0 = max(rc - side // 2, 0), max(ccn - side // 2, 0)
+        norm = norm[:, :, r0:r0 + side, c0:c0 + side]
+    fig, ax = plt.subplots(figsize=(1.3 * G + 1.5, 1.3 * G + 1.2), dpi=110)
+    h, _, _ = np.histogram2d(z[:, 0], z[:, 1], bins=4 * G, range=[[x0, x1], [y0, y1]])
+    h = ndimage.gaussian_filter(h, 1.0)
+    ax.imshow(h.T, extent=(x0, x1, y0, y1), origin="lower", cmap="Blues", aspect="auto", interpolation="bilinear")
+    for i in range(G):
+        for j in range(G):
+            t = norm[i, j]
+            rgba = np.zeros(t.shape + (4,))
+            rgba[..., :3] = 0.1
+            rgba[..., 3] = t
+            cx, cy = grid_points[i, j]
+            ax.imshow(rgba, origin="lower", interpolation="bilinear", aspect="auto",
+                      extent=(cx - 0.46 * dx, cx + 0.46 * dx, cy - 0.46 * dy, cy + 0.46 * dy))
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    ax.set_xlabel(f"latent {axes_idx[0]}")
+    ax.set_ylabel(f"latent {axes_idx[1]}")
+    ax.set_title(title + "\n(projections of generated maps; particle density in blue)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_series(volumes: np.ndarray, path: str | os.PathLike, title: str = "", ncol: int = 9) -> str:
+    """Montage of central z-slices of a volume series (frames in order)."""
+    plt = _plt()
+    n = len(volumes)
+    idx = np.linspace(0, n - 1, min(n, ncol)).round().astype(int)
+    fig, axes = plt.subplots(1, len(idx), figsize=(1.5 * len(idx), 1.8), dpi=100, squeeze=False)
+    c = volumes.shape[1] // 2
+    vmin, vmax = np.percentile(volumes[:, c], [0.5, 99.9])
+    for ax, i in zip(axes[0], idx):
+        ax.imshow(volumes[i, c], cmap="gray", origin="lower", vmin=vmin, vmax=vmax)
+        ax.set_title(f"frame {i}", fontsize=7)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)

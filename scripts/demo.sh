@@ -1,11 +1,22 @@
 #!/usr/bin/env bash
-# make demo: simulate the built-in example data and run the main job on it; outputs go to $2.
+# make demo: simulate the built-in example data and run the main jobs on it; outputs go to $2.
 set -euo pipefail
 PY=${1:-.venv/bin/python}
 OUT=${2:-demo_output}
+FP=("$PY" -m flexplugin.cli)
 mkdir -p "$OUT"
-"$PY" -m flexplugin.cli simulate --out "$OUT/data"
-"$PY" -m flexplugin.cli reconstruct --particles "$OUT/data/particles.star" --mask "$OUT/data/mask.mrc" \
-    --out "$OUT/reconstruct"
-echo
-echo "demo: done. Example data in $OUT/data, reconstruction (map, half maps, FSC plot) in $OUT/reconstruct"
+"${FP[@]}" simulate --out "$OUT/data"
+"${FP[@]}" reconstruct --particles "$OUT/data/particles.star" --mask "$OUT/data/mask.mrc" --out "$OUT/reconstruct"
+"${FP[@]}" flex-mesh --volume "$OUT/data/consensus.mrc" --cells 12 --out "$OUT/flex_mesh"
+"${FP[@]}" flex-train --particles "$OUT/data/particles.star" --volume "$OUT/data/consensus.mrc" \
+    --mesh "$OUT/flex_mesh/mesh.pkl" --train-box 32 --out "$OUT/flex_train"
+"${FP[@]}" flex-generate --model "$OUT/flex_train" --frames 9 --out "$OUT/flex_generate"
+cat <<MSG
+
+demo: done.
+  example data         $OUT/data (particles.star, consensus.mrc, mask.mrc, gt/)
+  reconstruction       $OUT/reconstruct (map.mrc, half maps, fsc.png)
+  3D Flex mesh         $OUT/flex_mesh (mesh.pkl, mesh.pdb, mesh_slices.png)
+  3D Flex training     $OUT/flex_train (model.pt, latents.csv, latents.png, activations.png, flow.png)
+  3D Flex generation   $OUT/flex_generate (series_*/vol_*.mrc, atlas.png)
+MSG

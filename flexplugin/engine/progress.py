@@ -13,11 +13,17 @@ def _fmt(seconds: float) -> str:
 
 
 class Progress:
-    """Call `step(done, extra)` after each unit of work; prints at most every `every` seconds (and at the end)."""
+    """Call `step(done, extra)` after each unit of work; prints at most every `every` seconds (and at the end).
+
+    `stream` is a text stream (default stdout) or a callable taking the line."""
 
     def __init__(self, total: int, label: str, every: float = 5.0, stream=None):
         self.total, self.label, self.every = max(1, total), label, every
-        self.stream = stream or sys.stdout
+        if stream is not None and callable(stream) and not hasattr(stream, "write"):
+            self.emit = stream
+        else:
+            out = stream or sys.stdout
+            self.emit = lambda line: print(line, file=out, flush=True)
         self.t0 = time.monotonic()
         self._last = -1e9
 
@@ -30,4 +36,4 @@ class Progress:
         eta = el / done * (self.total - done) if done else float("nan")
         eta_s = _fmt(eta) if done else "?"
         msg = f"{self.label}: {done}/{self.total} ({100 * done / self.total:.0f}%) elapsed {_fmt(el)} ETA {eta_s}"
-        print(msg + (f" | {extra}" if extra else ""), file=self.stream, flush=True)
+        self.emit(msg + (f" | {extra}" if extra else ""))

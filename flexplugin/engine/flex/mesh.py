@@ -25,7 +25,7 @@ from ..errors import InputError
 from ..fourier import lowpass_volume
 
 __all__ = ["Mesh", "auto_mask", "build_mesh", "parse_fuse_list", "load_mesh", "save_mesh", "write_mesh_pdb",
-           "rasterize_weights"]
+           "rasterize_weights", "mesh_from_dict"]
 
 MESH_VERSION = 1
 # the 6 axis orders of the Freudenthal split; tet t of a cube follows PERMS[t]
@@ -299,6 +299,13 @@ def load_mesh(path: str | Path) -> Mesh:
         raise InputError(f"mesh file not found: {path}") from None
     except Exception as e:  # noqa: BLE001
         raise InputError(f"cannot read mesh {path}: {e}") from e
+    return mesh_from_dict(d, str(path))
+
+
+def mesh_from_dict(d: dict, path: str = "mesh") -> Mesh:
+    """A Mesh from the unpickled dict of :func:`save_mesh` (checks the layout)."""
+    if not isinstance(d, dict):
+        raise InputError(f"{path} is not a 3D Flex mesh")
     need = ("mask", "N", "psize_A", "tm_points", "tm_cells", "tm_rweights", "version")
     missing = [k for k in need if k not in d]
     if missing:

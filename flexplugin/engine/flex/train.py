@@ -312,7 +312,7 @@ class FlexTrainer:
             self.opt_flow.step()
             self.opt_density.step()
             self.opt_latent.update(rows, z.grad * len(rows))
-        return float(data.mean()), float(rig.mean()), float(prior.mean())
+        return float(data.detach().mean()), float(rig.detach().mean()), float(prior.detach().mean())
 
     def run_epoch(self, progress: Callable[[str], None] = print) -> EpochStats:
         c, t = self.cfg, self.spec.train
@@ -341,10 +341,11 @@ class FlexTrainer:
             stop_after: int | None = None) -> None:
         """Train to cfg.epochs + extra_epochs, checkpointing every epoch; `stop_after` ends early (tests)."""
         out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
         total = self.cfg.epochs + self.cfg.extra_epochs
         if self.noise_shell is None:
             self.estimate_noise(progress)
-        prog = Progress(total, "flex-train epoch", every=0)
+        prog = Progress(total, "flex-train epoch", every=0, stream=progress)
         prog.t0 -= sum(h["seconds"] for h in self.history)  # ETA counts resumed epochs
         while self.epoch < total:
             st = self.run_epoch(progress)
@@ -360,7 +361,7 @@ class FlexTrainer:
             "format": "flexplugin-flex-model", "version": 1, "config": asdict(self.cfg),
             "spec": asdict(self.spec), "epoch": self.epoch, "generator": self.gen.state_dict(),
             "density": self.density.detach().cpu(), "v_scale": self.v_scale, "mask": self.mask_t.cpu(),
-            "latents": self.latents.cpu(), "ids": torch.as_tensor(self.p.ids), "scale": self.scale,
+            "latents": self.latents.cpu(), "ids": torch.tensor(self.p.ids), "scale": self.scale,
             "noise_shell": None if self.noise_shell is None else self.noise_shell.cpu(),
             "opt_flow": self.opt_flow.state_dict(), "opt_density": self.opt_density.state_dict(),
             "opt_latent": {k: v.cpu() for k, v in self.opt_latent.state_dict().items()},

@@ -1,0 +1,172 @@
+"""3D Flex generation: volumes at latent points, series along latent axes, and the latent atlas.
+
+A trained model (model.pt from flex-train) is self-describing: settings, mesh, generator weights,
+canonical map and per-particle latents with their ids. A volume at latent point z is the canonical map
+convected by the flow decoded from z (W(x) = V(x + u_z(x)), model.py), at the training box or at a
+finer box (the canonical map Fourier-padded, or a high-resolution map given by the caller, and the flow
+re-rasterised from the mesh on the finer grid).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..fourier import irfft3c, rfft3c
+from .mesh import Mesh, mesh_from_dict
+from .model import FlowGenerator, MeshRaster, warp_volume
+
+__all__ = ["FlexModel", "load_model", "axis_series", "points_from_particles", "read_points", "fourier_pad_3d"]
+
+
+def fourier_pad_3d(vol: torch.Tensor, m: int) -> torch.Tensor:
+    """Upsample a volume (N³ → m³) by zero-padding its spectrum; real-space values are preserved."""
+    n = vol.shape[-1]
+    if m == n:
+        return vol
+    ft = rfft3c(vol)
+    out = torch.zeros(m, m, m // 2 + 1, dtype=ft.dtype, device=ft.device)
+    lo = m // 2 - n // 2
+    out[lo:lo + n, lo:lo + n, : n // 2 + 1] = ft
+    return irfft3c(out, m) * (m ** 3) / (n ** 3)
+
+
+@dataclass
+class FlexModel:
+    """What generation and the high-resolution reconstruction need from a trained model."""
+
+    gen: FlowGenerator
+    mesh: Mesh
+    canonical: torch.Tensor  # training box
+    apix_train: float
+    train_box: int
+    crop: int
+    box: int
+    apix: float
+    latents: np.ndarray
+    ids: np.ndarray
+    config: dict
+    device: torch.device
+
+    @property
+    def k(self) -> int:
+        return self.latents.shape[1]
+
+    def _rasters(self):
+        if not hasattr(self, "_rcache"):
+            self._rcache = {}
+        return self._rcache
+
+    def raster(self, m: int) -> MeshRaster:
+        r = self._rasters()
+        if m not in r:
+            r[m] = MeshRaster(self.mesh, m, self.device)
+        return r[m]
+
+    def support_radius(self, m: int, margin: float = 0.1) -> float:
+        """Radius (voxels of box m) that can hold density: the mesh mask's extent plus a motion margin."""
+        n = self.mesh.N
+        zz, yy, xx = np.nonzero(self.mesh.mask)
+        if len(zz) == 0:
+            return m / 2
+        r = np.sqrt((xx - n // 2) ** 2 + (yy - n // 2) ** 2 + (zz - n // 2) ** 2).max()
+        return float((r + margin * n) * m / n)
+
+    def apix_at(self, m: int) -> float:
+        """Pixel size of a box m spanning the crop box's extent."""
+        return self.apix_train * self.train_box / m
+
+    @torch.no_grad()
+    def flow(self, z: torch.Tensor, m: int) -> torch.Tensor:
+        """Flow (B, m, m, m, 3) in voxels of box m for latent points z (B, K)."""
+        d = self.gen(z.to(self.device, torch.float32))
+        return self.raster(m).flow(d, self.apix_at(m))
+
+    @torch.no_grad()
+    def volumes(self, points: np.ndarray, m: int | None = None, canonical: torch.Tensor | None = None,
+                batch: int = 4) -> np.ndarray:
+        """Convected maps (P, m, m, m) at latent points (P, K); m defaults to the training box."""
+        points = np.atleast_2d(np.asarray(points, dtype=np.float32))
+        if points.shape[1] != self.k:
+            raise InputError(f"latent points have {points.shape[1]} values, the model has K={self.k}")
+        m = m or self.train_box
+        if m % 2 or m < 16:
+            raise InputError(f"output box must be even and >= 16, got {m}")
+        v = canonical if canonical is not None else fourier_pad_3d(self.canonical, m) if m > self.train_box else \
+            self.canonical if m == self.train_box else None
+        if v is None:
+            from ..fourier import fourier_crop_3d
+            v = fourier_crop_3d(self.canonical, m)
+        if v.shape[-1] != m:
+            raise InputError(f"the map given for generation is {v.shape[-1]} px, expected {m}")
+        out = []
+        for s in range(0, len(points), batch):
+            z = torch.as_tensor(points[s:s + batch])
+            out.append(warp_volume(v.to(self.device), self.flow(z, m)).cpu().numpy())
+        return np.concatenate(out)
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> FlexModel:
+    """Read model.pt (or a training folder holding it)."""
+    p = str(path)
+    if os.path.isdir(p):
+        p = os.path.join(p, "model.pt")
+    if not os.path.exists(p):
+        raise InputError(f"3D Flex model not found: {p} (run flex-train first)")
+    d = torch.load(p, map_location="cpu", weights_only=False)
+    if d.get("format") != "flexplugin-flex-model" or "mesh_pickle" not in d:
+        raise InputError(f"{p} is not a flexplugin 3D Flex model")
+    mesh = mesh_from_dict(pickle.loads(d["mesh_pickle"]), p)
+    cfg = d["config"]
+    dev = torch.device(device)
+    gen = FlowGenerator(cfg["k"], len(mesh.points), cfg["layers"], cfg["hidden"]).to(dev)
+    gen.load_state_dict(d["generator"])
+    gen.eval()
+    spec = d["spec"]
+    canonical = (d["density"] * d["mask"] * d["v_scale"]).to(dev)
+    return FlexModel(gen, mesh, canonical, spec["apix"] * spec["crop"] / spec["train"], spec["train"], spec["crop"],
+                     spec["box"], spec["apix"], d["latents"].numpy(), d["ids"].numpy(), cfg, dev)
+
+
+def axis_series(latents: np.ndarray, frames: int = 41, percentile: float = 1.0) -> list[np.ndarray]:
+    """Per latent axis k, `frames` points along k over the range the particles occupy ([p, 100−p] %),
+    the other coordinates at their median; an odd count puts the middle frame at the centre of the range."""
+    if frames < 2:
+        raise InputError("--frames must be at least 2")
+    z = np.asarray(latents, dtype=np.float64)
+    med = np.median(z, 0)
+    out = []
+    for k in range(z.shape[1]):
+        lo, hi = np.percentile(z[:, k], [percentile, 100 - percentile])
+        pts = np.tile(med, (frames, 1))
+        pts[:, k] = np.linspace(lo, hi, frames)
+        out.append(pts.astype(np.float32))
+    return out
+
+
+def read_points(path: str | os.PathLike, k: int) -> np.ndarray:
+    """Latent points from a CSV: one point per row, K comma-separated values, no header."""
+    if not os.path.exists(path):
+        raise InputError(f"points file not found: {path}")
+    try:
+        pts = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64)
+    except ValueError as e:
+        raise InputError(f"{path}: expected rows of {k} comma-separated numbers, no header ({e})") from None
+    if pts.shape[1] != k:
+        raise InputError(f"{path}: rows have {pts.shape[1]} values but the model has K={k}")
+    if not np.isfinite(pts).all():
+        raise InputError(f"{path}: points must be finite numbers")
+    return pts.astype(np.float32)
+
+
+def points_from_particles(model: FlexModel, ids: list[int]) -> np.ndarray:
+    """The mean latent (1, K) of the particles with these ids."""
+    index = {int(i): r for r, i in enumerate(model.ids)}
+    missing = [i for i in ids if i not in index]
+    if missing:
+        raise InputError(f"particle ids {missing[:5]} are not in the model")
+    return model.latents[[index[i] for i in ids]].mean(0, keepdims=True).astype(np.float32)
