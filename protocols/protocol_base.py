@@ -5,6 +5,7 @@ running `python -m flexplugin.cli <subcommand> ...`), never in the protocol's ow
 """
 from __future__ import annotations
 
+import shlex
 import shutil
 
 import pyworkflow as pw
@@ -44,27 +45,27 @@ class FlexPluginProtBase(EMProtocol):
                        help="The GPU to use (one id, as numbered by nvidia-smi). Each flexplugin job runs on "
                             "one GPU.")
 
-    def _defineParticlesParam(self, form: params.Form) -> None:
-        """The input particles: a 3D-aligned set (ALIGN_PROJ) with CTF."""
+    def _defineParticlesParam(self, form: params.Form, condition: str | None = None) -> None:
+        """The input particles: a 3D-aligned set (ALIGN_PROJ) with CTF (shown when `condition` holds)."""
         form.addParam(INPUT_PARTICLES, params.PointerParam, pointerClass="SetOfParticles",
-                      pointerCondition="hasAlignmentProj", important=True,
+                      pointerCondition="hasAlignmentProj", important=True, condition=condition,
                       label="Input particles",
                       help="Particles from a consensus 3D refinement: they need 3D alignment and CTF.")
 
     def _defineVolumeParam(self, form: params.Form, label: str = "Consensus volume",
                            help: str = "The consensus map of the input particles (same box and pixel size).",
-                           allowsNull: bool = False) -> None:
-        """A volume matching the particles' box and pixel size."""
+                           allowsNull: bool = False, condition: str | None = None) -> None:
+        """A volume matching the particles' box and pixel size (shown when `condition` holds)."""
         form.addParam(INPUT_VOLUME, params.PointerParam, pointerClass="Volume", allowsNull=allowsNull,
-                      important=not allowsNull, label=label, help=help)
+                      important=not allowsNull, condition=condition, label=label, help=help)
 
     def _defineMaskParam(self, form: params.Form, label: str = "Mask",
                          help: str = "A soft mask around the particle (values in [0, 1], same box and pixel "
                                      "size as the particles).",
-                         allowsNull: bool = True) -> None:
-        """A mask matching the particles' box and pixel size."""
+                         allowsNull: bool = True, condition: str | None = None) -> None:
+        """A mask matching the particles' box and pixel size (shown when `condition` holds)."""
         form.addParam(INPUT_MASK, params.PointerParam, pointerClass="VolumeMask", allowsNull=allowsNull,
-                      important=not allowsNull, label=label, help=help)
+                      important=not allowsNull, condition=condition, label=label, help=help)
 
     # --------------------------- engine ---------------------------------------
     def getDeviceArgs(self) -> list[str]:
@@ -82,10 +83,15 @@ class FlexPluginProtBase(EMProtocol):
         n = self.numberOfThreads.get()
         return ["--threads", str(n)] if n and n > 1 else []
 
-    def runEngine(self, subcommand: str, args: list[str]) -> None:
-        """Run one `flexplugin` CLI subcommand through Scipion's runJob (queues, GPU ids, logs)."""
-        self.runJob(Plugin.getProgram(), " ".join([subcommand] + [str(a) for a in args]),
-                    env=Plugin.getEnviron(), numberOfMpi=1)
+    def runEngine(self, subcommand: str, args: list) -> None:
+        """Run one `flexplugin` CLI subcommand through Scipion's runJob (queues, GPU ids, logs).
+
+        runJob hands the command line to a shell: each argument is shell-quoted, so paths with spaces and
+        values such as a fuse list '1>3, 1>4' arrive intact (plain words and the `%(GPU)s` placeholder are
+        unaffected: Scipion substitutes the placeholder inside the quotes).
+        """
+        words = [subcommand] + [shlex.quote(str(a)) for a in args]
+        self.runJob(Plugin.getProgram(), " ".join(words), env=Plugin.getEnviron(), numberOfMpi=1)
 
     # --------------------------- particles -------------------------------------
     def _getInputParticles(self, pointer: bool = False):
