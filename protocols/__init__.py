@@ -4,3 +4,5 @@ Scipion keeps only protocol classes imported here (their module must lie under f
 """
 from .protocol_base import FlexPluginProtBase
 from .protocol_simulate import FlexPluginProtSimulate
+from .protocol_flex_mesh import FlexPluginProtMeshPrep
+from .protocol_flex_train import FLEX_PROGNAME, FlexPluginProtTrain

@@ -1,0 +1,537 @@
+"""3D Flex training: a flow generator that deforms a canonical map along a mesh, and a latent per particle.
+
+Mirrors cryoSPARC's "3D Flex Training" (ALGORITHMS.md §2.4) through `flexplugin flex-train`, with the data prep
+crop/training boxes as parameters. Outputs the particles with their latent coordinates (SetOfParticlesFlex,
+read back by particle id) and the canonical map at the training box.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from enum import Enum
+
+import pyworkflow.protocol.params as params
+import pyworkflow.utils as pwutils
+from pwem.objects import FlexInfo, ParticleFlex, SetOfParticlesFlex, Volume
+from pwem.protocols import ProtFlexBase
+
+from .protocol_base import INPUT_MASK, INPUT_VOLUME, FlexPluginProtBase
+from .protocol_flex_mesh import MESH_FILES, cropMapFile, meshEngineArgs, plainFileName
+
+__all__ = ["FlexPluginProtTrain", "FLEX_PROGNAME"]
+
+# FlexInfo.progName of flexplugin's 3D Flex results (FlexHub consumers dispatch on it). The set-level FlexInfo
+# also holds modelPath, checkpointPath, meshPath (project-relative), latentDim, trainingBox, cropBox (px),
+# trainingSamplingRate (Å/px) and epochs (finished).
+FLEX_PROGNAME = "FLEXPLUGIN.3DFLEX"
+ID_COLUMN = "rlnImageId"
+LATENT_COLUMN = "rlnFlexLatent{}"  # 1-based columns of flex-train's latents.csv
+INIT_COLUMN = "zFlex{}"  # 1-based columns of the seed CSV written from the input's zFlex
+MESH_EXTENT_TOLERANCE = 0.02  # relative, as the engine checks it
+
+
+class outputs(Enum):
+    outputParticles = SetOfParticlesFlex
+    outputVolume = Volume
+
+
+class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
+    """Trains 3D Flex: a neural flow generator maps a low-dimensional latent coordinate to a deformation of
+    a tetrahedral mesh; the deformed canonical map, projected with each particle's pose and CTF, is fit to
+    the images while each particle's latent is optimised. Rigidity and latent-centring priors keep the motion
+    physical. Outputs the particles with their latents (zFlex) and the canonical map."""
+
+    _label = "3D flex training"
+    _possibleOutputs = outputs
+
+    # --------------------------- DEFINE param functions ----------------------
+    def _defineParams(self, form: params.Form) -> None:
+        self._defineGpuParams(form)
+        fresh = "not doContinue"
+        form.addSection(label="Input")
+        form.addParam("doContinue", params.BooleanParam, default=False,
+                      label="Continue a previous training?",
+                      help="Resume a finished or interrupted 3D flex training run from its last checkpoint: its "
+                           "inputs and settings are reused, finished epochs are kept and training goes on up to "
+                           "this run's 'Number of epochs' + 'Extra epochs'. The previous run is not modified.")
+        form.addParam("continueRun", params.PointerParam, pointerClass="FlexPluginProtTrain",
+                      condition="doContinue", allowsNull=True,
+                      label="Training run to continue",
+                      help="A previous 3D flex training run (it must have written a checkpoint).")
+        self._defineParticlesParam(form, condition=fresh)
+        form.addParam("initFromInput", params.BooleanParam, default=True, condition=fresh,
+                      label="Initialize latents from input?",
+                      help="When the input particles carry latent coordinates (a SetOfParticlesFlex, e.g. from 3D "
+                           "variability analysis or an earlier training), start the 3D Flex latents from them, "
+                           "matched by particle id and rescaled (cryoSPARC: flex_latent_ext_init, default Yes). "
+                           "Ignored for plain particle sets, which start from random latents.")
+        form.addParam("initComponents", params.StringParam, default="", condition=f"{fresh} and initFromInput",
+                      expertLevel=params.LEVEL_ADVANCED,
+                      label="Input components to use",
+                      help="Which of the input coordinates seed the latent dimensions, numbered from 1 and one per "
+                           "latent dimension, e.g. '1 3' to seed 2 dimensions with the 1st and 3rd components "
+                           "(cryoSPARC: flex_latent_ext_init_idxs). Empty: the first K components.")
+        self._defineVolumeParam(form, condition=fresh,
+                                help="The consensus map of the input particles (same box and pixel size), e.g. "
+                                     "from the refinement that gave the poses. It is cropped and downsampled like "
+                                     "the particles and initialises the canonical map.")
+        form.addParam("meshRun", params.PointerParam, pointerClass="FlexPluginProtMeshPrep", allowsNull=True,
+                      condition=fresh,
+                      label="Mesh (3D flex mesh prep run)",
+                      help="A '3D flex mesh prep' run whose mesh spans the crop box below. Leave empty to build a "
+                           "default mesh automatically (20 cells across the crop box, minimum rigidity 0.5) over "
+                           "the mask below, or over a mask made from the consensus map.")
+        self._defineMaskParam(form, condition=f"{fresh} and meshRun is None",
+                              label="Solvent mask (automatic mesh)",
+                              help="Only for the automatic mesh: a mask around the particle (values in [0, 1], "
+                                   "same box and pixel size as the particles). Empty: made from the map (10 Å "
+                                   "low-pass, 5 % of the maximum, 2 Å dilation, 5 Å soft edge).")
+
+        form.addSection(label="Data prep")
+        form.addParam("cropBox", params.IntParam, default=None, allowsNull=True, condition=fresh,
+                      label="Crop box size (pix)",
+                      help="Real-space crop of particles and map about their centre before downsampling "
+                           "(cryoSPARC Data Prep: box_size_pix). Empty: keep the full particle box. Crop away "
+                           "empty solvent to save time; a mesh prep run must use the same crop box.")
+        form.addParam("trainingBox", params.IntParam, default=128, condition=fresh,
+                      label="Training box size (pix)",
+                      help="Particles and map are Fourier-cropped from the crop box to this box for training "
+                           "(cryoSPARC Data Prep: bin_size_pix, default 128). Even, at least 16 and at most the "
+                           "crop box. The training pixel size is pixel size × crop box / training box. Keep "
+                           "training Nyquist below the consensus resolution; boxes above 256 become very slow.")
+
+        form.addSection(label="Training")
+        form.addParam("numberOfLatents", params.IntParam, default=2, condition=fresh,
+                      validators=[params.GE(1, "Use at least one latent dimension")],
+                      label="Number of latent dims",
+                      help="Dimensions K of the latent space (cryoSPARC: flex_K, default 2). Start with 2 and "
+                           "increase when the motion looks richer than the latent plots can hold.")
+        form.addParam("epochs", params.IntParam, default=16, validators=[params.GE(1)],
+                      label="Number of epochs",
+                      help="Epochs of the base schedule, over which the learning rate is annealed and the "
+                           "resolution is raised to 80 % of training Nyquist (default 16). When continuing, "
+                           "training goes on up to this plus the extra epochs.")
+        form.addParam("extraEpochs", params.IntParam, default=0, validators=[params.GE(0)],
+                      label="Extra epochs",
+                      help="Epochs after the base schedule at its final learning rate and resolution "
+                           "(cryoSPARC: flex_extra_epochs, default 0). Add some when the losses still fall at "
+                           "the end.")
+        form.addParam("rigidity", params.FloatParam, default=2.0, condition=fresh, validators=[params.GE(0)],
+                      label="Rigidity (lambda)",
+                      help="Weight of the prior that keeps each mesh cell close to a rigid motion (cryoSPARC: "
+                           "flex_sv_lam, default 2.0). Raise it when the flow looks noisy or tears density "
+                           "apart; lower it when real motions come out too small.")
+        form.addParam("latentPrior", params.FloatParam, default=20.0, condition=fresh, validators=[params.GE(0)],
+                      label="Latent centering strength",
+                      help="Strength of the prior that keeps latents near 0 (cryoSPARC: flex_latent_prior_lam, "
+                           "default 20). Raise it if many latents reach the ends of the (-1.5, 1.5) range; lower "
+                           "it if they are bunched at 0.")
+        form.addParam("latentNoise", params.FloatParam, default=0.15, condition=fresh, validators=[params.GE(0)],
+                      expertLevel=params.LEVEL_ADVANCED,
+                      label="Noise injection stdev",
+                      help="Standard deviation of the noise added to latents while training, in latent units "
+                           "(latents span about -1.5..1.5) (cryoSPARC: flex_latent_samp_std, default 0.15). It "
+                           "smooths the generator over latent space; raise it if nearby latents give very "
+                           "different flows.")
+        form.addParam("latentPriorPow", params.FloatParam, default=4.0, condition=fresh,
+                      validators=[params.Positive], expertLevel=params.LEVEL_ADVANCED,
+                      label="Latent centering power",
+                      help="Exponent p of the centring prior strength × |z|^p (cryoSPARC: flex_latent_prior_pow, "
+                           "default 4): higher values leave the centre free and push back harder near the ends.")
+        form.addParam("layers", params.IntParam, default=6, condition=fresh, validators=[params.GE(1)],
+                      expertLevel=params.LEVEL_ADVANCED,
+                      label="Number of layers (flow generator)",
+                      help="Hidden layers of the flow generator network (cryoSPARC: flex_num_layers, default 6).")
+        form.addParam("hiddenUnits", params.IntParam, default=64, condition=fresh, validators=[params.GE(1)],
+                      expertLevel=params.LEVEL_ADVANCED,
+                      label="Hidden units per layer",
+                      help="Width of each hidden layer (cryoSPARC: flex_hidden_units, default 64). Wider layers "
+                           "can express more complex motions and overfit more easily.")
+        form.addParam("lrFlowInit", params.FloatParam, default=0.005, condition=fresh,
+                      validators=[params.Positive], expertLevel=params.LEVEL_ADVANCED,
+                      label="Flow learning rate: initial",
+                      help="Learning rate of the flow generator at the start of the schedule (cryoSPARC: "
+                           "flex_lr_flex_init, default 0.005).")
+        form.addParam("lrFlowFinal", params.FloatParam, default=0.0005, condition=fresh,
+                      validators=[params.Positive], expertLevel=params.LEVEL_ADVANCED,
+                      label="Flow learning rate: final",
+                      help="Learning rate of the flow generator at the end of the schedule and during extra "
+                           "epochs (cryoSPARC: flex_lr_flex_final, default 0.0005).")
+        form.addParam("lrDensity", params.FloatParam, default=0.01, condition=fresh,
+                      validators=[params.Positive], expertLevel=params.LEVEL_ADVANCED,
+                      label="Density learning rate",
+                      help="Learning rate of the canonical map (cryoSPARC: flex_lr_density_init/_final, default "
+                           "0.01).")
+        form.addParam("lrLatent", params.FloatParam, default=0.05, condition=fresh,
+                      validators=[params.Positive], expertLevel=params.LEVEL_ADVANCED,
+                      label="Latent learning rate",
+                      help="Learning rate of the per-particle latent coordinates (flexplugin's per-particle Adam, "
+                           "default 0.05). Lower it if latents jump between epochs.")
+        form.addParam("batchSize", params.IntParam, default=64, condition=fresh, validators=[params.GE(1)],
+                      expertLevel=params.LEVEL_ADVANCED,
+                      label="Batch size (particles)",
+                      help="Particles per optimisation step (default 64). Larger batches use more GPU memory.")
+        form.addParam("seed", params.IntParam, default=0, condition=fresh, expertLevel=params.LEVEL_ADVANCED,
+                      label="Random seed",
+                      help="Seed of the batch order, the injected noise and the initialisation (default 0).")
+        form.addParallelSection(threads=4, mpi=0)
+
+    # --------------------------- INSERT steps functions ----------------------
+    def _insertAllSteps(self) -> None:
+        self._insertFunctionStep(self.convertInputStep, self._getInputParticles().getObjId(), needsGPU=False)
+        if self._needsOwnMesh():
+            self._insertFunctionStep(self.meshStep, self._getAutoMeshArgs(), needsGPU=False)
+        trainArgs = self._getTrainArgs()
+        self._insertFunctionStep(self.trainStep, trainArgs, needsGPU=True)
+        self._insertFunctionStep(self.createOutputStep, trainArgs, needsGPU=False)
+
+    # --------------------------- STEPS functions -----------------------------
+    def convertInputStep(self, particlesId: int) -> None:
+        """Write the particles as the engine's STAR and, when seeding, their zFlex as an id-keyed CSV."""
+        self.writeInputParticles()
+        if self._seedsLatents():
+            self._writeInitLatents(self._getInitLatentsFile())
+
+    def meshStep(self, args: list) -> None:
+        """Build the automatic mesh with flex-mesh's defaults over the (cropped) consensus map."""
+        pwutils.cleanPath(self._getAutoMeshDir())
+        crop = self._getCropBox()
+        if crop != self._getParticleBox():
+            for src, dst in self._getAutoMeshCrops().items():
+                cropMapFile(src, dst, crop)
+                self.info(f"Cropped {src} to {crop} px: {dst}")
+        self.runEngine("flex-mesh", args)
+
+    def trainStep(self, args: list) -> None:
+        """Run flex-train, resuming from a checkpoint in this run's folder or copied from the run continued.
+
+        A checkpoint already in this run's folder (Scipion's Continue of an interrupted or extended run) is always
+        resumed, so finished epochs are never lost.
+        """
+        ckpt = self._getTrainDir("checkpoint.pt")
+        if not os.path.exists(ckpt) and self.doContinue.get():
+            prev = self.continueRun.get()._getTrainDir("checkpoint.pt")
+            pwutils.makePath(self._getTrainDir())
+            pwutils.copyFile(prev, ckpt)
+            self.info(f"Continuing from the checkpoint of {self.continueRun.get().getRunName()}: {prev}")
+        if os.path.exists(ckpt):
+            args = args + ["--continue"]
+        self.runEngine("flex-train", args)
+
+    def createOutputStep(self, trainArgs: list) -> None:
+        """Particles with their latents (zFlex, matched by id) and the canonical map at the training box.
+
+        `trainArgs` are the training step's: a Scipion Continue that retrains (e.g. more epochs) redoes outputs.
+        """
+        import pandas as pd
+        info = self.getTrainInfo()
+        table = pd.read_csv(self._getTrainDir("latents.csv"))
+        k = int(info["k"])
+        columns = [LATENT_COLUMN.format(i + 1) for i in range(k)]
+        latents = {int(i): [float(v) for v in row]
+                   for i, row in zip(table[ID_COLUMN], table[columns].itertuples(index=False))}
+
+        inputSet = self._getInputParticles()
+        outSet = self._createSetOfParticlesFlex(progName=FLEX_PROGNAME)
+        outSet.copyInfo(inputSet)  # sampling, alignment, acquisition, phase flip: not the CTF flag
+        outSet.setHasCTF(inputSet.hasCTF())
+        outSet.setFlexInfo(self._makeFlexInfo(info))
+        missing = 0
+        for particle in inputSet.iterItems(orderBy="id"):
+            z = latents.get(int(particle.getObjId()))
+            if z is None:
+                missing += 1
+                continue
+            item = ParticleFlex(progName=FLEX_PROGNAME)
+            item.copyInfo(particle)
+            item.setObjId(particle.getObjId())
+            item.setFlexInfo(FlexInfo(FLEX_PROGNAME))
+            item.setZFlex(z)
+            item.setZRed([])
+            outSet.append(item)
+        if missing or outSet.getSize() != len(latents):
+            raise RuntimeError(f"latents.csv and the input particles disagree: {missing} particles have no latent, "
+                               f"{len(latents) - outSet.getSize() + missing} latents have no particle")
+
+        canonical = Volume()
+        canonical.setFileName(self._getTrainDir("canonical.mrc"))
+        canonical.setSamplingRate(float(info["apix_train"]))
+
+        self._defineOutputs(**{outputs.outputParticles.name: outSet, outputs.outputVolume.name: canonical})
+        source = self._getSettingsSource()
+        self._defineSourceRelation(source._getInputParticles(pointer=True), outSet)
+        self._defineSourceRelation(source._getInputParticles(pointer=True), canonical)
+        self._defineSourceRelation(getattr(source, INPUT_VOLUME), canonical)
+
+    # --------------------------- INFO functions ------------------------------
+    def _validate(self) -> list[str]:
+        if self.doContinue.get():
+            errors = self._validateContinue()
+            if errors:
+                return errors
+        errors = super()._validate()
+        parts = self._getInputParticles()
+        if parts is None:
+            return errors
+        src = self._getSettingsSource()
+        box, apix = self._getParticleBox(), parts.getSamplingRate()
+        crop, train = src._getCropBox(), src.trainingBox.get()
+        if src.numberOfLatents.get() is None or src.numberOfLatents.get() < 1:
+            errors.append("The number of latent dimensions must be at least 1.")
+        if box:
+            if crop > box or crop < 16 or crop % 2:
+                errors.append(f"The crop box must be even, at least 16 and at most the particle box ({box} px); "
+                              f"got {crop}.")
+            if train is None or train < 16 or train % 2:
+                errors.append(f"The training box must be even and at least 16; got {train}.")
+            elif train > crop:
+                errors.append(f"The training box ({train} px) is larger than the crop box ({crop} px): set it to "
+                              f"{crop} px or less.")
+        meshRun = src.meshRun.get()
+        if meshRun is not None and box and apix:
+            extent = meshRun.getMeshExtent()
+            want = crop * apix
+            if extent is not None and abs(extent - want) > MESH_EXTENT_TOLERANCE * want:
+                errors.append(f"The mesh spans {extent:.1f} Å but the crop box spans {want:.1f} Å ({crop} px): "
+                              f"set the mesh prep's crop box to {crop} px (or leave the mesh empty for an "
+                              "automatic one).")
+        if not self.doContinue.get():
+            errors += self._validateInitComponents(parts)
+        return errors
+
+    def _validateContinue(self) -> list[str]:
+        """Errors for a continue request: a previous training run with a checkpoint and more epochs to go."""
+        prev = self.continueRun.get()
+        if prev is None:
+            return ["Choose the training run to continue, or set 'Continue a previous training?' to No."]
+        if not isinstance(prev, FlexPluginProtTrain):
+            return [f"{prev.getRunName()} is not a 3D flex training run."]
+        if prev.getObjId() == self.getObjId() and self.getObjId() is not None:
+            return ["A run cannot continue itself: use Scipion's Continue instead."]
+        if not os.path.exists(prev._getTrainDir("checkpoint.pt")):
+            return [f"{prev.getRunName()} has no checkpoint to continue from (did it train at least one epoch?)."]
+        info = prev.getTrainInfo()
+        total = (self.epochs.get() or 0) + (self.extraEpochs.get() or 0)
+        if info is not None and info.get("epochs_done", 0) >= total:
+            return [f"{prev.getRunName()} already trained {info['epochs_done']} epochs: ask for more (number of "
+                    f"epochs + extra epochs, now {total}) to continue it."]
+        return []
+
+    def _validateInitComponents(self, parts) -> list[str]:
+        """Errors when seeding latents from input coordinates that do not exist."""
+        if not self.initFromInput.get():
+            return []
+        comps = self._getInitComponents()
+        if comps is None:
+            return [f"Input components to use must be component numbers from 1, e.g. '1 2'; got "
+                    f"'{self.initComponents.get()}'."]
+        if not isinstance(parts, SetOfParticlesFlex):
+            return []  # nothing to seed from: training starts from random latents
+        first = parts.getFirstItem()
+        m = len(first.getZFlex()) if first is not None and first._zFlex.get() else 0
+        k = self.numberOfLatents.get() or 0
+        if m == 0:
+            return ["The input particles carry no latent coordinates: set 'Initialize latents from input?' to No."]
+        if comps:
+            errors = []
+            if len(comps) != k:
+                errors.append(f"Give one input component per latent dimension: {k} needed, got {len(comps)}.")
+            if max(comps) > m or min(comps) < 1 or len(set(comps)) != len(comps):
+                errors.append(f"Input components {comps} must be distinct numbers from 1 to {m} (the input "
+                              f"particles have {m} coordinates).")
+            return errors
+        if m < k:
+            return [f"The input particles have {m} coordinates, fewer than the {k} latent dimensions: lower the "
+                    "number of latent dims, or set 'Initialize latents from input?' to No."]
+        return []
+
+    def _summary(self) -> list[str]:
+        info = self.getTrainInfo()
+        if info is None or not self.hasAttribute(outputs.outputParticles.name):
+            return ["Output not ready yet."]
+        lines = [f"Trained {info['epochs_done']} epochs in {info['seconds'] / 60:.1f} min on {info['particles']} "
+                 f"particles: K = {info['k']} latent dims, training box {info['train_box']} px "
+                 f"({info['apix_train']:.3f} Å/px) from a {info['crop']} px crop.",
+                 f"Largest flow displacement (particle {info['particle_furthest_along_latent0']}, furthest along "
+                 f"latent 1): {info['max_displacement_A']:.2f} Å."]
+        if self.doContinue.get() and self.continueRun.get() is not None:
+            lines.append(f"Continued from {self.continueRun.get().getRunName()}.")
+        return lines
+
+    def _methods(self) -> list[str]:
+        info = self.getTrainInfo()
+        if info is None:
+            return []
+        src = self._getSettingsSource()
+        return [f"3D Flex [Punjani2023] was trained with flexplugin's PyTorch implementation on {info['particles']} "
+                f"particles cropped to {info['crop']} px and downsampled to {info['train_box']} px "
+                f"({info['apix_train']:.3f} Å/px), with {info['k']} latent dimensions, a flow generator of "
+                f"{src.layers.get()} layers × {src.hiddenUnits.get()} units, rigidity weight {src.rigidity.get():g} "
+                f"and {info['epochs_done']} epochs."]
+
+    def _citations(self) -> list[str]:
+        return ["Punjani2023"]
+
+    # --------------------------- UTILS functions -----------------------------
+    def _getSettingsSource(self) -> "FlexPluginProtTrain":
+        """The run whose inputs and model settings apply: the first run of a chain of continues."""
+        prev = self.continueRun.get() if self.doContinue.get() else None
+        return prev._getSettingsSource() if isinstance(prev, FlexPluginProtTrain) else self
+
+    def _getInputParticles(self, pointer: bool = False):
+        """The particles being trained: this run's input, or the input of the run being continued."""
+        src = self._getSettingsSource()
+        if src is self:
+            return super()._getInputParticles(pointer)
+        return src._getInputParticles(pointer)
+
+    def _getParticleBox(self) -> int | None:
+        parts = self._getInputParticles()
+        return parts.getXDim() if parts is not None else None
+
+    def _getCropBox(self) -> int | None:
+        """The crop box in px (the particle box when no crop is given)."""
+        crop = self.cropBox.get()
+        return crop if crop else self._getParticleBox()
+
+    def _getTrainDir(self, *paths: str) -> str:
+        return self._getExtraPath("train", *paths)
+
+    def _getAutoMeshDir(self, *paths: str) -> str:
+        return self._getExtraPath("mesh", *paths)
+
+    def _getInitLatentsFile(self) -> str:
+        return self._getExtraPath("input", "init_latents.csv")
+
+    def _needsOwnMesh(self) -> bool:
+        return not self.doContinue.get() and self.meshRun.get() is None
+
+    def _getInitComponents(self) -> list[int] | None:
+        """The 1-based input components from the form ([] = the first K); None when unreadable."""
+        text = (self.initComponents.get() or "").strip()
+        if not text:
+            return []
+        words = [w for w in re.split(r"[,;\s]+", text) if w]
+        return [int(w) for w in words] if all(w.isdigit() for w in words) else None
+
+    def _seedsLatents(self) -> bool:
+        """True when a fresh run starts its latents from the input's zFlex coordinates."""
+        return (not self.doContinue.get() and bool(self.initFromInput.get())
+                and isinstance(self._getInputParticles(), SetOfParticlesFlex))
+
+    def _writeInitLatents(self, path: str) -> str:
+        """The input particles' zFlex as CSV: rlnImageId and one column per coordinate."""
+        import pandas as pd
+        rows, width = [], None
+        for particle in self._getInputParticles().iterItems(orderBy="id"):
+            z = particle.getZFlex()
+            if width is None:
+                width = len(z)
+            if len(z) != width or width == 0:
+                raise ValueError(f"particle {particle.getObjId()} has {len(z)} latent coordinates, the first has "
+                                 f"{width}: all particles need the same number")
+            rows.append([int(particle.getObjId())] + [float(v) for v in z])
+        table = pd.DataFrame(rows, columns=[ID_COLUMN] + [INIT_COLUMN.format(i + 1) for i in range(width)])
+        pwutils.makePath(os.path.dirname(path))
+        table.to_csv(path, index=False)
+        self.info(f"Wrote {len(rows)} initial latents ({width} coordinates each) to {path}")
+        return path
+
+    def _getMeshFile(self) -> str:
+        """The mesh this run trains with: the mesh prep run's, the automatic one, or the continued run's."""
+        src = self._getSettingsSource()
+        if src is not self:
+            return src._getMeshFile()
+        meshRun = self.meshRun.get()
+        return meshRun.getMeshFile() if meshRun is not None else self._getAutoMeshDir(MESH_FILES["mesh"])
+
+    def getMeshFiles(self) -> dict[str, str]:
+        """Files of the mesh used (mesh.pkl, mesh.pdb, mesh_slices.png, mesh.json, mesh_mask.mrc)."""
+        folder = os.path.dirname(self._getMeshFile())
+        return {k: os.path.join(folder, v) for k, v in MESH_FILES.items()}
+
+    def _getAutoMeshCrops(self) -> dict[str, str]:
+        """{consensus/mask file: its cropped copy} for the automatic mesh."""
+        files = {}
+        for attr, name in ((INPUT_VOLUME, "volume"), (INPUT_MASK, "mask")):
+            obj = getattr(self, attr).get()
+            if obj is not None:
+                files[plainFileName(obj.getFileName())] = self._getExtraPath("input", f"{name}_crop.mrc")
+        return files
+
+    def _getAutoMeshArgs(self) -> list:
+        """flex-mesh with its defaults over the consensus map (cropped to the crop box when cropping)."""
+        cropping = self._getCropBox() != self._getParticleBox()
+        crops = self._getAutoMeshCrops()
+
+        def meshInput(attr: str) -> str | None:
+            obj = getattr(self, attr).get()
+            if obj is None:
+                return None
+            fn = plainFileName(obj.getFileName())
+            return crops[fn] if cropping else fn
+
+        return meshEngineArgs(meshInput(INPUT_VOLUME), self._getAutoMeshDir(), mask=meshInput(INPUT_MASK))
+
+    def _getTrainArgs(self) -> list:
+        """The `flexplugin flex-train` argument list: settings of the source run, epochs of this one."""
+        src = self._getSettingsSource()
+        args = ["--particles", self._getInputStarFile(),
+                "--volume", plainFileName(getattr(src, INPUT_VOLUME).get().getFileName()),
+                "--mesh", self._getMeshFile(),
+                "--out", self._getTrainDir(),
+                "--k", src.numberOfLatents.get(),
+                "--train-box", src.trainingBox.get()]
+        if src.cropBox.get():
+            args += ["--crop", src.cropBox.get()]
+        args += ["--layers", src.layers.get(),
+                 "--hidden", src.hiddenUnits.get(),
+                 "--epochs", self.epochs.get(),
+                 "--extra-epochs", self.extraEpochs.get(),
+                 "--batch-size", src.batchSize.get(),
+                 "--lr-flow-init", src.lrFlowInit.get(),
+                 "--lr-flow-final", src.lrFlowFinal.get(),
+                 "--lr-density", src.lrDensity.get(),
+                 "--lr-latent", src.lrLatent.get(),
+                 "--rigidity", src.rigidity.get(),
+                 "--latent-noise", src.latentNoise.get(),
+                 "--latent-prior", src.latentPrior.get(),
+                 "--latent-prior-pow", src.latentPriorPow.get(),
+                 "--seed", src.seed.get()]
+        if self._seedsLatents():
+            args += ["--init-latents", self._getInitLatentsFile()]
+            comps = self._getInitComponents()
+            if comps:
+                args += ["--init-idxs", ",".join(str(c - 1) for c in comps)]
+        return args + self.getDeviceArgs() + self.getThreadsArgs()
+
+    def getThreadsArgs(self) -> list[str]:
+        """`--threads N` with the run's Scipion threads, always: torch's default (every core) oversubscribes
+        shared or queued machines, and CPU training is several times slower then."""
+        return ["--threads", str(max(1, self.numberOfThreads.get() or 1))]
+
+    def _makeFlexInfo(self, info: dict) -> FlexInfo:
+        """Set-level FlexInfo: where the model, checkpoint and mesh are and how the data were prepared."""
+        flexInfo = FlexInfo(FLEX_PROGNAME)
+        flexInfo.setAttr("modelPath", self._getTrainDir("model.pt"))
+        flexInfo.setAttr("checkpointPath", self._getTrainDir("checkpoint.pt"))
+        flexInfo.setAttr("meshPath", self._getMeshFile())
+        flexInfo.setAttr("latentDim", int(info["k"]))
+        flexInfo.setAttr("trainingBox", int(info["train_box"]))
+        flexInfo.setAttr("cropBox", int(info["crop"]))
+        flexInfo.setAttr("trainingSamplingRate", float(info["apix_train"]))
+        flexInfo.setAttr("epochs", int(info["epochs_done"]))
+        return flexInfo
+
+    def getTrainInfo(self) -> dict | None:
+        """flex-train's train.json (epochs_done, seconds, k, train_box, apix_train, crop, ...) or None."""
+        path = self._getTrainDir("train.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as fh:
+            return json.load(fh)
+
+    def getPlotFiles(self) -> dict[str, str]:
+        """The diagnostics flex-train draws: latents, activations, flow, losses (PNG)."""
+        return {name: self._getTrainDir(f"{name}.png") for name in ("latents", "activations", "flow", "losses")}
