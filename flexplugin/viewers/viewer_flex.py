@@ -1,0 +1,177 @@
+"""Viewers of 3D Flex mesh prep and training: they show the PNG diagnostics the engine drew and open the mesh
+over a map in ChimeraX when one is configured. Nothing is computed here."""
+from __future__ import annotations
+
+import os
+
+import pyworkflow.protocol.params as params
+from pyworkflow.viewer import DESKTOP_TKINTER, View
+from pwem.viewers import EmProtocolViewer
+from pwem.viewers.views import ImageView
+
+from flexplugin.protocols import FlexPluginProtMeshPrep, FlexPluginProtTrain
+
+__all__ = ["PngView", "chimeraxProgram", "writeMeshChimeraScript", "FlexPluginMeshViewer", "FlexPluginTrainViewer"]
+
+
+class PngView(ImageView):
+    """A PNG drawn by the engine, shown in a matplotlib window (pyworkflow's Plotter, Tk in the GUI)."""
+
+    def __init__(self, imagePath: str, title: str = ""):
+        super().__init__(imagePath)
+        self._title = title or os.path.basename(imagePath)
+
+    def getTitle(self) -> str:
+        """The window title."""
+        return self._title
+
+    def createPlotter(self):
+        """A Plotter whose figure holds the image at its natural size (not shown yet)."""
+        import matplotlib.image as mpimg
+        from pyworkflow.gui.plotter import Plotter
+        img = mpimg.imread(self.getImagePath())
+        height, width = img.shape[:2]
+        dpi = 100
+        plotter = Plotter(figsize=(width / dpi, height / dpi), dpi=dpi, windowTitle=self._title)
+        plotter.tightLayoutOn = False
+        ax = plotter.getFigure().add_axes((0, 0, 1, 1))
+        ax.imshow(img)
+        ax.set_axis_off()
+        return plotter
+
+    def show(self) -> None:
+        """Open the image window."""
+        self.createPlotter().show()
+
+
+def chimeraxProgram() -> str | None:
+    """The ChimeraX binary Scipion is configured with (scipion-em-chimera or pwem's default), if it exists."""
+    try:
+        from pwem.viewers.viewer_chimera import Chimera
+        program = Chimera.getProgram()
+    except Exception:  # noqa: BLE001  (no chimera plugin, broken config: ChimeraX is optional)
+        return None
+    return program if program and os.path.exists(program) else None
+
+
+def writeMeshChimeraScript(scriptPath: str, mapFile: str, pdbFile: str) -> str:
+    """A ChimeraX script opening a map and mesh.pdb in the same frame (map voxel 0 at 0 Å, as in mesh.pdb)."""
+    lines = [f'open "{os.path.abspath(mapFile)}"',
+             "volume #1 origin 0,0,0 style surface transparency 0.6",
+             f'open "{os.path.abspath(pdbFile)}"',
+             "style #2 stick",
+             "color byattribute bfactor #2 palette bluered",
+             "view"]
+    os.makedirs(os.path.dirname(os.path.abspath(scriptPath)), exist_ok=True)
+    with open(scriptPath, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return scriptPath
+
+
+class _FlexViewerMixin:
+    """Views shared by the mesh and training viewers."""
+
+    def _pngViews(self, path: str, title: str) -> list[View]:
+        """The PNG in a window, or an error message naming the missing file."""
+        if not os.path.exists(path):
+            return [self.errorMessage(f"{path} does not exist: has the run finished?", title)]
+        return [PngView(path, title)]
+
+    def _meshChimeraViews(self, mapFile: str | None, pdbFile: str, scriptPath: str) -> list[View]:
+        """mesh.pdb over a map in ChimeraX; a message (with the script to open by hand) when ChimeraX is absent."""
+        missing = [f for f in (mapFile, pdbFile) if not f or not os.path.exists(f)]
+        if missing:
+            return [self.errorMessage(f"Missing {', '.join(str(m) for m in missing)}: has the run finished?",
+                                      "Mesh in ChimeraX")]
+        writeMeshChimeraScript(scriptPath, mapFile, pdbFile)
+        program = chimeraxProgram()
+        if program is None:
+            return [self.infoMessage("ChimeraX is not configured in Scipion (install scipion-em-chimera). Open "
+                                     f"this script in ChimeraX to see the mesh over the map:\n{scriptPath}",
+                                     "Mesh in ChimeraX")]
+        from pwem.viewers.viewer_chimera import ChimeraView
+        return [ChimeraView(os.path.abspath(scriptPath))]
+
+
+class FlexPluginMeshViewer(_FlexViewerMixin, EmProtocolViewer):
+    """Mesh prep results: slices of the tetra cells and rigidity weights; the mesh over the map in ChimeraX."""
+
+    _label = "3D flex mesh viewer"
+    _targets = [FlexPluginProtMeshPrep]
+    _environments = [DESKTOP_TKINTER]
+
+    def _defineParams(self, form: params.Form) -> None:
+        form.addSection(label="Visualization")
+        form.addParam("showMeshSlices", params.LabelParam, label="Mesh slices",
+                      help="Central slices of the map with the tetra cells and the rigidity weight of each cell "
+                           "(1 in dense regions, lower in solvent; 20 for rigid segments).")
+        form.addParam("showMeshChimera", params.LabelParam, label="Mesh over the map in ChimeraX",
+                      help="Opens the mesh (mesh.pdb: a vertex per atom, coloured by rigidity weight) over the map "
+                           "it was built on, when ChimeraX is configured in Scipion.")
+
+    def _getVisualizeDict(self) -> dict:
+        return {"showMeshSlices": self._showMeshSlices, "showMeshChimera": self._showMeshChimera}
+
+    def _showMeshSlices(self, paramName: str | None = None) -> list[View]:
+        """mesh_slices.png."""
+        return self._pngViews(self.protocol.getMeshFiles()["slices"], "3D flex mesh: slices")
+
+    def _showMeshChimera(self, paramName: str | None = None) -> list[View]:
+        """mesh.pdb over the (cropped) consensus map."""
+        return self._meshChimeraViews(self.protocol.getMeshMapFile(), self.protocol.getMeshFiles()["pdb"],
+                                      self.protocol._getExtraPath("chimerax_mesh.cxc"))
+
+
+class FlexPluginTrainViewer(_FlexViewerMixin, EmProtocolViewer):
+    """Training diagnostics: latent scatter, generator activations, example flow, losses, and the mesh."""
+
+    _label = "3D flex training viewer"
+    _targets = [FlexPluginProtTrain]
+    _environments = [DESKTOP_TKINTER]
+    # form entry -> (flex-train plot name, window title)
+    _PLOTS = {"showLatents": ("latents", "3D flex: latent coordinates"),
+              "showActivations": ("activations", "3D flex: flow generator activations"),
+              "showFlow": ("flow", "3D flex: example flow"),
+              "showLosses": ("losses", "3D flex: losses")}
+
+    def _defineParams(self, form: params.Form) -> None:
+        form.addSection(label="Diagnostics")
+        form.addParam("showLatents", params.LabelParam, label="Latent coordinates",
+                      help="Scatter plots of pairs of latent dimensions over (-1.5, 1.5), with a little jitter. "
+                           "Shapes seen early often relax towards a Gaussian; many points at ±1.5 ask for a "
+                           "stronger latent centering.")
+        form.addParam("showActivations", params.LabelParam, label="Flow generator activations",
+                      help="Activations of the flow generator's layers along latent 1 (-1.5..1.5): they should "
+                           "be neither flat nor very squiggly.")
+        form.addParam("showFlow", params.LabelParam, label="Example flow",
+                      help="A slice of the canonical map coloured by the x, y, z components of the flow of the "
+                           "particle furthest along latent 1. Noisy colour suggests overfitting; no colour, no "
+                           "motion.")
+        form.addParam("showLosses", params.LabelParam, label="Losses",
+                      help="Data, rigidity and latent prior terms per epoch.")
+        form.addSection(label="Mesh")
+        form.addParam("showMeshSlices", params.LabelParam, label="Mesh slices",
+                      help="Slices of the mesh used for training: tetra cells and rigidity weights.")
+        form.addParam("showMeshChimera", params.LabelParam, label="Mesh over the canonical map in ChimeraX",
+                      help="Opens mesh.pdb over the canonical map (both span the crop box), when ChimeraX is "
+                           "configured in Scipion.")
+
+    def _getVisualizeDict(self) -> dict:
+        return {"showLatents": self._showPlot, "showActivations": self._showPlot, "showFlow": self._showPlot,
+                "showLosses": self._showPlot, "showMeshSlices": self._showMeshSlices,
+                "showMeshChimera": self._showMeshChimera}
+
+    def _showPlot(self, paramName: str | None = None) -> list[View]:
+        """One of flex-train's PNGs, chosen by the form entry."""
+        name, title = self._PLOTS[paramName]
+        return self._pngViews(self.protocol.getPlotFiles()[name], title)
+
+    def _showMeshSlices(self, paramName: str | None = None) -> list[View]:
+        """mesh_slices.png of the mesh used."""
+        return self._pngViews(self.protocol.getMeshFiles()["slices"], "3D flex training: mesh slices")
+
+    def _showMeshChimera(self, paramName: str | None = None) -> list[View]:
+        """mesh.pdb over canonical.mrc."""
+        return self._meshChimeraViews(self.protocol._getTrainDir("canonical.mrc"),
+                                      self.protocol.getMeshFiles()["pdb"],
+                                      self.protocol._getExtraPath("chimerax_mesh.cxc"))
