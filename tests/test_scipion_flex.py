@@ -7,6 +7,7 @@ from another run and with Scipion's own Continue, latent seeding from a SetOfPar
 from . import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
 
 import os
+import shlex
 import shutil
 import tempfile
 import time
@@ -153,10 +154,48 @@ class TestFlexProtocols(unittest.TestCase):
         self.assertAlmostEqual(prot.getMeshExtent(), 24 * APIX)
         prot.numberOfCells.set(0)
         self.assertTrue(prot.validate())
-        # the fuse list reaches flex-mesh as one argument despite its '>' and spaces (runEngine quotes it)
+        # the fuse list reaches flex-mesh as one argument despite its '>' and spaces: runEngine quotes for the shell
         args = prot._getMeshArgs()
         self.assertEqual(args[args.index("--fuse") + 1], "1>2, 1>3")
         self.assertEqual(args[args.index("--rigid") + 1], "2,3")
+        calls = []
+        prot.runJob = lambda program, arguments, **kw: calls.append(arguments)
+        prot.runEngine("flex-mesh", args)
+        self.assertEqual(shlex.split(calls[0]), ["flex-mesh"] + [str(a) for a in args])
+
+    def test_mesh_prep_cropped_with_segments(self):
+        t0 = time.time()
+        from pwem.protocols import ProtImportVolumes
+        labels = np.ones((BOX,) * 3, np.float32)
+        labels[:, :, BOX // 2:] = 2  # two segments: x < 16 and x >= 16
+        folder = os.path.abspath(self.project.getTmpPath("segmentation"))
+        os.makedirs(folder, exist_ok=True)
+        with mrcfile.new(os.path.join(folder, "segments.mrc"), overwrite=True) as m:
+            m.set_data(labels)
+            m.voxel_size = APIX
+        imp = self.project.newProtocol(ProtImportVolumes, filesPath=folder, filesPattern="segments.mrc",
+                                       samplingRate=APIX)
+        scipion_project.launch(self.project, imp)
+        crop = 24
+        mesh = self.project.newProtocol(FlexPluginProtMeshPrep, objLabel="mesh segments", numberOfCells=6,
+                                        cropBox=crop, fuseList="1>2", rigidList="2")
+        _point(mesh.inputVolume, self.sim, "outputVolume")
+        _point(mesh.inputMask, self.sim, "outputMask")
+        _point(mesh.inputSegmentation, imp, "outputVolume")
+        self.assertValid(mesh)
+        scipion_project.launch(self.project, mesh)
+        self.seconds["mesh segments"] = time.time() - t0
+        info = mesh.getMeshInfo()
+        self.assertEqual(info["box"], crop)
+        self.assertEqual(info["segments"], [1, 2])
+        self.assertEqual(info["rigidity_max"], 20.0)  # the rigid segment
+        self.assertIn("Segments: 1, 2.", mesh.summary())
+        self.assertAlmostEqual(mesh.getMeshExtent(), crop * APIX)
+        self.assertEqual(mesh.outputMask.getDim(), (crop,) * 3)
+        with mrcfile.open(mesh.getMeshMapFile()) as m:  # the map the mesh was built on: the central 24 px
+            lo = BOX // 2 - crop // 2
+            with mrcfile.open(self.sim.outputVolume.getFileName()) as full:
+                np.testing.assert_array_equal(m.data, full.data[lo:lo + crop, lo:lo + crop, lo:lo + crop])
 
     # ------------------------------------------------------------------ training
     def test_training_outputs(self):
