@@ -250,9 +250,10 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
             item.setZFlex(z)
             item.setZRed([])
             outSet.append(item)
-        if missing or outSet.getSize() != len(latents):
+        extra = len(latents) - outSet.getSize()
+        if missing or extra:
             raise RuntimeError(f"latents.csv and the input particles disagree: {missing} particles have no latent, "
-                               f"{len(latents) - outSet.getSize() + missing} latents have no particle")
+                               f"{extra} latents have no particle")
 
         canonical = Volume()
         canonical.setFileName(self._getTrainDir("canonical.mrc"))
@@ -329,6 +330,7 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
         if not isinstance(parts, SetOfParticlesFlex):
             return []  # nothing to seed from: training starts from random latents
         first = parts.getFirstItem()
+        # getZFlex() cannot parse an unset zFlex: look at the stored CSV text first
         m = len(first.getZFlex()) if first is not None and first._zFlex.get() else 0
         k = self.numberOfLatents.get() or 0
         if m == 0:
