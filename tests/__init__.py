@@ -8,3 +8,4 @@ from . import scipion_project  # noqa: F401  (must stay first)
 from .test_convert import *  # noqa: F401,F403
 from .test_scipion_plugin import *  # noqa: F401,F403
 from .test_scipion_simulate import *  # noqa: F401,F403
+from .test_scipion_flex import *  # noqa: F401,F403
