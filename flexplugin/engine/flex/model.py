@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .mesh import Mesh, rasterize_weights
 
 __all__ = ["FlowGenerator", "MeshRaster", "deformation_gradients", "rigidity_penalty", "project_warped",
-           "warp_volume"]
+           "warp_volume", "ray_positions", "project_positions"]
 
 
 class FlowGenerator(nn.Module):
@@ -106,26 +106,42 @@ def warp_volume(vol: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return out[:, 0]
 
 
+def ray_positions(m: int, rotations: torch.Tensor, u: torch.Tensor | None = None, radius: float | None = None,
+                  dtype=torch.float32) -> torch.Tensor:
+    """Canonical-map sample positions (B, s³, 3) (voxels from the centre, xyz) of the projection rays:
+    Aᵀr + u(Aᵀr) for the rotated-frame points r of the centred sub-cube of half-width `radius`.
+
+    They depend only on pose and flow, so a solver that keeps both fixed can compute them once."""
+    b = rotations.shape[0]
+    h = m // 2 - 1 if radius is None else int(min(m // 2 - 1, math.ceil(radius)))
+    g = torch.arange(-h, h + 1, dtype=dtype, device=rotations.device)
+    rz, ry, rx = torch.meshgrid(g, g, g, indexing="ij")
+    r = torch.stack([rx, ry, rz], -1).view(-1, 3)  # rotated-frame points, xyz
+    x = torch.einsum("bji,nj->bni", rotations.to(dtype), r)  # Aᵀ r → (B, n, 3)
+    if u is not None:
+        ux = F.grid_sample(u.permute(0, 4, 1, 2, 3), _to_grid(x, m).reshape(b, 1, 1, -1, 3), mode="bilinear",
+                           padding_mode="zeros", align_corners=True)  # (B, 3, 1, 1, n)
+        x = x + ux.view(b, 3, -1).transpose(1, 2)
+    return x
+
+
+def project_positions(vol: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Projections (B, m, m): V sampled at ray positions x (B, s³, 3) from :func:`ray_positions`, summed along z."""
+    m = vol.shape[-1]
+    b = x.shape[0]
+    s = round(x.shape[1] ** (1 / 3))
+    h = (s - 1) // 2
+    vals = F.grid_sample(vol[None, None], _to_grid(x, m).reshape(1, b * s, s, s, 3), mode="bilinear",
+                         padding_mode="zeros", align_corners=True)  # (1, 1, B*s, s, s)
+    proj = vals.view(b, s, s, s).sum(1)  # sum over r_z → (B, y, x)
+    lo = m // 2 - h
+    return F.pad(proj, [lo, m - lo - s, lo, m - lo - s])
+
+
 def project_warped(vol: torch.Tensor, rotations: torch.Tensor, u: torch.Tensor | None = None,
                    radius: float | None = None) -> torch.Tensor:
     """Projections (B, m, m) of V(x + u(x)) at RELION matrices (B, 3, 3); line integrals in voxel units.
 
     `radius` (voxels) bounds where density can be: only the centred sub-cube of that half-width is sampled.
     """
-    m = vol.shape[-1]
-    b = rotations.shape[0]
-    h = m // 2 - 1 if radius is None else int(min(m // 2 - 1, math.ceil(radius)))
-    g = torch.arange(-h, h + 1, dtype=vol.dtype, device=vol.device)
-    rz, ry, rx = torch.meshgrid(g, g, g, indexing="ij")
-    r = torch.stack([rx, ry, rz], -1).view(-1, 3)  # rotated-frame points, xyz
-    x = torch.einsum("bji,nj->bni", rotations.to(vol.dtype), r)  # Aᵀ r → (B, n, 3)
-    if u is not None:
-        ux = F.grid_sample(u.permute(0, 4, 1, 2, 3), _to_grid(x, m).reshape(b, 1, 1, -1, 3), mode="bilinear",
-                           padding_mode="zeros", align_corners=True)  # (B, 3, 1, 1, n)
-        x = x + ux.view(b, 3, -1).transpose(1, 2)
-    s = 2 * h + 1
-    vals = F.grid_sample(vol[None, None], _to_grid(x, m).reshape(1, b * s, s, s, 3), mode="bilinear",
-                         padding_mode="zeros", align_corners=True)  # (1, 1, B*s, s, s)
-    proj = vals.view(b, s, s, s).sum(1)  # sum over r_z → (B, y, x)
-    lo = m // 2 - h
-    return F.pad(proj, [lo, m - lo - s, lo, m - lo - s])
+    return project_positions(vol, ray_positions(vol.shape[-1], rotations, u, radius, vol.dtype))

@@ -26,7 +26,7 @@ from ..io import ParticleSet
 from ..progress import Progress
 from ..reconstruct import BackprojectionAccumulator, finalize_halves
 from .generate import FlexModel
-from .model import project_warped
+from .model import project_positions, ray_positions
 
 __all__ = ["HighresResult", "flex_reconstruct"]
 
@@ -70,6 +70,11 @@ class _HalfProblem:
         self.noise = torch.ones(crop // 2 + 1, device=device)
         self.z = torch.as_tensor(model.latents[self._model_rows(rows)], dtype=torch.float32, device=device)
         self.radius = None
+        # poses, flows and CTFs are frozen: each batch's ray positions, filter (shift × CTF) and image
+        # spectra are computed once and kept while they fit in `cache_mb`
+        self.cache: dict = {}
+        self.cache_bytes = 0
+        self.cache_mb = 2048.0
 
     def _model_rows(self, rows: np.ndarray) -> np.ndarray:
         index = {int(i): r for r, i in enumerate(self.model.ids)}
@@ -85,17 +90,32 @@ class _HalfProblem:
         for s in range(0, len(self.rows), self.bs):
             yield s, self.rows[s:s + self.bs]
 
-    def model_ft(self, V: torch.Tensor, rows: np.ndarray, zb: torch.Tensor | None) -> torch.Tensor:
-        u = self.model.flow(zb, self.c) if zb is not None else None
-        proj = project_warped(V, self.ps.rotations(rows, self.dev), u, radius=self.radius)
-        ft = rfft2c(proj) * shift_phase_2d(self.c, -self.ps.shifts_px(rows, self.dev))
-        return ft * compute_ctf(self.ps.ctf_params(rows, self.dev), self.c, self.apix, self.ps.phase_flipped)
+    def _batch(self, rows: np.ndarray, zb: torch.Tensor | None) -> tuple:
+        """(ray positions, filter, image spectra) of a batch, from the cache when possible."""
+        key = (int(rows[0]), len(rows), zb is not None)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        with torch.no_grad():
+            u = self.model.flow(zb, self.c) if zb is not None else None
+            pos = ray_positions(self.c, self.ps.rotations(rows, self.dev), u, self.radius)
+            filt = shift_phase_2d(self.c, -self.ps.shifts_px(rows, self.dev)) * compute_ctf(
+                self.ps.ctf_params(rows, self.dev), self.c, self.apix, self.ps.phase_flipped)
+            imgs = torch.from_numpy(self.ps.images(rows)).to(self.dev)
+            y = rfft2c(crop_center(imgs, self.c, 2) if imgs.shape[-1] != self.c else imgs)
+        item = (pos, filt, y)
+        size = sum(t.numel() * t.element_size() for t in item)
+        if self.cache_bytes + size <= self.cache_mb * 2 ** 20:
+            self.cache[key] = item
+            self.cache_bytes += size
+        return item
 
-    def images_ft(self, rows: np.ndarray) -> torch.Tensor:
-        imgs = torch.from_numpy(self.ps.images(rows)).to(self.dev)
-        if imgs.shape[-1] != self.c:
-            imgs = crop_center(imgs, self.c, 2)
-        return rfft2c(imgs)
+    def model_ft(self, V: torch.Tensor, rows: np.ndarray, zb: torch.Tensor | None) -> torch.Tensor:
+        pos, filt, _ = self._batch(rows, zb)
+        return rfft2c(project_positions(V, pos)) * filt
+
+    def images_ft(self, rows: np.ndarray, zb: torch.Tensor | None = None) -> torch.Tensor:
+        return self._batch(rows, zb)[2]
 
     @torch.no_grad()
     def estimate_noise(self, V: torch.Tensor, flex: bool, max_particles: int = 1000) -> None:
@@ -105,7 +125,7 @@ class _HalfProblem:
             if s >= max_particles:
                 break
             zb = self.z[s:s + len(rows)] if flex else None
-            r2 = (self.images_ft(rows) - self.model_ft(V, rows, zb)).abs().square() * (self.mult > 0)
+            r2 = (self.images_ft(rows, zb) - self.model_ft(V, rows, zb)).abs().square() * (self.mult > 0)
             pw.index_add_(0, self.shell.flatten(), r2.sum(0).flatten())
             cnt.index_add_(0, self.shell.flatten(), (self.mult > 0).flatten().float() * len(rows))
         self.noise = (pw / cnt.clamp(min=1)).clamp(min=1e-12)
@@ -116,7 +136,7 @@ class _HalfProblem:
         total = 0.0
         for s, rows in self.batches():
             zb = self.z[s:s + len(rows)] if flex else None
-            loss = 0.5 * ((self.images_ft(rows) - self.model_ft(V, rows, zb)).abs().square() * w).sum()
+            loss = 0.5 * ((self.images_ft(rows, zb) - self.model_ft(V, rows, zb)).abs().square() * w).sum()
             loss.backward()
             total += float(loss)
         reg = 0.5 * lam * V.square().sum()
