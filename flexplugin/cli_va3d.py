@@ -1,0 +1,287 @@
+"""`flexplugin 3dva` and `flexplugin 3dva-display`: argument definitions and handlers.
+
+`register(subparsers)` adds both subcommands to flexplugin's parser; `main(argv)` runs them standalone
+(``python -m flexplugin.cli_va3d 3dva ...``). Every option mirrors a cryoSPARC 3D Variability (var_3D)
+or 3D Variability Display (var_3D_disp) parameter; its default is cryoSPARC's.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ID = "rlnImageId"
+STAR_LABEL = "rlnFlex3dvaComponent{}"  # 1-based, like RELION's class numbers
+
+
+def _device(name: str):
+    from .cli import _device as dev
+    return dev(name)
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+
+
+def _positive_float(s: str) -> float:
+    v = float(s)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return v
+
+
+# --------------------------------------------------------------------------------------------- 3dva
+def _check_inputs(a: argparse.Namespace):
+    """Everything that can be wrong with the inputs, checked before any heavy work."""
+    from .engine.errors import InputError
+    from .engine.io import check_volume_matches, read_mask, read_particles, read_volume
+    if a.k < 1:
+        raise InputError(f"--k must be at least 1 (number of components), got {a.k}")
+    if a.iterations < 1:
+        raise InputError(f"--iterations must be at least 1, got {a.iterations}")
+    if a.lam < 0:
+        raise InputError(f"--lambda must be >= 0, got {a.lam}")
+    ps = read_particles(a.particles, apix=a.apix)
+    ps.require(poses=True, ctf=True)
+    ps.check_stacks()
+    if a.num_particles:
+        if a.num_particles < 2:
+            raise InputError("--num-particles must be at least 2")
+        ps = ps.subset(np.arange(min(len(ps), a.num_particles)))
+    if len(ps) < 2 * a.k:
+        raise InputError(f"{len(ps)} particles are too few for {a.k} components")
+    nyq2 = 2.0 * ps.apix
+    if a.filter_res < nyq2 - 1e-6:
+        raise InputError(f"--filter-res {a.filter_res} Å is finer than Nyquist ({nyq2:.3f} Å at "
+                         f"{ps.apix:.3f} Å/px); use a value >= {nyq2:.3f} Å (typically 4–8 Å)")
+    if a.highpass_res is not None and a.highpass_res <= a.filter_res:
+        raise InputError(f"--highpass-res ({a.highpass_res} Å) must be coarser (larger) than --filter-res "
+                         f"({a.filter_res} Å)")
+    if a.box_crop is not None and (a.box_crop % 2 or a.box_crop < 8 or a.box_crop > ps.box):
+        raise InputError(f"--box-crop must be an even number of pixels between 8 and the particle box "
+                         f"{ps.box}, got {a.box_crop}")
+    mask, mapix = read_mask(a.mask)
+    check_volume_matches("mask", mask.shape, mapix, ps.box, ps.apix)
+    vol = None
+    if a.volume:
+        vol, vapix = read_volume(a.volume)
+        check_volume_matches("volume", vol.shape, vapix, ps.box, ps.apix)
+    if a.scales == "input":
+        from .engine.va3d.em import INPUT_SCALE_LABELS
+        if not any(c in ps.table for c in INPUT_SCALE_LABELS):
+            raise InputError(f"--scales input needs a {' or '.join(INPUT_SCALE_LABELS)} column in "
+                             f"{a.particles}; use --scales optimal or none")
+    return ps, mask, vol
+
+
+def _config(a: argparse.Namespace, device: str):
+    from .engine.va3d.em import VA3DConfig
+    return VA3DConfig(k=a.k, iterations=a.iterations, filter_res=a.filter_res, filter_order=a.filter_order,
+                      highpass_res=a.highpass_res, highpass_order=a.highpass_order, lam=a.lam, scales=a.scales,
+                      white_noise=a.white_noise, gram_schmidt=not a.no_gram_schmidt, box_crop=a.box_crop,
+                      num_particles=a.num_particles, px_em=not a.no_px_em, batch_size=a.batch_size, seed=a.seed,
+                      device=device)
+
+
+def cmd_3dva(a: argparse.Namespace) -> None:
+    import torch
+    from .engine.errors import InputError
+    from .engine.io import write_volume
+    from .engine.va3d.em import CHECKPOINT, VA3D, dump_json, file_digest, run_loop
+    from .engine.va3d.outputs import write_run_outputs
+    dev = _device(a.device)
+    ps, mask, vol = _check_inputs(a)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / CHECKPOINT
+    if ckpt.exists() and not a.cont:
+        raise InputError(f"{out} already holds a 3DVA run ({CHECKPOINT}); pass --continue to resume it or "
+                         "choose an empty output folder")
+    cfg = _config(a, str(dev))
+    t0 = time.time()
+    cons_path = out / "consensus.mrc"
+    resuming = a.cont and ckpt.exists()
+    if vol is None:
+        if resuming and cons_path.exists():
+            from .engine.io import read_volume
+            vol = read_volume(cons_path)[0]
+        else:
+            from .engine.reconstruct import reconstruct_particles
+            print(f"3dva: no --volume given: reconstructing the consensus from {len(ps)} particles", flush=True)
+            rec = reconstruct_particles(ps, batch_size=cfg.batch_size, pad=2, device=str(dev), seed=a.seed,
+                                        mask=mask)
+            vol = rec.full
+            print(f"3dva: consensus resolution {rec.res_0143:.2f} Å (FSC 0.143, masked)", flush=True)
+    if not resuming or not cons_path.exists():
+        write_volume(cons_path, vol, ps.apix)
+    key = cfg.key() | {"particles": str(Path(a.particles).resolve()), "n_particles": len(ps),
+                       "mask": file_digest(a.mask), "volume": file_digest(a.volume) if a.volume else "reconstructed"}
+    va = VA3D(ps, mask, vol, cfg)
+    print(f"3dva: {len(ps)} particles, box {ps.box} at {ps.apix:.3f} Å/px, working box {va.m} "
+          f"({va.apix_m:.3f} Å/px), K={cfg.k}, filter {cfg.filter_res} Å, device {dev}", flush=True)
+    if resuming:
+        va.restore(ckpt, key)
+        print(f"3dva: continuing from iteration {va.iteration} ({ckpt})", flush=True)
+    final = run_loop(va, cfg.iterations, ckpt, key)
+    res = va.result(final)
+    floor = None
+    if a.noise_floor:
+        floor = _noise_floor(ps, mask, vol, cfg, out, key)
+    write_run_outputs(out, ps, res, vol, a, cfg, floor=floor, seconds=time.time() - t0,
+                      objective_final=final["objective"])
+    print(f"3dva: done in {time.time() - t0:.0f} s; outputs in {out}", flush=True)
+    del torch, dump_json
+
+
+def _noise_floor(ps, mask, vol, cfg, out: Path, key: dict) -> dict:
+    """The same EM on pose-shuffled data (see engine/va3d/em.py); returns its explained variances."""
+    from .engine.va3d.em import VA3D, run_loop
+    perm = np.random.default_rng(cfg.seed + 1).permutation(len(ps))
+    nva = VA3D(ps, mask, vol, cfg, null_permutation=perm)
+    ck = out / "checkpoint_null.pt"
+    nkey = key | {"null": True}
+    if ck.exists():
+        nva.restore(ck, nkey)
+    print("3dva: noise floor: the same analysis on pose-shuffled particles", flush=True)
+    fin = run_loop(nva, cfg.iterations, ck, nkey, label="3dva null")
+    r = nva.result(fin)
+    return {"eigenvalues": r.eigenvalues.tolist(), "power_fraction": r.power_fraction.tolist(),
+            "latent_variance": r.latent_variance.tolist(),
+            "floor_eigenvalue": float(r.eigenvalues.max()), "floor_power_fraction": float(r.power_fraction.max())}
+
+
+def add_3dva_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("3dva", help="3D variability analysis (PPCA by EM in Fourier space)",
+                       description="3D Variability Analysis: fits V_i = V0 + Σ z_ik V_k to particles with known "
+                                   "poses and CTF; writes components, per-particle coordinates and diagnostics.")
+    p.add_argument("--particles", required=True, help="RELION STAR file with poses (3D refinement) and CTF")
+    p.add_argument("--mask", required=True, help="mask (MRC, same box and pixel size) applied to the components")
+    p.add_argument("--volume", help="consensus map V0 (MRC); default: reconstructed from the particles")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--k", type=int, default=3, help="number of components to solve [var_K] (default 3)")
+    p.add_argument("--iterations", type=int, default=20, help="EM iterations [var_num_iterations] (default 20)")
+    p.add_argument("--filter-res", type=_positive_float, required=True,
+                   help="resolution (Å) at which the components are low-pass filtered; images are also "
+                        "Fourier-cropped to it for speed [var_filter_res] (required; typically 4–8 Å)")
+    p.add_argument("--filter-order", type=_positive_float, default=1.5,
+                   help="Butterworth order of the low-pass [var_filter_order] (default 1.5)")
+    p.add_argument("--highpass-res", type=_positive_float, default=None,
+                   help="resolution (Å) below which variability is ignored (Butterworth high-pass) "
+                        "[var_highpass_res] (default: none)")
+    p.add_argument("--highpass-order", type=_positive_float, default=8.0,
+                   help="Butterworth order of the high-pass [var_highpass_order] (default 8)")
+    p.add_argument("--lambda", dest="lam", type=float, default=0.01,
+                   help="stabilising coefficient, a fraction of the mean data weight per voxel; raise it if "
+                        "components show artefacts [var_lambda] (default 0.01)")
+    p.add_argument("--scales", choices=("none", "input", "optimal"), default="optimal",
+                   help="per-particle scale: none (one global scale), input (rlnCtfScalefactor), optimal "
+                        "(refitted every iteration) [var_use_scales] (default optimal)")
+    p.add_argument("--white-noise", action="store_true",
+                   help="use a white noise model instead of the coloured per-shell one [var_use_white_noise]")
+    p.add_argument("--no-gram-schmidt", action="store_true",
+                   help="do not orthogonalise and order the components [var_use_gramschmidt]")
+    p.add_argument("--box-crop", type=int, default=None,
+                   help="working box in pixels (default: smallest box whose Nyquist reaches --filter-res) [var_N]")
+    p.add_argument("--num-particles", type=int, default=None,
+                   help="only use the first N particles [var_num_particles] (default: all)")
+    p.add_argument("--no-px-em", action="store_true", help="plain EM without the parameter-expansion step")
+    p.add_argument("--noise-floor", action="store_true",
+                   help="also run the analysis on pose-shuffled particles and report its explained "
+                        "variance as the noise floor (doubles the run time)")
+    p.add_argument("--continue", dest="cont", action="store_true",
+                   help="resume the run in --out from its last checkpoint (same settings; --iterations may grow)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the initial components (default 0)")
+    p.add_argument("--apix", type=float, help="pixel size in Å (only for RELION 3.0 files without it)")
+    _add_device(p)
+    p.set_defaults(func=cmd_3dva)
+    return p
+
+
+# ------------------------------------------------------------------------------------ 3dva-display
+def cmd_3dva_display(a: argparse.Namespace) -> None:
+    from .engine.va3d.display import DisplayConfig, run_display
+    dev = _device(a.device)
+    cfg = DisplayConfig(mode=a.mode, frames=a.frames, range_percentile=a.range_percentile,
+                        components=a.components, filter_res=a.filter_res, filter_order=a.filter_order,
+                        highpass_res=a.highpass_res, highpass_order=a.highpass_order, downsample=a.downsample,
+                        crop=a.crop, flip_hand=a.flip_hand, width=a.width, skip_reconstruction=a.skip_reconstruction,
+                        frame_particles=a.frame_particles, batch_size=a.batch_size, seed=a.seed,
+                        max_memory_gb=a.max_memory_gb, device=str(dev))
+    run_display(a.run, a.out, cfg, particles=a.particles)
+
+
+def add_display_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("3dva-display", help="volume series / clusters from a 3dva run",
+                       description="3D Variability Display: simple (linear series V0 + t·V_k), intermediates "
+                                   "(reconstructions in a rolling window along a component) or cluster (k-means "
+                                   "on the coordinates, one reconstruction per cluster).")
+    p.add_argument("--run", required=True, help="output folder of `flexplugin 3dva`")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--mode", choices=("simple", "intermediates", "cluster"), default="simple",
+                   help="output mode [var_output_mode] (default simple)")
+    p.add_argument("--frames", type=int, default=20, help="frames per component, or clusters [var_num_frames] "
+                                                          "(default 20)")
+    p.add_argument("--range-percentile", type=float, default=3.0,
+                   help="clip the coordinate range at this low/high percentile [var_range_percentile] (default 3)")
+    p.add_argument("--components", default=None,
+                   help='comma-separated component indices to use, e.g. "0,2" [var_component_filter] (default all)')
+    p.add_argument("--filter-res", type=_positive_float, default=None,
+                   help="low-pass the output volumes at this resolution (Å) [var_filter_res]")
+    p.add_argument("--filter-order", type=_positive_float, default=1.5, help="low-pass order (default 1.5)")
+    p.add_argument("--highpass-res", type=_positive_float, default=None,
+                   help="high-pass the output volumes at this resolution (Å) [var_highpass_res]")
+    p.add_argument("--highpass-order", type=_positive_float, default=8.0, help="high-pass order (default 8)")
+    p.add_argument("--downsample", type=int, default=None,
+                   help="Fourier-crop output volumes to this box [var_N] (default: full box)")
+    p.add_argument("--crop", type=int, default=None,
+                   help="crop output volumes to this box after downsampling [var_M] (default: no crop)")
+    p.add_argument("--flip-hand", action="store_true", help="flip the hand of the output volumes [var_vol_flip]")
+    p.add_argument("--width", type=float, default=2.0,
+                   help="intermediates: window width in frames; >0 triangular, 0 top-hat, -1 equal-count bins "
+                        "[var_intermediate_width] (default 2)")
+    p.add_argument("--skip-reconstruction", action="store_true",
+                   help="cluster/intermediates: write the particle subsets only [var_skip_reconstruction]")
+    p.add_argument("--frame-particles", action="store_true",
+                   help="intermediates: also write a STAR of the particles of each frame "
+                        "[var_intermediate_output_frame_particles]")
+    p.add_argument("--particles", default=None, help="particle STAR file (default: the one the run used)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of k-means and of half-set splits (default 0)")
+    p.add_argument("--max-memory-gb", type=float, default=2.0,
+                   help="memory for reconstruction accumulators; more frames than fit are done in extra passes "
+                        "(default 2)")
+    _add_device(p)
+    p.set_defaults(func=cmd_3dva_display)
+    return p
+
+
+def register(subparsers) -> None:
+    """Add the `3dva` and `3dva-display` subcommands to flexplugin's argparse subparsers."""
+    add_3dva_parser(subparsers)
+    add_display_parser(subparsers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (the same handlers as `flexplugin 3dva ...`)."""
+    from .engine.errors import InputError
+    p = argparse.ArgumentParser(prog="flexplugin")
+    register(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(argv)
+    if getattr(args, "threads", 0):
+        import torch
+        torch.set_num_threads(args.threads)
+    try:
+        args.func(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Files of a 3DVA run folder: what `flexplugin 3dva` writes and `3dva-display` reads back.
+
+    consensus.mrc                 V0 (full box)
+    component_000.mrc …           unit-norm components (full box, masked)
+    latents.npy                   (N, K) float32 coordinates, input row order
+    latents.csv                   rlnImageId, z0..z{K-1}, scale: the id-keyed exchange file
+    particles_3dva.star           the input STAR plus rlnFlex3dvaComponent1..K and rlnFlex3dvaScale
+    explained_variance.json       per component: eigenvalue, coordinate variance, fractions (+ noise floor)
+    run.json                      settings, working grid, per-iteration history, file list
+    plots/*.png                   histograms, pairwise hexbins, convergence, component slices
+
+RELION 3.1+ reads STAR files with unknown labels (it warns "will ignore (but maintain) values for the
+unknown label" and writes them back; metadata_table.cpp), so the extra columns are safe there; older
+readers may refuse them, hence the CSV is the exchange file and the STAR a convenience.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import starfile
+
+from ..io import ID_LABEL, read_particles, read_volume, write_volume
+from .em import VA3DConfig, VA3DResult, dump_json
+
+__all__ = ["write_run_outputs", "RunFolder", "load_run", "component_labels"]
+
+STAR_COMPONENT = "rlnFlex3dvaComponent{}"
+STAR_SCALE = "rlnFlex3dvaScale"
+
+
+def component_labels(k: int) -> list[str]:
+    return [STAR_COMPONENT.format(i + 1) for i in range(k)]
+
+
+def _write_star_with_latents(src: str, dst: Path, n_rows: int, z: np.ndarray, scales: np.ndarray) -> None:
+    blocks = starfile.read(src, always_dict=True)
+    key = "particles" if "particles" in blocks else next(k for k, v in blocks.items()
+                                                         if isinstance(v, pd.DataFrame) and "rlnImageName" in v)
+    t = blocks[key].iloc[:n_rows].copy()
+    for i, lab in enumerate(component_labels(z.shape[1])):
+        t[lab] = z[:, i].astype(np.float64)
+    t[STAR_SCALE] = scales.astype(np.float64)
+    blocks[key] = t
+    tmp = f"{dst}.tmp"
+    starfile.write(blocks, tmp, overwrite=True)
+    os.replace(tmp, dst)
+
+
+def write_run_outputs(out: Path, ps, res: VA3DResult, consensus: np.ndarray, args, cfg: VA3DConfig,
+                      floor: dict | None = None, seconds: float = 0.0, objective_final: float | None = None) -> dict:
+    """Write every output file of a finished run (see module docstring); returns the run.json content."""
+    from ... import plots_va3d as pv
+    out = Path(out)
+    K = res.components.shape[0]
+    files = {"consensus": "consensus.mrc", "components": [], "latents": "latents.npy", "latents_csv": "latents.csv",
+             "particles_star": "particles_3dva.star", "explained_variance": "explained_variance.json", "plots": {}}
+    for k in range(K):
+        name = f"component_{k:03d}.mrc"
+        write_volume(out / name, res.components[k], ps.apix)
+        files["components"].append(name)
+    np.save(out / "latents.npy", res.latents)
+    ids = ps.ids
+    df = pd.DataFrame({ID_LABEL: ids} | {f"z{k}": res.latents[:, k] for k in range(K)} | {"scale": res.scales})
+    df.to_csv(out / "latents.csv", index=False, float_format="%.7g")
+    _write_star_with_latents(ps.star_path, out / "particles_3dva.star", len(ps), res.latents, res.scales)
+    ev = res.eigenvalues
+    comps = []
+    for k in range(K):
+        c = {"component": k, "eigenvalue": float(ev[k]), "fraction_of_total_eigenvalue": float(ev[k] / ev.sum()),
+             "latent_variance": float(res.latent_variance[k]), "residual_power_fraction": float(res.power_fraction[k])}
+        if floor is not None:
+            c["above_noise_floor"] = bool(ev[k] > floor["floor_eigenvalue"])
+        comps.append(c)
+    evj = {"definition": "eigenvalue = variance of the model density along the unit-norm component (sum over "
+                         "full-box voxels, map units squared); latent_variance = variance of the reported "
+                         "coordinates (shrunk by the posterior); residual_power_fraction = share of the whitened "
+                         "residual image power (data minus scaled consensus, working band) that the component "
+                         "explains, averaged over particles",
+           "components": comps}
+    if floor is not None:
+        evj["noise_floor"] = floor | {"definition": "the same analysis on pose-shuffled particles; a component "
+                                                    "whose eigenvalue exceeds floor_eigenvalue is above noise"}
+    dump_json(out / "explained_variance.json", evj)
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    f = files["plots"]
+    f["histograms"] = os.path.relpath(pv.plot_latent_histograms(res.latents, plots / "histograms.png"), out)
+    if K > 1:
+        f["pairs"] = os.path.relpath(pv.plot_latent_pairs(res.latents, plots / "pairs.png"), out)
+    f["convergence"] = os.path.relpath(pv.plot_convergence(res.history, plots / "convergence.png"), out)
+    f["explained_variance"] = os.path.relpath(pv.plot_explained_variance(
+        ev, plots / "explained_variance.png", floor=None if floor is None else floor["floor_eigenvalue"]), out)
+    f["components"] = os.path.relpath(pv.plot_component_slices(consensus, res.components,
+                                                               plots / "components.png"), out)
+    run = {"command": "3dva", "particles": str(Path(ps.star_path).resolve()), "n_particles": len(ps),
+           "mask": str(Path(args.mask).resolve()), "volume": str(Path(args.volume).resolve()) if args.volume else None,
+           "box": ps.box, "apix": ps.apix, "working_box": res.working_box, "working_apix": res.working_apix,
+           "config": cfg.__dict__, "global_scale": None, "history": res.history,
+           "objective_final": objective_final, "seconds": seconds, "files": files}
+    dump_json(out / "run.json", run)
+    return run
+
+
+class RunFolder:
+    """A finished 3DVA run read back: consensus, components, coordinates and its particle STAR."""
+
+    def __init__(self, path: str | os.PathLike):
+        from ..errors import InputError
+        self.path = Path(path)
+        rj = self.path / "run.json"
+        if not rj.exists():
+            raise InputError(f"{self.path} is not a finished 3dva run (no run.json); run `flexplugin 3dva` first")
+        self.run = json.loads(rj.read_text())
+        self.consensus, self.apix = read_volume(self.path / self.run["files"]["consensus"])
+        self.components = np.stack([read_volume(self.path / f)[0] for f in self.run["files"]["components"]])
+        self.latents = np.load(self.path / self.run["files"]["latents"])
+        self.ids = pd.read_csv(self.path / self.run["files"]["latents_csv"])[ID_LABEL].to_numpy(np.int64)
+        if len(self.latents) != len(self.ids):
+            raise InputError(f"{self.path}: latents.npy and latents.csv disagree in length")
+
+    @property
+    def k(self) -> int:
+        return self.components.shape[0]
+
+    def particles(self, star: str | None = None):
+        """The ParticleSet, rows aligned with the coordinates (matched by rlnImageId)."""
+        from ..errors import InputError
+        ps = read_particles(star or self.run["particles"])
+        pos = pd.Series(np.arange(len(ps)), index=ps.ids)
+        missing = ~np.isin(self.ids, ps.ids)
+        if missing.any():
+            raise InputError(f"{int(missing.sum())} particles of the run (e.g. id {self.ids[missing][0]}) are not "
+                             f"in {star or self.run['particles']}")
+        return ps.subset(pos.loc[self.ids].to_numpy())
+
+
+def load_run(path: str | os.PathLike) -> RunFolder:
+    return RunFolder(path)
