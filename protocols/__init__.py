@@ -6,3 +6,5 @@ from .protocol_base import FlexPluginProtBase
 from .protocol_simulate import FlexPluginProtSimulate
 from .protocol_flex_mesh import FlexPluginProtMeshPrep
 from .protocol_flex_train import FLEX_PROGNAME, FlexPluginProtTrain
+from .protocol_flex_generate import FlexPluginProtGenerate
+from .protocol_flex_reconstruct import FlexPluginProtReconstruct

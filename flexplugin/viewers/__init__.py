@@ -1,4 +1,6 @@
 """flexplugin's Scipion viewers (found by Scipion through the classes imported here)."""
 from .viewer_flex import FlexPluginMeshViewer, FlexPluginTrainViewer, PngView, chimeraxProgram
+from .viewer_flex_results import FlexPluginGenerateViewer, FlexPluginReconstructViewer
 
-__all__ = ["FlexPluginMeshViewer", "FlexPluginTrainViewer", "PngView", "chimeraxProgram"]
+__all__ = ["FlexPluginMeshViewer", "FlexPluginTrainViewer", "PngView", "chimeraxProgram",
+           "FlexPluginGenerateViewer", "FlexPluginReconstructViewer"]

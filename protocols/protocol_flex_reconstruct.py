@@ -1,0 +1,280 @@
+"""3D Flex reconstruction: the canonical map at full resolution with the learned motion undone, per half set.
+
+Mirrors cryoSPARC's "3D Flex Reconstruction" (ALGORITHMS.md §2.5) through `flexplugin flex-reconstruct`: with the
+latents and the flow generator of a 3D flex training frozen, each half map at the crop box is solved by L-BFGS;
+a rigid ("noflex") reconstruction with the same solver is the baseline. Outputs both maps with their half maps
+and the two half-map FSCs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+import pyworkflow.object as pwobj
+import pyworkflow.protocol.params as params
+import pyworkflow.utils as pwutils
+from pwem.objects import FSC, SetOfFSCs, Volume
+
+from .protocol_base import INPUT_MASK, INPUT_PARTICLES, FlexPluginProtBase
+from .protocol_flex_generate import INPUT_TRAINING, FlexModelInput
+from .protocol_flex_mesh import plainFileName
+
+__all__ = ["FlexPluginProtReconstruct"]
+
+# what flex-reconstruct writes into its --out folder
+MAP_FILES = {"flex": ("flex_map.mrc", "flex_half_A.mrc", "flex_half_B.mrc"),
+             "noflex": ("noflex_map.mrc", "noflex_half_A.mrc", "noflex_half_B.mrc")}
+FSC_LABELS = {"flex": "3D flex", "noflex": "noflex (rigid)"}
+
+
+# output names (two outputs share a class, so the possible outputs are a dict, not an Enum)
+OUTPUT_FLEX, OUTPUT_NOFLEX, OUTPUT_FSCS = "outputVolumeFlex", "outputVolumeNoflex", "outputFSCs"
+OUTPUT_MAPS = {"flex": OUTPUT_FLEX, "noflex": OUTPUT_NOFLEX}
+
+
+class FlexPluginProtReconstruct(FlexPluginProtBase, FlexModelInput):
+    """Reconstructs the canonical map of a 3D Flex model at the full (crop) box from the particles, undoing each
+    particle's motion: with the trained latents and flow generator fixed, each half map is the least-squares fit
+    of the deformed, projected map to its half of the particles (L-BFGS from its Wiener map). A rigid
+    reconstruction with the same solver (noflex) shows what modelling the motion gained. Outputs the flex and
+    noflex maps with their half maps, and both half-map FSCs."""
+
+    _label = "3D flex reconstruction"
+    _possibleOutputs = {OUTPUT_FLEX: Volume, OUTPUT_NOFLEX: Volume, OUTPUT_FSCS: SetOfFSCs}
+
+    # --------------------------- DEFINE param functions ----------------------
+    def _defineParams(self, form: params.Form) -> None:
+        self._defineGpuParams(form)
+        form.addSection(label="Input")
+        self._defineTrainingParam(form)
+        form.addParam(INPUT_PARTICLES, params.PointerParam, pointerClass="SetOfParticles",
+                      pointerCondition="hasAlignmentProj", allowsNull=True,
+                      label="Particles (optional)",
+                      help="The particles to reconstruct from: the training's particles or a subset of them (matched "
+                           "by id; their latents come from the training), with the training's box and pixel size. "
+                           "Empty: all the training's particles. Half sets follow the particles' RELION random "
+                           "subsets when every particle has one, else a seeded random split.")
+        self._defineMaskParam(form, label="Mask for the FSC (optional)",
+                              help="A soft mask (values in [0, 1]) applied to both half maps before the FSC, at the "
+                                   "particles' box or at the training's crop box, with the particles' pixel size. "
+                                   "Empty: unmasked FSC.")
+
+        form.addSection(label="Reconstruction")
+        form.addParam("iterations", params.IntParam, default=20,
+                      validators=[params.GE(1, "Use at least one iteration")],
+                      label="L-BFGS iterations",
+                      help="Maximum L-BFGS iterations per half map (cryoSPARC: flex_bfgs_num_iters, default 20). "
+                           "Each iteration passes over the half set's particles a few times.")
+        form.addParam("doNoflex", params.BooleanParam, default=True,
+                      label="Also reconstruct without flex?",
+                      help="Also solve the rigid reconstruction (no motion) with the same solver, as a baseline for "
+                           "the FSC (cryoSPARC: flex_do_noflex_recon, default Yes). Doubles the run time.")
+        form.addParam("regularisation", params.FloatParam, default=None, allowsNull=True,
+                      expertLevel=params.LEVEL_ADVANCED,
+                      label="Regularisation (lambda)",
+                      help="Weight of the L2 penalty ½λ‖V‖² on the map, in units of the noise-whitened data term "
+                           "(dimensionless). Empty: 1e-3 of the data term's mean weight per voxel. Raise it if the "
+                           "maps are noisy at high frequency.")
+        form.addParam("batchSize", params.IntParam, default=128, validators=[params.GE(1)],
+                      expertLevel=params.LEVEL_ADVANCED,
+                      label="Batch size (particles)",
+                      help="Particles per batch when streaming the particles (default 128). Larger batches are "
+                           "faster and use more GPU memory; the result does not depend on it.")
+        form.addParam("seed", params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED,
+                      label="Random seed",
+                      help="Seed of the random half-set split, used only when the particles carry no RELION random "
+                           "subsets (default 0).")
+        form.addParallelSection(threads=4, mpi=0)
+
+    # --------------------------- INSERT steps functions ----------------------
+    def _insertAllSteps(self) -> None:
+        self._insertFunctionStep(self.convertInputStep, self._getInputParticles().getObjId(), needsGPU=False)
+        args = self._getReconstructArgs()
+        self._insertFunctionStep(self.reconstructStep, args, needsGPU=True)
+        self._insertFunctionStep(self.createOutputStep, args, needsGPU=False)
+
+    # --------------------------- STEPS functions -----------------------------
+    def convertInputStep(self, particlesId: int) -> None:
+        """Write the particles (ids, poses, CTF, optics) as the engine's STAR."""
+        self.writeInputParticles()
+
+    def reconstructStep(self, args: list) -> None:
+        """Run flex-reconstruct into extra/reconstruct (from scratch: a rerun replaces old maps)."""
+        pwutils.cleanPath(self._getReconstructDir())
+        self.runEngine("flex-reconstruct", args)
+
+    def createOutputStep(self, args: list) -> None:
+        """Flex (and noflex) maps with their half maps at the particles' pixel size, and the half-map FSCs.
+
+        `args` are the reconstruction step's: a Scipion Continue that reconstructs again also redoes the outputs.
+        """
+        info = self.getReconstructInfo()
+        apix = float(info["apix"])
+        kinds = ["flex"] + (["noflex"] if self.doNoflex.get() else [])
+        outs = {}
+        for kind in kinds:
+            full, halfA, halfB = (self._getReconstructDir(f) for f in MAP_FILES[kind])
+            vol = Volume()
+            vol.setFileName(full)
+            vol.setSamplingRate(apix)
+            vol.setHalfMaps([halfA, halfB])
+            outs[OUTPUT_MAPS[kind]] = vol
+
+        fscs = self._createSetOfFSCs()
+        for kind, (freq, values) in self.getFscCurves().items():
+            fsc = FSC(objLabel=FSC_LABELS[kind])
+            fsc.setData(freq.tolist(), values.tolist())
+            fscs.append(fsc)
+        outs[OUTPUT_FSCS] = fscs
+
+        self._defineOutputs(**outs)
+        chosen = getattr(self, INPUT_PARTICLES).get() is not None
+        for obj in outs.values():
+            self._defineSourceRelation(self.getTrainingParticles(), obj)
+            if chosen:
+                self._defineSourceRelation(getattr(self, INPUT_PARTICLES), obj)
+
+    # --------------------------- INFO functions ------------------------------
+    def _validate(self) -> list[str]:
+        if getattr(self, INPUT_TRAINING).get() is None:
+            return []  # the form check reports the missing input
+        errors = self._validateTraining()
+        if errors:
+            return errors
+        parts = self._getInputParticles()
+        errors += self._validateParticles(parts)
+        if errors:
+            return errors
+        training = self.getTrainingParticles()
+        extra = parts.getIdSet() - training.getIdSet()
+        if extra:
+            errors.append(f"{len(extra)} of the particles (e.g. id {min(extra)}) are not in the training: use the "
+                          "training's particles or a subset of them (matched by id).")
+        box, apix = parts.getXDim(), parts.getSamplingRate()
+        tbox, tapix = training.getXDim(), training.getSamplingRate()
+        if box != tbox or abs(apix - tapix) > 1e-3 * tapix:
+            errors.append(f"The particles are {box} px at {apix:.4f} Å/px but the training's are {tbox} px at "
+                          f"{tapix:.4f} Å/px: use particles with the training's box and pixel size.")
+        errors += self._validateMask(box, apix)
+        reg = self.regularisation.get()
+        if reg is not None and reg <= 0:
+            errors.append(f"The regularisation must be positive (or empty for the automatic value); got {reg:g}.")
+        errors += self._validateGpu()
+        return errors
+
+    def _validateMask(self, box: int, apix: float) -> list[str]:
+        """Errors for a mask that is neither at the particle box nor at the crop box, or at another pixel size."""
+        mask = getattr(self, INPUT_MASK).get()
+        if mask is None:
+            return []
+        dim = mask.getDim()
+        if dim is None:
+            return [f"Cannot read the mask file {mask.getFileName()}."]
+        crop = int(self.getTrainingFlexInfo().getAttr("cropBox"))
+        errors = []
+        if len(set(dim)) != 1 or dim[0] not in (box, crop):
+            boxes = f"the particle box ({box} px)" + (f" or the crop box ({crop} px)" if crop != box else "")
+            errors.append(f"The mask is {dim[0]}x{dim[1]}x{dim[2]}: it must be cubic at {boxes}.")
+        mapix = mask.getSamplingRate()
+        if mapix and abs(mapix - apix) > 1e-3 * apix:
+            errors.append(f"The mask has pixel size {mapix:.4f} Å but the particles have {apix:.4f} Å.")
+        return errors
+
+    def _summary(self) -> list[str]:
+        info = self.getReconstructInfo()
+        if info is None or not self.hasAttribute(OUTPUT_FLEX):
+            return ["Output not ready yet."]
+        fscKind = "masked" if info.get("masked_fsc") else "unmasked"
+        lines = [f"Flex map: {_resolution(info.get('resolution_flex_A'))} ({fscKind} half-map FSC = 0.143)."]
+        if info.get("resolution_noflex_A") is not None:
+            lines.append(f"Noflex map: {_resolution(info['resolution_noflex_A'])}.")
+        lines.append(f"{info['particles']} particles at the crop box {info['crop']} px ({info['apix']:.3f} Å/px), "
+                     f"{info['iterations']} L-BFGS iterations per half map, {info['seconds'] / 60:.1f} min.")
+        return lines
+
+    def _methods(self) -> list[str]:
+        info = self.getReconstructInfo()
+        if info is None:
+            return []
+        text = (f"The canonical map of the 3D Flex [Punjani2023] model trained with flexplugin was reconstructed at "
+                f"{info['crop']} px ({info['apix']:.3f} Å/px) from {info['particles']} particles, with the learned "
+                f"motion undone, by {info['iterations']} L-BFGS iterations per half map; the half-map FSC "
+                f"(0.143) gave {_resolution(info.get('resolution_flex_A'))}")
+        if info.get("resolution_noflex_A") is not None:
+            text += f", against {_resolution(info['resolution_noflex_A'])} for a rigid reconstruction"
+        return [text + "."]
+
+    def _citations(self) -> list[str]:
+        return ["Punjani2023"]
+
+    # --------------------------- UTILS functions -----------------------------
+    def _getInputParticles(self, pointer: bool = False):
+        """The chosen particles, or the training's particles when none are chosen."""
+        ptr = getattr(self, INPUT_PARTICLES)
+        if ptr.get() is not None:
+            return ptr if pointer else ptr.get()
+        training = getattr(self, INPUT_TRAINING).get()
+        if pointer:
+            from .protocol_flex_train import FlexPluginProtTrain
+            if isinstance(training, FlexPluginProtTrain):
+                return pwobj.Pointer(training, extended="outputParticles")
+            return getattr(self, INPUT_TRAINING)
+        return self.getTrainingParticles()
+
+    def _getReconstructDir(self, *paths: str) -> str:
+        return self._getExtraPath("reconstruct", *paths)
+
+    def _getReconstructArgs(self) -> list:
+        """The `flexplugin flex-reconstruct` argument list built from the form."""
+        args = ["--model", self.getModelPath(),
+                "--particles", self._getInputStarFile(),
+                "--out", self._getReconstructDir(),
+                "--iterations", self.iterations.get(),
+                "--batch-size", self.batchSize.get(),
+                "--seed", self.seed.get()]
+        if not self.doNoflex.get():
+            args += ["--no-noflex"]
+        if self.regularisation.get() is not None:
+            args += ["--reg", self.regularisation.get()]
+        mask = getattr(self, INPUT_MASK).get()
+        if mask is not None:
+            args += ["--mask", plainFileName(mask.getFileName())]
+        return args + self.getDeviceArgs() + ["--threads", max(1, self.numberOfThreads.get() or 1)]
+
+    def getReconstructInfo(self) -> dict | None:
+        """flex-reconstruct's reconstruct.json (resolution_flex_A, resolution_noflex_A, particles, crop, ...)."""
+        path = self._getReconstructDir("reconstruct.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as fh:
+            return json.load(fh)
+
+    def getFscCurves(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{'flex': (frequency 1/Å, FSC), 'noflex': ...} from fsc.txt (noflex only when it was reconstructed)."""
+        path = self._getReconstructDir("fsc.txt")
+        if not os.path.exists(path):
+            return {}
+        table = np.loadtxt(path, ndmin=2)
+        curves = {"flex": (table[:, 0], table[:, 1])}
+        if self.doNoflex.get():
+            curves["noflex"] = (table[:, 0], table[:, 2])
+        return curves
+
+    def getMapFiles(self) -> dict[str, tuple[str, str, str]]:
+        """{'flex': (map, half A, half B), 'noflex': ...} paths (noflex only when it was reconstructed)."""
+        kinds = ["flex"] + (["noflex"] if self.doNoflex.get() else [])
+        return {k: tuple(self._getReconstructDir(f) for f in MAP_FILES[k]) for k in kinds}
+
+    def getPlotFiles(self) -> dict[str, str]:
+        """The engine's figures: 'fsc' (both FSC curves) and 'maps' (central slices of the maps)."""
+        return {"fsc": self._getReconstructDir("fsc.png"), "maps": self._getReconstructDir("maps.png")}
+
+
+def _resolution(value) -> str:
+    """A resolution in Å for summaries ('not reached' for missing or non-finite values)."""
+    if value is None or not math.isfinite(float(value)):
+        return "resolution not determined"
+    return f"{float(value):.2f} Å"
