@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(r)
     r.set_defaults(func=cmd_reconstruct)
 
-    from . import cli_flex
+    from . import cli_flex, cli_va3d
+    cli_va3d.register(sub)
     cli_flex.register(sub)
     return p
 
