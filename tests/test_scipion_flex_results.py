@@ -49,6 +49,11 @@ def _log(prot) -> str:
     return out + err
 
 
+def _read(path: str) -> str:
+    with open(path) as fh:
+        return fh.read()
+
+
 def _writeMap(path: str, box: int, apix: float, value: float = 1.0) -> str:
     with mrcfile.new(path, overwrite=True) as m:
         m.set_data(np.full((box,) * 3, value, np.float32))
@@ -226,6 +231,20 @@ class TestFlexResultsProtocols(unittest.TestCase):
         self.assertEqual(sorted(np.loadtxt(prot._getIdsFile(), dtype=int).tolist()), sorted(ids))
         self.assertIn(f"mean latent of {len(ids)} particles", prot.summary()[0])
 
+    def test_generate_from_reconstructed_map(self):
+        """The cryoSPARC workflow: deform the high-resolution flex map at the full box instead of the canonical map."""
+        prot = self.newGenerate(objLabel="generate from flex map", mode=1, outputBox=1, doAtlas=False,
+                                latentPoints=self.genPoints.latentPoints.get())
+        _point(prot.inputMap, self.recon, "outputVolumeFlex")
+        self.launch("generate from map", prot)
+        self.assertIn("--map " + self.recon.outputVolumeFlex.getFileName(), _log(prot))
+        z = self.checkVolumes(prot.outputVolumes, prot._getGenerateDir(), BOX, APIX)
+        np.testing.assert_allclose(z, POINTS, rtol=1e-6)
+        for mine, canonical in zip(prot.outputVolumes.iterItems(orderBy="id"),
+                                   self.genPoints.outputVolumes.iterItems(orderBy="id")):
+            with mrcfile.open(mine.getFileName()) as a, mrcfile.open(canonical.getFileName()) as b:
+                self.assertFalse(np.allclose(a.data, b.data), "the given map, not the canonical one, is deformed")
+
     def test_generate_validation(self):
         empty = self.project.newProtocol(FlexPluginProtGenerate, mode=1)
         self.assertEqual(len(empty.validate()), 1, empty.validate())  # only the form's missing input
@@ -369,6 +388,27 @@ class TestFlexResultsProtocols(unittest.TestCase):
         prot.inputTraining.set(self.project.newProtocol(FlexPluginProtTrain))
         self.assertTrue(any("no output particles yet" in e for e in prot.validate()), prot.validate())
 
+    def test_reconstruct_mask_at_crop_box(self):
+        """A training that cropped to 24 px: masks at the particle box (32) or the crop box (24) are accepted."""
+        cropped = SetOfParticlesFlex(filename=os.path.join(self.tmp, "cropped.sqlite"), progName=FLEX_PROGNAME)
+        cropped.copyInfo(self.train.outputParticles)
+        cropped.getFlexInfo().setAttr("cropBox", 24)
+        for p in self.train.outputParticles.iterItems(orderBy="id"):
+            cropped.append(p.clone())
+        cropped.write()
+        prot = self.newReconstruct()
+        prot.inputTraining.set(cropped)
+        self.assertEqual(prot._getInputParticles().getSize(), N)
+        for box, ok in ((BOX, True), (24, True), (16, False)):
+            mask = VolumeMask(location=_writeMap(os.path.join(self.tmp, f"mask{box}.mrc"), box, APIX))
+            mask.setSamplingRate(APIX)
+            prot.inputMask.set(mask)
+            errors = prot.validate()
+            if ok:
+                self.assertEqual(errors, [], box)
+            else:
+                self.assertTrue(any("the particle box (32 px) or the crop box (24 px)" in e for e in errors), errors)
+
     # ------------------------------------------------------------------ form and protocol tree
     def test_help_and_tree(self):
         for cls in (FlexPluginProtGenerate, FlexPluginProtReconstruct):
@@ -419,7 +459,7 @@ class TestFlexResultsProtocols(unittest.TestCase):
         self._checkPngs(show["showAtlas"]("showAtlas"), [self.genAxes.getAtlasFile()])
         self._checkPngs(show["showMontages"]("showMontages"), montages)
         views = show["showChimera"]("showChimera")
-        script = open(self.genAxes._getExtraPath("chimerax_series.cxc")).read()
+        script = _read(self.genAxes._getExtraPath("chimerax_series.cxc"))
         for k, s in enumerate(self.genAxes.getSeriesFiles(), 1):
             self.assertIn(" ".join(f'"{os.path.abspath(v)}"' for v in s["volumes"]) + " vseries true", script)
             self.assertIn(f"vseries play #{k}", script)
@@ -440,7 +480,7 @@ class TestFlexResultsProtocols(unittest.TestCase):
         self._checkPngs(show["showFsc"]("showFsc"), [plots["fsc"]])
         self._checkPngs(show["showSlices"]("showSlices"), [plots["maps"]])
         views = show["showChimera"]("showChimera")
-        script = open(self.recon._getExtraPath("chimerax_maps.cxc")).read()
+        script = _read(self.recon._getExtraPath("chimerax_maps.cxc"))
         for kind in ("flex", "noflex"):
             self.assertIn(f'open "{os.path.abspath(self.recon.getMapFiles()[kind][0])}"', script)
         if chimerax:
