@@ -247,7 +247,7 @@ class FlexPluginProtGenerate(ProtFlexBase, FlexPluginProtBase, FlexModelInput):
             volumes.setSamplingRate(apix)
             flexInfo = FlexInfo(FLEX_PROGNAME)
             flexInfo.copyInfo(trainInfo)
-            flexInfo.setAttr("series", series["name"])
+            flexInfo.setAttr("series", self._seriesLabel(k))
             flexInfo.setAttr("generatedBox", int(info["box"]))
             volumes.setFlexInfo(flexInfo)
             for name, point in self._readPoints(os.path.join(folder, "points.csv")):
@@ -439,6 +439,11 @@ class FlexPluginProtGenerate(ProtFlexBase, FlexPluginProtBase, FlexModelInput):
         for name, obj in self.iterOutputAttributes(SetOfVolumesFlex):
             yield name, obj
 
+    def _seriesLabel(self, k: int) -> str:
+        """How series k is named to the user (axes numbered from 1, as in the form; the engine counts from 0)."""
+        return {MODE_AXES: f"latent axis {k + 1}", MODE_POINTS: "custom points",
+                MODE_PARTICLES: "mean of particles"}[self.mode.get()]
+
     def getAtlasFile(self) -> str:
         """atlas.png: volumes on a latent grid over the particles' latent density."""
         return self._getGenerateDir("atlas.png")
@@ -452,7 +457,7 @@ class FlexPluginProtGenerate(ProtFlexBase, FlexPluginProtBase, FlexModelInput):
         for series in info["series"]:
             folder = series["folder"]
             montage = "series.png" if folder == "." else f"{folder}.png"
-            files.append({"name": series["name"], "montage": self._getGenerateDir(montage),
+            files.append({"name": self._seriesLabel(len(files)), "montage": self._getGenerateDir(montage),
                           "volumes": [self._getGenerateDir(folder, v) for v in series["volumes"]]})
         return files
 

@@ -183,7 +183,7 @@ class TestFlexResultsProtocols(unittest.TestCase):
         latents = np.array([p.getZFlex() for p in self.train.outputParticles.iterItems()])
         for k in range(K):
             volumes = getattr(prot, f"outputVolumes_{k + 1}")
-            self.assertEqual(volumes.getFlexInfo().getAttr("series"), f"latent {k}")
+            self.assertEqual(volumes.getFlexInfo().getAttr("series"), f"latent axis {k + 1}")
             z = self.checkVolumes(volumes, prot._getGenerateDir(f"series_{k:02d}"), TRAIN_BOX, APIX_TRAIN)
             self.assertEqual(len(z), FRAMES)
             self.assertTrue(np.all(np.diff(z[:, k]) > 0), "the series runs along its axis")
@@ -193,7 +193,7 @@ class TestFlexResultsProtocols(unittest.TestCase):
             np.testing.assert_allclose(others, np.tile(np.median(np.delete(latents, k, axis=1), 0), (FRAMES, 1)),
                                        rtol=1e-4, atol=1e-5)
         self.assertTrue(os.path.exists(prot.getAtlasFile()))
-        self.assertEqual([s["name"] for s in prot.getSeriesFiles()], ["latent 0", "latent 1"])
+        self.assertEqual([s["name"] for s in prot.getSeriesFiles()], ["latent axis 1", "latent axis 2"])
         for s in prot.getSeriesFiles():
             self.assertTrue(os.path.exists(s["montage"]))
         self.assertEqual(prot.summary()[0], f"Generated 2 latent axis series of {FRAMES} volumes at a {TRAIN_BOX} px "
@@ -213,6 +213,7 @@ class TestFlexResultsProtocols(unittest.TestCase):
         np.testing.assert_allclose(z, POINTS, rtol=1e-6)
         np.testing.assert_allclose([v.getZFlex() for v in prot.outputVolumes.iterItems(orderBy="id")], POINTS)
         self.assertFalse(os.path.exists(prot.getAtlasFile()))
+        self.assertEqual(prot.outputVolumes.getFlexInfo().getAttr("series"), "custom points")
         self.assertEqual(prot.summary()[0], f"Generated 2 volumes at the given latent points at a {BOX} px box "
                                             f"({APIX:.3f} Å/px) from {self.train.getRunName()} (outputParticles).")
         log = _log(prot)
