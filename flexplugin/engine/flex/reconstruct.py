@@ -138,10 +138,10 @@ class _HalfProblem:
             zb = self.z[s:s + len(rows)] if flex else None
             loss = 0.5 * ((self.images_ft(rows, zb) - self.model_ft(V, rows, zb)).abs().square() * w).sum()
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         reg = 0.5 * lam * V.square().sum()
         reg.backward()
-        return torch.tensor(total + float(reg))
+        return torch.tensor(total + float(reg.detach()))
 
 
 def _solve(problem: _HalfProblem, V0: torch.Tensor, flex: bool, iterations: int, lam: float,
