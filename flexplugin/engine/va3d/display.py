@@ -9,7 +9,7 @@ Modes:
     width > 0   triangular weights max(0, 1 − |z − c_f| / (width·Δ)), i.e. `width` is the half-width of
                 the window in frames (width 1 is linear interpolation between neighbouring frames; the
                 default 2 lets each particle contribute to ~4 frames, smoother at low particle counts);
-    width = 0   top-hat: the particles with |z − c_f| ≤ Δ/2;
+    width = 0   top-hat: the particles with −Δ/2 ≤ z − c_f < Δ/2;
     width = −1  equal-count bins of the sorted coordinates (no percentile clipping).
   Non-linear changes appear because nothing is interpolated between maps.
 * **cluster**: k-means (k-means++ seeding, Lloyd iterations, seeded) on the coordinates of the selected
@@ -104,10 +104,10 @@ def frame_weights(z: np.ndarray, frames: int, percentile: float, width: float) -
     delta = (c[-1] - c[0]) / max(frames - 1, 1)
     if delta <= 0:
         raise InputError("the coordinates of this component have no spread; nothing to display")
-    d = np.abs(z[None, :] - c[:, None])
-    if width == 0:
-        return (d <= delta / 2).astype(np.float64)
-    return np.clip(1.0 - d / (width * delta), 0.0, None)
+    diff = z[None, :] - c[:, None]
+    if width == 0:  # half-open bins [c − Δ/2, c + Δ/2): each particle in at most one frame
+        return ((diff >= -delta / 2) & (diff < delta / 2)).astype(np.float64)
+    return np.clip(1.0 - np.abs(diff) / (width * delta), 0.0, None)
 
 
 def kmeans(x: np.ndarray, k: int, seed: int = 0, max_iter: int = 300) -> tuple[np.ndarray, np.ndarray]:

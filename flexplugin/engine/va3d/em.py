@@ -124,6 +124,7 @@ class VA3DResult:
     history: list[dict] = field(default_factory=list)
     working_box: int = 0
     working_apix: float = 0.0
+    global_scale: float = 1.0
 
 
 def working_box(box: int, apix: float, filter_res: float, box_crop: int | None = None) -> int:
@@ -501,7 +502,7 @@ class VA3D:
         z = (final["mu"] * norms.numpy()[None, :]).astype(np.float32)
         return VA3DResult(comps, z, self.alpha.numpy().astype(np.float32), (norms.double() ** 2).numpy(),
                           z.var(0).astype(np.float64), final["power_fraction"], list(self.history),
-                          self.m, self.apix_m)
+                          self.m, self.apix_m, self.global_scale)
 
     # ------------------------------------------------------------------ checkpoints
     def state(self, key: dict) -> dict:

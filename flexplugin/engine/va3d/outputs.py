@@ -99,7 +99,7 @@ def write_run_outputs(out: Path, ps, res: VA3DResult, consensus: np.ndarray, arg
     run = {"command": "3dva", "particles": str(Path(ps.star_path).resolve()), "n_particles": len(ps),
            "mask": str(Path(args.mask).resolve()), "volume": str(Path(args.volume).resolve()) if args.volume else None,
            "box": ps.box, "apix": ps.apix, "working_box": res.working_box, "working_apix": res.working_apix,
-           "config": cfg.__dict__, "global_scale": None, "history": res.history,
+           "config": cfg.__dict__, "global_scale": res.global_scale, "history": res.history,
            "objective_final": objective_final, "seconds": seconds, "files": files}
     dump_json(out / "run.json", run)
     return run
