@@ -8,3 +8,5 @@ from .protocol_flex_mesh import FlexPluginProtMeshPrep
 from .protocol_flex_train import FLEX_PROGNAME, FlexPluginProtTrain
 from .protocol_flex_generate import FlexPluginProtGenerate
 from .protocol_flex_reconstruct import FlexPluginProtReconstruct
+from .protocol_3dva import VA3D_PROGNAME, FlexPluginProt3DVA
+from .protocol_3dva_display import FlexPluginProt3DVADisplay

@@ -4,3 +4,6 @@ from .viewer_flex_results import FlexPluginGenerateViewer, FlexPluginReconstruct
 
 __all__ = ["FlexPluginMeshViewer", "FlexPluginTrainViewer", "PngView", "chimeraxProgram",
            "FlexPluginGenerateViewer", "FlexPluginReconstructViewer"]
+from .viewer_3dva import FlexPlugin3DVADisplayViewer, FlexPlugin3DVAViewer  # noqa: E402
+
+__all__ += ["FlexPlugin3DVAViewer", "FlexPlugin3DVADisplayViewer"]
