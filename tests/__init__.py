@@ -10,3 +10,4 @@ from .test_scipion_plugin import *  # noqa: F401,F403
 from .test_scipion_simulate import *  # noqa: F401,F403
 from .test_scipion_flex import *  # noqa: F401,F403
 from .test_scipion_flex_results import *  # noqa: F401,F403
+from .test_scipion_3dva import *  # noqa: F401,F403
