@@ -311,7 +311,8 @@ class FlexPluginProt3DVA(ProtFlexBase, FlexPluginProtBase):
             n = min(n, limit)
         if k and k >= 1 and n < 2 * k:
             errors.append(f"{n} particles are too few for {k} components: use at least {2 * k}.")
-        if self._usesInputScales() and self._getInputScales(parts) is None:
+        first = parts.getFirstItem()
+        if self._usesInputScales() and first is not None and self._particleScale(first) is None:
             errors.append("Per-particle scale 'input' needs particles carrying RELION's rlnCtfScalefactor (or "
                           "rlnGroupScaleCorrection): choose optimal or none.")
         return errors
@@ -358,18 +359,23 @@ class FlexPluginProt3DVA(ProtFlexBase, FlexPluginProtBase):
         return self.scales.get() == SCALES.index("input")
 
     @staticmethod
-    def _getInputScales(parts) -> dict[int, float] | None:
-        """{particle id: RELION scale} when every particle carries one, else None."""
+    def _particleScale(particle) -> float | None:
+        """The RELION scale a particle carries (rlnCtfScalefactor, else rlnGroupScaleCorrection), or None."""
+        for attr in INPUT_SCALE_ATTRS:
+            obj = getattr(particle, attr, None)
+            if obj is not None and obj.get() is not None:
+                return float(obj.get())
+        return None
+
+    @classmethod
+    def _getInputScales(cls, parts) -> dict[int, float]:
+        """{particle id: RELION scale}; raises ValueError naming a particle without one."""
         scales = {}
         for p in parts.iterItems(orderBy="id"):
-            value = None
-            for attr in INPUT_SCALE_ATTRS:
-                obj = getattr(p, attr, None)
-                if obj is not None and obj.get() is not None:
-                    value = float(obj.get())
-                    break
+            value = cls._particleScale(p)
             if value is None:
-                return None
+                raise ValueError(f"particle {p.getObjId()} carries no rlnCtfScalefactor or rlnGroupScaleCorrection: "
+                                 "use the per-particle scale 'optimal' or 'none'")
             scales[int(p.getObjId())] = value
         return scales
 
