@@ -10,6 +10,7 @@ from . import scipion_project  # noqa: F401  (sets up Scipion's environment befo
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 import unittest
@@ -21,10 +22,13 @@ import pandas as pd
 from pwem.constants import ALIGN_NONE, ALIGN_PROJ
 from pwem.objects import (Class3D, FlexInfo, ParticleFlex, SetOfClasses3D, SetOfParticles, SetOfParticlesFlex,
                           SetOfVolumes, Volume, VolumeMask)
+from pyworkflow.object import Float
 from pyworkflow.plugin import Domain
 from pyworkflow.protocol.constants import MODE_RESUME
 from pyworkflow.viewer import MessageView
 
+from flexplugin import Plugin
+from flexplugin.engine.io import read_particles
 from flexplugin.protocols import VA3D_PROGNAME, FlexPluginProt3DVA, FlexPluginProt3DVADisplay
 
 __all__ = ["Test3DVAProtocols"]  # what tests/__init__.py re-exports
@@ -297,6 +301,33 @@ class Test3DVAProtocols(unittest.TestCase):
         self.assertTrue(any("no 3D alignment" in e for e in errors), errors)
         self.assertTrue(any("no CTF" in e for e in errors), errors)
         bare.close()
+
+    def test_input_scales_reach_the_engine(self):
+        """Per-particle scale 'input': RELION's rlnCtfScalefactor of each particle goes into the STAR by id."""
+        scaled = SetOfParticles(filename=os.path.join(self.tmp, "scaled.sqlite"))
+        scaled.copyInfo(self.sim.outputParticles)
+        want = {}
+        for p in self.sim.outputParticles.iterItems(orderBy="id"):
+            q = p.clone()
+            want[q.getObjId()] = 0.8 + 0.001 * q.getObjId()
+            q._rlnCtfScalefactor = Float(want[q.getObjId()])
+            scaled.append(q)
+        scaled.write()
+        prot = self.newVA(scales=1, numberOfComponents=1, iterations=1)
+        prot.inputParticles.set(scaled)
+        self.assertEqual(prot.validate(), [])
+        prot.setWorkingDir(os.path.join(self.tmp, "run"))
+        prot.convertInputStep(1, True)
+        star = read_particles(prot._getInputStarFile())
+        np.testing.assert_allclose(star.table["rlnCtfScalefactor"].to_numpy(),
+                                   [want[int(i)] for i in star.ids], rtol=1e-9)
+        args = [str(a) for a in prot._getVa3dArgs()]
+        self.assertEqual(args[args.index("--scales") + 1], "input")
+        out = subprocess.run(Plugin.getProgram().split() + ["3dva"] + args, capture_output=True, text=True,
+                             env=Plugin.getEnviron(), timeout=300)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(prot.getRunInfo()["config"]["scales"], "input")
+        scaled.close()
 
     def test_scipion_continue_without_consensus(self):
         """No consensus given (reconstructed), K = 1, only part of the particles; then Scipion's Continue."""

@@ -1,0 +1,226 @@
+"""Headless Scipion: the whole flexplugin workflow chained in one real project on tiny simulated data.
+
+simulate → 3D variability analysis → 3D flex mesh prep (on the 3DVA consensus) → 3D flex training seeded from the
+3DVA coordinates (zFlex, by particle id) → 3D flex generate → 3D flex reconstruction. Every output is checked for
+its class, size, ids (the simulated ids all the way through), sampling rate, zFlex dimensions, FlexInfo and files.
+"""
+from . import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
+
+import os
+import time
+import unittest
+
+import numpy as np
+import pandas as pd
+
+from pwem.constants import ALIGN_PROJ
+from pwem.objects import (EMFile, ParticleFlex, SetOfFSCs, SetOfParticlesFlex, SetOfVolumes, SetOfVolumesFlex,
+                          Volume, VolumeFlex, VolumeMask)
+
+from flexplugin.engine.io import read_particles
+from flexplugin.protocols import (FLEX_PROGNAME, VA3D_PROGNAME, FlexPluginProt3DVA, FlexPluginProtGenerate,
+                                  FlexPluginProtMeshPrep, FlexPluginProtReconstruct, FlexPluginProtTrain)
+
+__all__ = ["TestWorkflow"]  # what tests/__init__.py re-exports
+
+N, BOX, APIX = 300, 32, 4.0
+K_VA, K, TRAIN_BOX, EPOCHS = 3, 2, 16, 2
+APIX_TRAIN = APIX * BOX / TRAIN_BOX
+FRAMES, GRID = 3, 3
+CPU = dict(useGpu=False, numberOfThreads=1)
+
+
+def _point(pointer, prot, output: str | None = None) -> None:
+    """Point a PointerParam at a protocol (or at one of its outputs)."""
+    pointer.set(prot)
+    if output:
+        pointer.setExtended(output)
+
+
+def _log(prot) -> str:
+    out, err, _ = prot.getLogsAsStrings()
+    return out + err
+
+
+class TestWorkflow(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.cwd = os.getcwd()
+        cls.seconds = {}
+        project = cls.project = scipion_project.newProject("workflow")
+        cls.sim = cls.timed("simulate", lambda: scipion_project.runSimulate(
+            project, numberOfParticles=N, boxSize=BOX, pixelSize=APIX, snr=0.5, seed=4, stackSize=N))
+
+        va = project.newProtocol(FlexPluginProt3DVA, objLabel="3dva", numberOfComponents=K_VA, iterations=4,
+                                 filterRes=12.0, **CPU)
+        _point(va.inputParticles, cls.sim, "outputParticles")
+        _point(va.inputMask, cls.sim, "outputMask")
+        _point(va.inputVolume, cls.sim, "outputVolume")
+        cls.va = cls.launch("3dva", va)
+
+        mesh = project.newProtocol(FlexPluginProtMeshPrep, objLabel="mesh", numberOfCells=8)
+        _point(mesh.inputVolume, cls.va, "outputVolume")  # the consensus the 3DVA used
+        _point(mesh.inputMask, cls.sim, "outputMask")
+        cls.mesh = cls.launch("mesh", mesh)
+
+        train = project.newProtocol(FlexPluginProtTrain, objLabel="train seeded by 3dva", numberOfLatents=K,
+                                    initComponents="1 2", trainingBox=TRAIN_BOX, epochs=EPOCHS, batchSize=64,
+                                    layers=2, hiddenUnits=16, **CPU)
+        _point(train.inputParticles, cls.va, "outputParticles")  # the 3DVA's SetOfParticlesFlex
+        _point(train.inputVolume, cls.va, "outputVolume")
+        _point(train.meshRun, cls.mesh)
+        cls.train = cls.launch("train", train)
+
+        generate = project.newProtocol(FlexPluginProtGenerate, objLabel="generate", frames=FRAMES, atlasGrid=GRID,
+                                       **CPU)
+        _point(generate.inputTraining, cls.train, "outputParticles")
+        cls.generate = cls.launch("generate", generate)
+
+        recon = project.newProtocol(FlexPluginProtReconstruct, objLabel="reconstruct", iterations=2, batchSize=100,
+                                    **CPU)
+        _point(recon.inputTraining, cls.train)
+        _point(recon.inputMask, cls.sim, "outputMask")
+        cls.recon = cls.launch("reconstruct", recon)
+
+    @classmethod
+    def tearDownClass(cls):
+        print(f"workflow timings (s): { {k: round(v, 1) for k, v in cls.seconds.items()} }, "
+              f"total {sum(cls.seconds.values()):.0f} s")
+        os.chdir(cls.cwd)
+
+    @classmethod
+    def timed(cls, name: str, func):
+        t0 = time.time()
+        result = func()
+        cls.seconds[name] = time.time() - t0
+        return result
+
+    @classmethod
+    def launch(cls, name: str, prot):
+        """Validate, then launch a protocol (timed)."""
+        errors = prot.validate()
+        if errors:
+            raise AssertionError(f"{prot.getClassName()} ({name}) does not validate: {errors}")
+        return cls.timed(name, lambda: scipion_project.launch(cls.project, prot))
+
+    def simIds(self) -> list[int]:
+        return sorted(p.getObjId() for p in self.sim.outputParticles.iterItems())
+
+    def checkParticles(self, parts, progName: str, k: int) -> None:
+        """A SetOfParticlesFlex of the simulated particles (ids, poses, CTF, stacks) with k coordinates each."""
+        self.assertIsInstance(parts, SetOfParticlesFlex)
+        self.assertEqual(parts.getSize(), N)
+        self.assertEqual(parts.getFlexInfo().getProgName(), progName)
+        self.assertEqual(parts.getAlignment(), ALIGN_PROJ)
+        self.assertTrue(parts.hasCTF())
+        self.assertAlmostEqual(parts.getSamplingRate(), APIX)
+        inputs = {p.getObjId(): p.clone() for p in self.sim.outputParticles.iterItems()}
+        ids = []
+        for p in parts.iterItems(orderBy="id"):
+            ids.append(p.getObjId())
+            self.assertIsInstance(p, ParticleFlex)
+            self.assertEqual(len(p.getZFlex()), k)
+            q = inputs[p.getObjId()]
+            np.testing.assert_allclose(p.getTransform().getMatrix(), q.getTransform().getMatrix(), atol=1e-9)
+            self.assertAlmostEqual(p.getCTF().getDefocusV(), q.getCTF().getDefocusV())
+            self.assertEqual(p.getLocation(), q.getLocation())
+        self.assertEqual(ids, self.simIds())
+
+    def test_all_ran(self):
+        for prot in (self.sim, self.va, self.mesh, self.train, self.generate, self.recon):
+            self.assertTrue(prot.isFinished(), prot.getRunName())
+            self.assertEqual(prot.validate(), [], prot.getRunName())
+
+    def test_3dva_outputs(self):
+        self.checkParticles(self.va.outputParticles, VA3D_PROGNAME, K_VA)
+        info = self.va.outputParticles.getFlexInfo()
+        self.assertEqual(info.getAttr("K"), K_VA)
+        self.assertTrue(os.path.exists(os.path.join(info.getAttr("runPath"), "latents.csv")))
+        self.assertIsInstance(self.va.outputVolume, Volume)
+        self.assertAlmostEqual(self.va.outputVolume.getSamplingRate(), APIX)
+        self.assertIsInstance(self.va.outputComponents, SetOfVolumes)
+        self.assertEqual(self.va.outputComponents.getSize(), K_VA)
+
+    def test_mesh_on_3dva_consensus(self):
+        self.assertIsInstance(self.mesh.outputMask, VolumeMask)
+        self.assertIsInstance(self.mesh.outputMesh, EMFile)
+        self.assertAlmostEqual(self.mesh.getMeshExtent(), BOX * APIX)
+        for name, path in self.mesh.getMeshFiles().items():
+            self.assertTrue(os.path.exists(path), name)
+
+    def test_training_seeded_from_3dva(self):
+        train = self.train
+        # the seed file is the 3DVA's zFlex by particle id; components 1 and 2 seed the two latent dims
+        seed = pd.read_csv(train._getInitLatentsFile()).set_index("rlnImageId")
+        self.assertEqual(list(seed.columns), [f"zFlex{i + 1}" for i in range(K_VA)])
+        self.assertEqual(sorted(seed.index), self.simIds())
+        zva = {p.getObjId(): p.getZFlex() for p in self.va.outputParticles.iterItems()}
+        for pid, z in zva.items():
+            np.testing.assert_allclose(seed.loc[pid].to_numpy(), z, rtol=1e-6, atol=1e-6)
+        log = _log(train)
+        self.assertIn("--init-latents", log)
+        self.assertIn("--init-idxs 0,1", log)
+        self.assertIn(f"--k {K}", log)
+
+        self.checkParticles(train.outputParticles, FLEX_PROGNAME, K)
+        info = train.outputParticles.getFlexInfo()
+        self.assertEqual(info.getAttr("latentDim"), K)
+        self.assertEqual(info.getAttr("trainingBox"), TRAIN_BOX)
+        self.assertAlmostEqual(info.getAttr("trainingSamplingRate"), APIX_TRAIN)
+        self.assertEqual(info.getAttr("meshPath"), self.mesh.getMeshFile())
+        for attr in ("modelPath", "checkpointPath", "meshPath"):
+            self.assertTrue(os.path.exists(info.getAttr(attr)), attr)
+        self.assertAlmostEqual(train.outputVolume.getSamplingRate(), APIX_TRAIN)
+        self.assertEqual(train.outputVolume.getDim(), (TRAIN_BOX,) * 3)
+
+        # two epochs from the seed keep its order: latent 1 still follows 3DVA component 1, particle by particle
+        ids = self.simIds()
+        latent = {p.getObjId(): p.getZFlex()[0] for p in train.outputParticles.iterItems()}
+        r = np.corrcoef([latent[i] for i in ids], [zva[i][0] for i in ids])[0, 1]
+        self.assertGreater(abs(r), 0.9, f"latent 1 vs 3DVA component 1: r = {r:.3f}")
+
+    def test_generate(self):
+        gen = self.generate
+        latents = np.array([p.getZFlex() for p in self.train.outputParticles.iterItems()])
+        for k in range(K):
+            vols = getattr(gen, f"outputVolumes_{k + 1}")
+            self.assertIsInstance(vols, SetOfVolumesFlex)
+            self.assertEqual(vols.getSize(), FRAMES)
+            self.assertAlmostEqual(vols.getSamplingRate(), APIX_TRAIN)
+            info = vols.getFlexInfo()
+            self.assertEqual(info.getProgName(), FLEX_PROGNAME)
+            self.assertEqual(info.getAttr("modelPath"), self.train._getTrainDir("model.pt"))
+            self.assertEqual(info.getAttr("series"), f"latent axis {k + 1}")
+            z = []
+            for vol in vols.iterItems(orderBy="id"):
+                self.assertIsInstance(vol, VolumeFlex)
+                self.assertTrue(os.path.exists(vol.getFileName()))
+                self.assertEqual(vol.getDim(), (TRAIN_BOX,) * 3)
+                self.assertAlmostEqual(vol.getSamplingRate(), APIX_TRAIN)
+                z.append(vol.getZFlex())
+            z = np.array(z)
+            self.assertEqual(z.shape, (FRAMES, K))
+            np.testing.assert_allclose(z[[0, -1], k], np.percentile(latents[:, k], [1, 99]), rtol=1e-4, atol=1e-5)
+        self.assertFalse(hasattr(gen, f"outputVolumes_{K + 1}"))
+        self.assertTrue(os.path.exists(gen.getAtlasFile()))
+
+    def test_reconstruction(self):
+        recon = self.recon
+        info = recon.getReconstructInfo()
+        self.assertEqual(info["particles"], N)
+        star = read_particles(recon._getInputStarFile())
+        self.assertEqual(sorted(int(i) for i in star.ids), self.simIds())  # the particles went by id
+        for name in ("outputVolumeFlex", "outputVolumeNoflex"):
+            vol = getattr(recon, name)
+            self.assertIsInstance(vol, Volume)
+            self.assertAlmostEqual(vol.getSamplingRate(), APIX)
+            self.assertEqual(vol.getDim(), (BOX,) * 3)
+            self.assertTrue(all(os.path.exists(f) for f in [vol.getFileName()] + list(vol.getHalfMaps().split(","))))
+        self.assertIsInstance(recon.outputFSCs, SetOfFSCs)
+        self.assertEqual(recon.outputFSCs.getSize(), 2)
+        for path in recon.getPlotFiles().values():
+            self.assertTrue(os.path.exists(path))
+
+
+if __name__ == "__main__":
+    unittest.main()
