@@ -449,6 +449,31 @@ class Test3DVAProtocols(unittest.TestCase):
         self.assertIn(f"{CLUSTERS} clusters of", disp.summary()[0])
         self.assertIn("FSC 0.143", " ".join(disp.summary()))
 
+    def test_display_cluster_without_reconstruction(self):
+        """Clusters of component 1 only, no maps: classes by id without representatives' files, no volume set."""
+        disp = self.newDisplay(objLabel="display cluster no maps", mode=2, frames=3, components="1",
+                               skipReconstruction=True)
+        _point(disp.input3DVA, self.va, "outputParticles")
+        self.launch("display cluster no maps", disp)
+        self.assertIn("--skip-reconstruction", _log(disp))
+        self.assertIn("--device cpu", _log(disp))
+        classes = disp.outputClasses
+        self.assertEqual(classes.getSize(), 3)
+        self.assertFalse(hasattr(disp, "outputVolumes"))
+        self.assertEqual(disp.getClusterMapFiles(), {})
+        z1 = {p.getObjId(): p.getZFlex()[0] for p in self.va.outputParticles.iterItems()}
+        ranges, seen = [], []
+        for cls in classes.iterItems(orderBy="id"):
+            self.assertFalse(cls.getRepresentative().getFileName())
+            members = [p.getObjId() for p in cls.iterItems()]
+            seen += members
+            ranges.append((min(z1[i] for i in members), max(z1[i] for i in members)))
+        self.assertEqual(sorted(seen), self.inputIds())
+        ranges.sort()
+        for (_, hi), (lo, _) in zip(ranges, ranges[1:]):
+            self.assertLess(hi, lo, "k-means on one coordinate makes disjoint intervals")
+        self.assertIn("3 clusters of", disp.summary()[0])
+
     def test_display_validation(self):
         prot = self.newDisplay()
         _point(prot.input3DVA, self.va)
