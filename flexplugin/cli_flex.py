@@ -287,7 +287,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--lr-flow-init", type=float, default=0.005, help="flow LR at the start (0.005)")
     p.add_argument("--lr-flow-final", type=float, default=0.0005, help="flow LR at the end (0.0005)")
     p.add_argument("--lr-density", type=float, default=0.01, help="canonical map LR (0.01)")
-    p.add_argument("--lr-latent", type=float, default=0.05, help="latent LR (per-particle Adam; 0.05)")
+    p.add_argument("--lr-latent", type=float,
+                   help="latent step size (per-particle Adam); default 0.01 when --init-latents seeds them (keeps "
+                        "a good seed), 0.05 from random latents (needed to find the motion)")
     p.add_argument("--rigidity", type=float, default=2.0, help="rigidity prior λ (flex_sv_lam; 2.0)")
     p.add_argument("--latent-noise", type=float, default=0.15, help="noise injection std (flex_latent_samp_std; 0.15)")
     p.add_argument("--latent-prior", type=float, default=20.0,

@@ -163,11 +163,13 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
                       label="Density learning rate",
                       help="Learning rate of the canonical map (cryoSPARC: flex_lr_density_init/_final, default "
                            "0.01).")
-        form.addParam("lrLatent", params.FloatParam, default=0.05, condition=fresh,
-                      validators=[params.Positive], expertLevel=params.LEVEL_ADVANCED,
+        form.addParam("lrLatent", params.FloatParam, default=None, allowsNull=True, condition=fresh,
+                      expertLevel=params.LEVEL_ADVANCED,
                       label="Latent learning rate",
-                      help="Learning rate of the per-particle latent coordinates (flexplugin's per-particle Adam, "
-                           "default 0.05). Lower it if latents jump between epochs.")
+                      help="Step size of the per-particle latent coordinates (flexplugin's per-particle Adam). "
+                           "Empty (default): 0.01 when the latents are seeded (e.g. from 3DVA), which keeps a good "
+                           "seed, and 0.05 from random latents, which is needed to find the motion. Lower it if "
+                           "latents jump between epochs.")
         form.addParam("batchSize", params.IntParam, default=64, condition=fresh, validators=[params.GE(1)],
                       expertLevel=params.LEVEL_ADVANCED,
                       label="Batch size (particles)",
@@ -495,12 +497,13 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
                  "--lr-flow-init", src.lrFlowInit.get(),
                  "--lr-flow-final", src.lrFlowFinal.get(),
                  "--lr-density", src.lrDensity.get(),
-                 "--lr-latent", src.lrLatent.get(),
                  "--rigidity", src.rigidity.get(),
                  "--latent-noise", src.latentNoise.get(),
                  "--latent-prior", src.latentPrior.get(),
                  "--latent-prior-pow", src.latentPriorPow.get(),
                  "--seed", src.seed.get()]
+        if src.lrLatent.get() is not None:  # empty: the engine's automatic step size
+            args += ["--lr-latent", src.lrLatent.get()]
         if self._seedsLatents():
             args += ["--init-latents", self._getInitLatentsFile()]
             comps = self._getInitComponents()

@@ -54,7 +54,7 @@ def test_latent_tracks_true_motion(example, tmp_path):
     seed = _seed(example["gt"])
     init = normalize_init_latents(seed, 2)
     rho_seed = abs(spearmanr(init[:, 0], example["gt"]).correlation)
-    tr = _train(example, rows, TrainConfig(k=2), init, tmp_path)
+    tr = _train(example, rows, TrainConfig(k=2, lr_latent=0.05), init, tmp_path)  # big steps: a poor seed
     z = tr.latents.numpy()
     rho = abs(spearmanr(_first_axis(z), example["gt"]).correlation)
     assert rho >= 0.9 and rho > rho_seed + 0.05, (rho, rho_seed)  # measured 0.94 from 0.80
