@@ -88,10 +88,9 @@ def _config(a: argparse.Namespace, device: str):
 
 
 def cmd_3dva(a: argparse.Namespace) -> None:
-    import torch
     from .engine.errors import InputError
     from .engine.io import write_volume
-    from .engine.va3d.em import CHECKPOINT, VA3D, dump_json, file_digest, run_loop
+    from .engine.va3d.em import CHECKPOINT, VA3D, file_digest, run_loop
     from .engine.va3d.outputs import write_run_outputs
     dev = _device(a.device)
     ps, mask, vol = _check_inputs(a)
@@ -133,8 +132,11 @@ def cmd_3dva(a: argparse.Namespace) -> None:
         floor = _noise_floor(ps, mask, vol, cfg, out, key)
     write_run_outputs(out, ps, res, vol, a, cfg, floor=floor, seconds=time.time() - t0,
                       objective_final=final["objective"])
+    ev = ", ".join(f"{v:.4g}" for v in res.eigenvalues)
+    pf = ", ".join(f"{100 * v:.2f}%" for v in res.power_fraction)
+    print(f"3dva: component variances [{ev}], residual power explained [{pf}]"
+          + (f"; noise floor {floor['floor_eigenvalue']:.4g}" if floor else ""), flush=True)
     print(f"3dva: done in {time.time() - t0:.0f} s; outputs in {out}", flush=True)
-    del torch, dump_json
 
 
 def _noise_floor(ps, mask, vol, cfg, out: Path, key: dict) -> dict:

@@ -48,8 +48,18 @@ experiment on the built-in example (tests/test_va3d.py):
   noise statistics, CTFs, pose distribution and the number of parameters stay. Its largest explained
   variance is the floor that a real component must exceed.
 
-Checkpoints (`checkpoint.pt`) are written atomically after every iteration; `resume=True` continues
-from the last one and reproduces the uninterrupted run.
+Checkpoints (`checkpoint.pt`) are written atomically after every iteration; restoring one and iterating
+on reproduces the uninterrupted run bit for bit on CPU (tests/test_va3d.py).
+
+Measured on the built-in example (2,000 particles, box 64, 2 Å/px, SNR 0.1, K = 3, 8 Å → working box 32,
+exact consensus given; |Spearman ρ| of coordinate 0 with the true motion; eigenvalues of components 0–2):
+* default, 12 iterations: ρ 0.952, eigenvalues 10555 / 3846 / 1440; pose-shuffled floor 1235 (the arc
+  of z0 against z1 is the non-linear hinge+twist seen by a linear model); 20 iterations: ρ 0.952;
+* consensus reconstructed from the particles instead: ρ 0.951; white noise model: ρ 0.952;
+  `scales none`: ρ 0.951; high-pass 30 Å: ρ 0.935;
+* without the PX-EM step the variances are still growing after 12 iterations (743 vs 1330 for
+  component 0 in the per-iteration log, objective 386.63 vs 386.44): plain PPCA EM converges slowly;
+* the same object without motion: eigenvalues 820 / 693 / 643 against a floor of 782: at the floor.
 """
 from __future__ import annotations
 
