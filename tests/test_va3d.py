@@ -315,7 +315,7 @@ def test_display_simple(small_run, tmp_path):
     assert v.data.shape == (20, 20, 20) and np.isclose(float(v.voxel_size.x), 4.0 * 32 / 24, rtol=1e-4)
 
 
-def test_display_intermediates_and_cluster(small_run, tmp_path):
+def test_display_intermediates_and_cluster(small_run, small_data, tmp_path):
     out = tmp_path / "inter"
     assert va3d_main(["3dva-display", "--run", str(small_run), "--out", str(out), "--mode", "intermediates",
                       "--frames", "3", "--components", "0", "--frame-particles", "--device", "cpu"]) == 0
@@ -324,6 +324,15 @@ def test_display_intermediates_and_cluster(small_run, tmp_path):
         assert (out / "component_000" / f"frame_{f:03d}.mrc").exists()
         assert (out / "component_000" / f"frame_{f:03d}_particles.star").exists()
     assert all(r is not None and r < 40 for r in s["components"][0]["frame_resolution_0143_A"])
+    # the frames walk through the true states: match each frame's deviation from the mean state
+    gt = np.stack([mrcfile.read(small_data / "gt" / f"state_{i:03d}.mrc") for i in range(9)])
+    mask = mrcfile.read(small_data / "mask.mrc")
+    dev = (gt - gt.mean(0)) * mask
+    best = []
+    for f in range(3):
+        d = (mrcfile.read(out / "component_000" / f"frame_{f:03d}.mrc") - gt.mean(0)) * mask
+        best.append(int(np.argmax([(d * g).sum() / np.linalg.norm(g) for g in dev])))
+    assert abs(best[0] - best[2]) >= 4 and min(best[0], best[2]) <= best[1] <= max(best[0], best[2]), best
     out = tmp_path / "cluster"
     assert va3d_main(["3dva-display", "--run", str(small_run), "--out", str(out), "--mode", "cluster",
                       "--frames", "3", "--device", "cpu"]) == 0
