@@ -101,8 +101,10 @@ def test_axis_series_and_points(trained, tmp_path):
 
 def test_flex_reconstruction_beats_rigid_in_the_moving_region(trained):
     r = flex_reconstruct(trained["model"], trained["ps"], iterations=10, mask=trained["moving"])
-    # half-map FSC inside the mask around the moving domain (box 32, 4 Å/px: Nyquist 8 Å)
-    assert r.res_flex <= r.res_noflex, (r.res_flex, r.res_noflex)  # measured 8.50 vs 8.65 Å at 0.143
+    # half-map FSC inside the mask around the moving domain (box 32, 4 Å/px: Nyquist 8 Å). At 0.143 both curves
+    # reach the last shells (measured 8.50 vs 8.65 Å), so that criterion only may not be worse; the 0.5
+    # criterion, still inside the band, is where the difference shows
+    assert r.res_flex <= r.res_noflex + 0.1, (r.res_flex, r.res_noflex)
     res05_flex, res05_noflex = fsc_resolution(r.fsc_flex, 4.0, 0.5), fsc_resolution(r.fsc_noflex, 4.0, 0.5)
     assert res05_flex < res05_noflex - 0.3, (res05_flex, res05_noflex)  # measured 9.9 vs 11.5 Å
     assert r.fsc_flex[1:].sum() > r.fsc_noflex[1:].sum()
