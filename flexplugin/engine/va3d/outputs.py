@@ -36,11 +36,15 @@ def component_labels(k: int) -> list[str]:
     return [STAR_COMPONENT.format(i + 1) for i in range(k)]
 
 
-def _write_star_with_latents(src: str, dst: Path, n_rows: int, z: np.ndarray, scales: np.ndarray) -> None:
+def _write_star_with_latents(src: str, dst: Path, ids: np.ndarray, z: np.ndarray, scales: np.ndarray) -> None:
+    """The source STAR's first len(ids) rows (the particles used, in order) plus the coordinate columns;
+    rlnImageId is added when the source has none (io.ParticleSet's ids are then the 1-based rows)."""
     blocks = starfile.read(src, always_dict=True)
     key = "particles" if "particles" in blocks else next(k for k, v in blocks.items()
                                                          if isinstance(v, pd.DataFrame) and "rlnImageName" in v)
-    t = blocks[key].iloc[:n_rows].copy()
+    t = blocks[key].iloc[:len(ids)].copy()
+    if ID_LABEL not in t:
+        t.insert(0, ID_LABEL, ids)
     for i, lab in enumerate(component_labels(z.shape[1])):
         t[lab] = z[:, i].astype(np.float64)
     t[STAR_SCALE] = scales.astype(np.float64)
@@ -66,7 +70,7 @@ def write_run_outputs(out: Path, ps, res: VA3DResult, consensus: np.ndarray, arg
     ids = ps.ids
     df = pd.DataFrame({ID_LABEL: ids} | {f"z{k}": res.latents[:, k] for k in range(K)} | {"scale": res.scales})
     df.to_csv(out / "latents.csv", index=False, float_format="%.7g")
-    _write_star_with_latents(ps.star_path, out / "particles_3dva.star", len(ps), res.latents, res.scales)
+    _write_star_with_latents(ps.star_path, out / "particles_3dva.star", ids, res.latents, res.scales)
     ev = res.eigenvalues
     comps = []
     for k in range(K):
