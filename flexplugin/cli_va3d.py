@@ -41,6 +41,8 @@ def _check_inputs(a: argparse.Namespace):
     from .engine.io import check_volume_matches, read_mask, read_particles, read_volume
     if a.k < 1:
         raise InputError(f"--k must be at least 1 (number of components), got {a.k}")
+    if a.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {a.batch_size}")
     if a.iterations < 1:
         raise InputError(f"--iterations must be at least 1, got {a.iterations}")
     if a.lam < 0:

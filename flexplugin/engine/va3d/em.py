@@ -465,8 +465,9 @@ class VA3D:
 
     # ------------------------------------------------------------------ results
     def eigenvalues_m(self) -> np.ndarray:
-        """Σ over the m³ grid of W_k² (z ~ N(0, I)): the model variance along each component."""
-        return self.W.reshape(self.K, -1).square().sum(1).double().cpu().numpy()
+        """Model variance along each component (z ~ N(0, I)): Σ W_k² over the m³ grid times (n/m)³, which by
+        Parseval equals the sum over the full n³ box of the Fourier-padded component (the output units)."""
+        return self.W.reshape(self.K, -1).square().sum(1).double().cpu().numpy() * (self.n / self.m) ** 3
 
     @staticmethod
     def subspace_change(W0: torch.Tensor | None, W1: torch.Tensor) -> float:
