@@ -17,14 +17,8 @@ ID = "rlnImageId"
 STAR_LABEL = "rlnFlex3dvaComponent{}"  # 1-based, like RELION's class numbers
 
 
-def _device(name: str):
-    from .cli import _device as dev
-    return dev(name)
-
-
-def _add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:N (default: auto)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+from .cli import _add_common as _add_device  # noqa: E402  --device/--threads, defined once in cli.py
+from .cli import _device  # noqa: E402
 
 
 def _positive_float(s: str) -> float:
