@@ -9,13 +9,14 @@ import unittest
 
 import pyworkflow as pw
 import pyworkflow.protocol.params as params
+from pyworkflow.protocol.constants import GPU_LIST, USE_GPU
 from pyworkflow.plugin import Domain
 
 import flexplugin
 from flexplugin import Plugin
 from flexplugin.protocols import FlexPluginProtBase, FlexPluginProtSimulate
 
-__all__ = ["TestPluginDiscovery", "TestProtocolsConf", "TestCitations", "TestBaseProtocol"]  # re-exported
+__all__ = ["TestPluginDiscovery", "TestProtocolsConf", "TestCitations", "TestBaseProtocol", "TestHelpTexts"]  # re-exported
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(flexplugin.__file__))
 
@@ -144,6 +145,44 @@ class TestBaseProtocol(unittest.TestCase):
         prot.boxSize.set(32)
         prot.snr.set(0.0)
         self.assertTrue(prot.validate())
+
+
+def _pluginProtocols() -> list[type]:
+    """Every protocol class the plugin exports (the hidden base excluded): new protocols are covered too."""
+    import inspect
+    import flexplugin.protocols as mod
+    return [c for _, c in inspect.getmembers(mod, inspect.isclass)
+            if issubclass(c, FlexPluginProtBase) and not c.isBase()]
+
+
+class TestHelpTexts(unittest.TestCase):
+    def test_every_parameter_has_a_label_and_a_help_text(self):
+        """Users read the help (the ? button) to learn units, defaults and when to change a value."""
+        classes = _pluginProtocols()
+        self.assertGreaterEqual(len(classes), 7)
+        missing = []
+        for cls in classes:
+            prot = cls()
+            for name, param in prot._definition.iterAllParams():
+                if isinstance(param, params.ElementGroup):  # a row or box grouping other params
+                    continue
+                label, text = param.label.get(), param.help.get()
+                if name in (USE_GPU, GPU_LIST):  # hidden: Scipion draws them in the form's header
+                    label = label or name
+                if not label or not text or len(text) < 40:
+                    missing.append(f"{cls.__name__}.{name}: {text!r}")
+        self.assertEqual(missing, [], "parameters without a useful help text")
+
+    def test_every_protocol_has_a_docstring_summary_methods_and_citations(self):
+        """The help of a protocol comes from its docstring; a new run's summary says it is not ready."""
+        for cls in _pluginProtocols():
+            with self.subTest(cls=cls.__name__):
+                self.assertGreater(len((cls.__doc__ or "").strip()), 80)
+                prot = cls()
+                self.assertTrue(prot._summary(), "an unfinished run's summary must say so")
+                self.assertIsInstance(prot._methods(), list)
+                for key in prot._citations():
+                    self.assertIn(key, flexplugin._bibtex)
 
 
 if __name__ == "__main__":
