@@ -10,3 +10,4 @@ from .protocol_flex_generate import FlexPluginProtGenerate
 from .protocol_flex_reconstruct import FlexPluginProtReconstruct
 from .protocol_3dva import VA3D_PROGNAME, FlexPluginProt3DVA
 from .protocol_3dva_display import FlexPluginProt3DVADisplay
+from .protocol_subset import FlexPluginProtSubset
