@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Reference programs and data for the oracle tests (tests/test_ref_*.py). Nothing here is vendored: RELION
-# comes from Debian/Ubuntu, the cisTEM and cryoDRGN reference files from the published sdists' test data,
-# unpacked into the cache folder $2 (the tests find it through $FLEXPLUGIN_REFDATA, default .cache/refdata).
-# Idempotent: a second run only checks what is there. Whatever cannot be set up is reported; the tests
-# that need it skip locally and fail under CI=true.
+# Reference programs and data for the oracle tests (tests/test_ref_*.py), and Xvfb for the GUI tests
+# (tests/test_gui.py). Nothing here is vendored: RELION and Xvfb come from Debian/Ubuntu, the cisTEM and cryoDRGN
+# reference files from the published sdists' test data, unpacked into the cache folder $2 (the tests find it
+# through $FLEXPLUGIN_REFDATA, default .cache/refdata). Idempotent: a second run only checks what is there.
+# Whatever cannot be set up is reported; the tests that need it skip locally and fail under CI=true.
 set -euo pipefail
 PY=${1:-.venv/bin/python}
 CACHE=${2:-.cache/refdata}
@@ -24,6 +24,27 @@ if ! command -v relion_project >/dev/null 2>&1 || ! command -v relion_reconstruc
   else
     echo "test-setup: relion_project/relion_reconstruct not available (install the 'relion' package as root);" \
          "the RELION oracle tests will be skipped (or fail under CI=true)"
+  fi
+fi
+
+# --- Xvfb for the GUI tests (tests/test_gui.py): Debian's xvfb, and x11-xkb-utils for its keymap ------------
+if ! command -v Xvfb >/dev/null 2>&1 || ! command -v xkbcomp >/dev/null 2>&1; then
+  SUDO=
+  if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; fi
+  if { [ "$(id -u)" = 0 ] || [ -n "$SUDO" ]; } && command -v apt-get >/dev/null 2>&1; then
+    echo "test-setup: installing xvfb and x11-xkb-utils for the headless GUI tests"
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get install -y -qq xvfb x11-xkb-utils >/dev/null 2>&1 || \
+      { $SUDO apt-get update -qq >/dev/null 2>&1 && $SUDO apt-get install -y -qq xvfb x11-xkb-utils >/dev/null 2>&1; } || true
+  fi
+  missing_x=
+  command -v Xvfb >/dev/null 2>&1 || missing_x="$missing_x Xvfb (package xvfb)"
+  command -v xkbcomp >/dev/null 2>&1 || missing_x="$missing_x xkbcomp (package x11-xkb-utils)"
+  if [ -z "$missing_x" ]; then
+    echo "test-setup: Xvfb installed"
+  else
+    echo "test-setup: not available:$missing_x (install them as root); the GUI tests will be skipped" \
+         "(or fail under CI=true)"
   fi
 fi
 
