@@ -12,3 +12,4 @@ from .test_scipion_flex import *  # noqa: F401,F403
 from .test_scipion_flex_results import *  # noqa: F401,F403
 from .test_scipion_3dva import *  # noqa: F401,F403
 from .test_scipion_workflow import *  # noqa: F401,F403
+from .test_scipion_chaining import *  # noqa: F401,F403

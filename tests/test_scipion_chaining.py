@@ -328,6 +328,9 @@ class TestChaining(unittest.TestCase):
         self.assertIsInstance(out, SetOfParticlesFlex)
         self.assertEqual(sorted(out.getIdSet()), sorted(set(full.getIdSet()) - set(box.getIdSet())))
         self.assertEqual(out.getFlexInfo().getProgName(), VA3D_PROGNAME)
+        self.assertTrue(out.hasCTF())
+        self.assertEqual(out.getAlignment(), ALIGN_PROJ)
+        self.assertEqual(out.getFlexInfo().getAttr("K"), K)
         for i, z in _latents(out).items():
             np.testing.assert_array_equal(z, latents[i])
 
@@ -340,6 +343,9 @@ class TestChaining(unittest.TestCase):
         self.assertIsInstance(union, SetOfParticlesFlex)
         self.assertEqual(sorted(union.getIdSet()), sorted(set(box.getIdSet()) | set(clusters.getIdSet())))
         self.assertEqual(union.getFlexInfo().getProgName(), VA3D_PROGNAME)
+        self.assertTrue(union.hasCTF())
+        self.assertEqual(union.getAlignment(), ALIGN_PROJ)
+        self.assertEqual(union.getFlexInfo().getAttr("K"), K)
         for i, z in _latents(union).items():
             np.testing.assert_array_equal(z, latents[i])
 
