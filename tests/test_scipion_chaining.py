@@ -315,6 +315,22 @@ class TestChaining(unittest.TestCase):
         self.assertIn("No particle lies in the region", prot.getErrorMessage())
         self.assertIn("widen the region", prot.getErrorMessage())
 
+    def test_subset_viewer(self):
+        from flexplugin.viewers import PngView
+        from flexplugin.viewers.viewer_subset import FlexPluginSubsetViewer
+        from pwem.viewers import ObjectView
+        viewer = FlexPluginSubsetViewer(project=self.project, protocol=self.clusters)
+        viewer.setProtocol(self.clusters)
+        visualize = viewer._getVisualizeDict()
+        views = visualize["showSelection"]("showSelection")
+        self.assertEqual(len(views), 1)
+        self.assertIsInstance(views[0], PngView)
+        self.assertEqual(views[0].getImagePath(), os.path.abspath(self.clusters.getPlotFile()))
+        views = visualize["showParticles"]("showParticles")
+        self.assertIsInstance(views[0], ObjectView)
+        self.assertEqual(os.path.abspath(views[0].getPath()),
+                         os.path.abspath(self.clusters.outputParticles.getFileName()))
+
     # ------------------------------------------------------------ framework protocols on our outputs
     def test_pwem_subset_and_join_of_particles_flex(self):
         full, box, clusters = self.va.outputParticles, self.box.outputParticles, self.clusters.outputParticles
