@@ -5,8 +5,8 @@ not in stack order, three .mrcs stacks of which two start at index > 1), importe
 from a Scipion sqlite; a tiny 3DVA on it must map every result back by id (zFlex against latents.csv, locations and
 poses against the import, images reaching the engine against the original ones, coordinate 1 following each
 particle's simulated motion). Output to the framework: FlexPluginProtSubset (box, clusters, sphere) checked
-exactly against numpy, pwem's subset / join sets on our SetOfParticlesFlex and subset of our SetOfVolumes, and a
-3DVA run downstream of a latent subset.
+exactly against numpy, pwem's subset / join sets / filter set (a zFlex formula) on our SetOfParticlesFlex and subset
+of our SetOfVolumes, and a 3DVA run downstream of a latent subset.
 """
 from . import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
 
@@ -22,7 +22,7 @@ import pandas as pd
 
 from pwem.constants import ALIGN_PROJ
 from pwem.objects import ParticleFlex, SetOfParticles, SetOfParticlesFlex, SetOfVolumes
-from pwem.protocols import ProtImportParticles, ProtSubSet, ProtUnionSet
+from pwem.protocols import ProtImportParticles, ProtSetFilter, ProtSubSet, ProtUnionSet
 
 from flexplugin.engine.io import read_particles
 from flexplugin.protocols import VA3D_PROGNAME, FlexPluginProt3DVA, FlexPluginProtSubset
@@ -364,6 +364,22 @@ class TestChaining(unittest.TestCase):
         self.assertEqual(union.getFlexInfo().getAttr("K"), K)
         for i, z in _latents(union).items():
             np.testing.assert_array_equal(z, latents[i])
+
+    def test_pwem_filter_set_by_a_latent_range(self):
+        """pwem's 'filter set' with a formula on zFlex: the framework's own way to cut a latent range."""
+        filt = self.project.newProtocol(ProtSetFilter, objLabel="pwem filter z1 > 0", operation=0,
+                                        formula="item.getZFlex()[0] > 0")
+        _point(filt.inputSet, self.va, "outputParticles")
+        self.launch("pwem filter", filt)
+        out = filt.outputParticles
+        latents = _latents(self.va.outputParticles)
+        self.assertIsInstance(out, SetOfParticlesFlex)
+        self.assertEqual(sorted(out.getIdSet()), sorted(i for i, z in latents.items() if z[0] > 0))
+        for i, z in _latents(out).items():
+            np.testing.assert_array_equal(z, latents[i])
+        self.assertTrue(out.hasCTF())
+        self.assertEqual(out.getAlignment(), ALIGN_PROJ)
+        self.assertEqual(out.getFlexInfo().getProgName(), VA3D_PROGNAME)
 
     def test_pwem_subset_of_components(self):
         sub = self.project.newProtocol(ProtSubSet, objLabel="pwem subset volumes", selectIds=True, range="2")
