@@ -122,8 +122,8 @@ class FlexPluginProtSubset(ProtFlexBase, FlexPluginProtBase):
 
         keptIds = set(int(i) for i in ids[keep])
         flexSet = self._createSetOfParticlesFlex(progName=inputSet.getFlexInfo().getProgName())
-        flexSet.copyInfo(inputSet)  # sampling, alignment, acquisition, FlexInfo: not the CTF flag
-        flexSet.setHasCTF(inputSet.hasCTF())
+        flexSet.copyInfo(inputSet)  # sampling, alignment, acquisition, FlexInfo
+        flexSet.setHasCTF(inputSet.hasCTF())  # copyInfo copies it only between sets of the very same class
         plainSet = self._createSetOfParticles(suffix="_plain")
         plainSet.copyInfo(inputSet)
         plainSet.setHasCTF(inputSet.hasCTF())
