@@ -6,31 +6,72 @@ argument lists for these subcommands and run them through Scipion's runJob.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+CPU_FALLBACK_ENV = "FLEXPLUGIN_CPU_FALLBACK"  # "1": a missing GPU runs the job on the CPU (Scipion sets it)
+
+
+def _gpu_listing(torch) -> str:
+    n = torch.cuda.device_count()
+    if n == 0:
+        return "no GPU is visible"
+    names = ", ".join(f"{i}: {torch.cuda.get_device_name(i)}" for i in range(n))
+    return f"this machine has {n} GPU{'s' if n > 1 else ''} ({names})"
+
+
+def resolve_device(name: str, cpu_fallback: bool = False, log=None) -> str:
+    """The torch device for --device: 'auto' picks CUDA when present; a GPU that is missing (no CUDA, or an id
+    beyond the GPUs present) is an InputError naming the GPUs, or with `cpu_fallback` a WARNING and 'cpu'."""
+    import torch
+    from .engine.errors import InputError
+    name = name.strip()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not name.startswith("cuda"):
+        try:
+            return str(torch.device(name))
+        except RuntimeError as e:
+            raise InputError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N ({e})") from None
+    try:
+        idx = int(name.split(":", 1)[1]) if ":" in name else 0
+    except ValueError:
+        raise InputError(f"--device {name!r}: the GPU id must be a number, e.g. cuda:0") from None
+    if not torch.cuda.is_available():
+        problem = (f"--device {name} asks for a GPU but CUDA is not available here ({_gpu_listing(torch)}; "
+                   f"torch {torch.__version__})")
+    elif idx >= torch.cuda.device_count() or idx < 0:
+        problem = f"--device {name}: GPU {idx} does not exist ({_gpu_listing(torch)})"
+    else:
+        return f"cuda:{idx}"
+    if cpu_fallback:
+        (log or (lambda m: print(m, flush=True)))(  # stdout: in order with the progress lines of the log
+            f"WARNING: {problem}; running on the CPU instead (--cpu-fallback). This is much slower.")
+        return "cpu"
+    raise InputError(f"{problem}. Use --device cpu, give an existing GPU id, or pass --cpu-fallback (environment "
+                     f"{CPU_FALLBACK_ENV}=1; in Scipion: 'Fall back to the CPU') to run on the CPU when the GPU is "
+                     "missing")
+
 
 def _device(name: str) -> "torch.device":  # noqa: F821
-    """Resolve --device: 'auto' picks CUDA when present; a missing GPU id is a clear error."""
+    """--device as a torch.device (main() has already resolved it, applying --cpu-fallback)."""
     import torch
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise SystemExit(f"error: --device {name} asked for a GPU but CUDA is not available here; "
-                             "use --device cpu")
-        idx = int(name.split(":")[1]) if ":" in name else 0
-        if idx >= torch.cuda.device_count():
-            raise SystemExit(f"error: GPU {idx} does not exist (this machine has {torch.cuda.device_count()})")
-    return torch.device(name)
+    return torch.device(resolve_device(name))
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--cpu-fallback", action=argparse.BooleanOptionalAction, default=None,
+                   help="when the GPU asked for is missing (no CUDA, or no such id), print a WARNING and run on the "
+                        f"CPU instead of stopping (default: off, or on when {CPU_FALLBACK_ENV}=1)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
 
 
@@ -43,6 +84,7 @@ def cmd_simulate(a: argparse.Namespace) -> None:
 
 def cmd_reconstruct(a: argparse.Namespace) -> None:
     import torch
+    from .engine.atomic import save_plot, savetxt, write_json
     from .engine.io import read_mask, read_particles, write_volume, check_volume_matches
     from .engine.reconstruct import reconstruct_particles
     from .plots import plot_fsc, plot_slices
@@ -64,12 +106,12 @@ def cmd_reconstruct(a: argparse.Namespace) -> None:
     for name, v in (("map.mrc", r.full), ("half1.mrc", r.half1), ("half2.mrc", r.half2)):
         write_volume(out / name, v, ps.apix)
     freq = np.arange(len(r.fsc)) / (ps.box * ps.apix)
-    np.savetxt(out / "fsc.txt", np.stack([freq, r.fsc], 1), header="frequency_1/A fsc_half_maps", fmt="%.6f")
-    plot_fsc({"half maps" + (" (masked)" if mask is not None else ""): r.fsc}, ps.apix, out / "fsc.png")
-    plot_slices({"map": r.full}, out / "map_slices.png")
+    savetxt(out / "fsc.txt", np.stack([freq, r.fsc], 1), header="frequency_1/A fsc_half_maps", fmt="%.6f")
+    save_plot(plot_fsc, out / "fsc.png", {"half maps" + (" (masked)" if mask is not None else ""): r.fsc}, ps.apix)
+    save_plot(plot_slices, out / "map_slices.png", {"map": r.full})
     summary = {"particles": len(ps), "half_counts": list(r.counts), "apix": ps.apix, "box": ps.box,
                "resolution_0143_A": r.res_0143, "resolution_05_A": r.res_05, "seconds": time.time() - t0}
-    (out / "reconstruct.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "reconstruct.json", summary)
     print(f"reconstruct: resolution {r.res_0143:.2f} Å (FSC 0.143), {r.res_05:.2f} Å (FSC 0.5); "
           f"outputs in {out}", flush=True)
 
@@ -110,18 +152,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .engine.errors import InputError
-    args = build_parser().parse_args(argv)
-    if getattr(args, "threads", 0):
-        import torch
-        torch.set_num_threads(args.threads)
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed subcommand; bad input → `error: …` and status 2, a full disk → status 3 (see engine.errors)."""
+    from .engine.errors import EXIT_DISK_FULL, EXIT_INPUT, DiskFullError, InputError
     try:
+        if hasattr(args, "device"):
+            fallback = args.cpu_fallback if args.cpu_fallback is not None else _env_flag(CPU_FALLBACK_ENV)
+            args.device = resolve_device(args.device, fallback)
+        if getattr(args, "threads", 0):
+            import torch
+            torch.set_num_threads(args.threads)
         args.func(args)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_INPUT
+    except DiskFullError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_DISK_FULL
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ text) with cryoSPARC's default, unless stated.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -18,6 +17,8 @@ ID = "rlnImageId"
 
 from .cli import _add_common as _add_device  # noqa: E402  --device/--threads, defined once in cli.py
 from .cli import _device  # noqa: E402
+from .engine.atomic import (atomic_path, save_npy, save_plot, savetxt, to_csv, torch_save,  # noqa: E402
+                            write_json)
 
 
 def _int_list(s: str | None) -> list[int] | None:
@@ -109,11 +110,11 @@ def cmd_flex_mesh(a: argparse.Namespace) -> None:
     save_mesh(mesh, out / "mesh.pkl")
     write_mesh_pdb(mesh, out / "mesh.pdb")
     write_volume(out / "mesh_mask.mrc", mesh.mask_soft, apix)
-    plot_mesh(vol, mesh.tetraidx_map(), mesh.rweights, out / "mesh_slices.png")
+    save_plot(plot_mesh, out / "mesh_slices.png", vol, mesh.tetraidx_map(), mesh.rweights)
     info = {"vertices": int(len(mesh.points)), "cells": int(len(mesh.cells)), "box": mesh.N, "apix": apix,
             "cells_across": a.cells, "rigidity_min": float(mesh.rweights.min()),
             "rigidity_max": float(mesh.rweights.max()), "segments": sorted(set(mesh.cell_segment.tolist()))}
-    (out / "mesh.json").write_text(json.dumps(info, indent=2))
+    write_json(out / "mesh.json", info)
     print(f"flex-mesh: {info['vertices']} vertices, {info['cells']} tetrahedra over the mask; "
           f"mesh.pkl, mesh.pdb, mesh_slices.png in {out}", flush=True)
 
@@ -180,9 +181,9 @@ def _write_outputs(trainer, ps, out: Path, mesh_path: str) -> dict:
     from .plots_flex import plot_activations, plot_flow, plot_latents, plot_losses
     z = trainer.latents.cpu().numpy().astype(np.float32)
     ids = ps.ids
-    np.save(out / "latents.npy", z)
+    save_npy(out / "latents.npy", z)
     cols = {LATENT_LABEL.format(k + 1): z[:, k] for k in range(z.shape[1])}
-    pd.DataFrame({ID: ids, **cols}).to_csv(out / "latents.csv", index=False)
+    to_csv(pd.DataFrame({ID: ids, **cols}), out / "latents.csv", index=False)
     table = ps.table.copy()
     for c, v in cols.items():
         table[c] = v
@@ -194,21 +195,19 @@ def _write_outputs(trainer, ps, out: Path, mesh_path: str) -> dict:
         state["mesh_pickle"] = fh.read()
     for k in ("opt_flow", "opt_density", "opt_latent"):
         state.pop(k)
-    tmp = out / "model.pt.tmp"
-    torch.save(state, tmp)
-    tmp.replace(out / "model.pt")
+    torch_save(state, out / "model.pt")
     # diagnostics
-    plot_latents(z, out / "latents.png")
-    plot_losses(trainer.history, out / "losses.png")
+    save_plot(plot_latents, out / "latents.png", z)
+    save_plot(plot_losses, out / "losses.png", trainer.history)
     t = np.linspace(-1.5, 1.5, 121)
     zz = torch.zeros(len(t), z.shape[1])
     zz[:, 0] = torch.as_tensor(t)
     with torch.no_grad():
         _, acts = trainer.gen(zz.to(trainer.dev), return_activations=True)
-    plot_activations(t, [a.cpu().numpy() for a in acts], out / "activations.png")
+    save_plot(plot_activations, out / "activations.png", t, [a.cpu().numpy() for a in acts])
     far = int(np.argmax(z[:, 0]))
     flow = trainer.flow_for(torch.as_tensor(z[far:far + 1]))[0].cpu().numpy()
-    plot_flow(canon, flow, out / "flow.png",
+    save_plot(plot_flow, out / "flow.png", canon, flow,
               title=f"flow of particle id {ids[far]} (furthest along latent 0, z0 = {z[far, 0]:.2f})")
     return {"particle_furthest_along_latent0": int(ids[far]), "max_displacement_A": float(np.abs(flow).max())}
 
@@ -256,7 +255,7 @@ def cmd_flex_train(a: argparse.Namespace) -> None:
     info = _write_outputs(trainer, ps, out, a.mesh)
     info.update({"epochs_done": trainer.epoch, "seconds": time.time() - t0, "k": cfg.k, "train_box": spec.train,
                  "apix_train": spec.apix_train, "crop": spec.crop, "particles": len(ps), "scale": trainer.scale})
-    (out / "train.json").write_text(json.dumps(info, indent=2))
+    write_json(out / "train.json", info)
     print(f"flex-train: done after {trainer.epoch} epochs; model.pt, latents.npy/csv, particles_flex.star, "
           f"canonical.mrc and plots in {out}", flush=True)
 
@@ -306,16 +305,14 @@ def _write_series(vols: np.ndarray, points: np.ndarray, folder: Path, apix: floa
     names = []
     for i, (v, z) in enumerate(zip(vols, points)):
         name = f"vol_{first + i:03d}.mrc"
-        tmp = folder / (name + ".tmp")
-        with mrcfile.new(tmp, overwrite=True) as m:
+        with atomic_path(folder / name) as tmp, mrcfile.new(tmp, overwrite=True) as m:
             m.set_data(np.ascontiguousarray(v, dtype=np.float32))
             m.voxel_size = apix
             m.header.label[1] = ("flexplugin z=" + ",".join(f"{x:.5f}" for x in z)).encode()[:80]
             m.header.nlabl = 2
-        tmp.replace(folder / name)
         names.append(name)
     cols = {f"z{k}": points[:, k] for k in range(points.shape[1])}
-    pd.DataFrame({"volume": names, **cols}).to_csv(folder / "points.csv", index=False)
+    to_csv(pd.DataFrame({"volume": names, **cols}), folder / "points.csv", index=False)
     return names
 
 
@@ -356,13 +353,13 @@ def cmd_flex_generate(a: argparse.Namespace) -> None:
         vols = model.volumes(pts, m, canonical)
         names = _write_series(vols, pts, out, apix_m)
         summary["series"].append({"name": "points", "folder": ".", "volumes": names})
-        plot_series(vols, out / "series.png", "generated at the given points")
+        save_plot(plot_series, out / "series.png", vols, "generated at the given points")
     else:
         for k, pts in enumerate(axis_series(model.latents, a.frames, a.percentile)):
             vols = model.volumes(pts, m, canonical)
             folder = out / f"series_{k:02d}"
             names = _write_series(vols, pts, folder, apix_m)
-            plot_series(vols, out / f"series_{k:02d}.png", f"latent {k}: {pts[0, k]:.2f} → {pts[-1, k]:.2f}")
+            save_plot(plot_series, out / f"series_{k:02d}.png", vols, f"latent {k}: {pts[0, k]:.2f} → {pts[-1, k]:.2f}")
             summary["series"].append({"name": f"latent {k}", "folder": folder.name, "volumes": names})
             print(f"flex-generate: latent {k}: {len(vols)} volumes in {folder}", flush=True)
     if not a.no_atlas and model.k >= 1:
@@ -379,9 +376,9 @@ def cmd_flex_generate(a: argparse.Namespace) -> None:
         pts[:, ax[0]] = grid[..., 0].ravel()
         pts[:, ax[1]] = grid[..., 1].ravel()
         thumbs = model.volumes(pts, model.train_box).sum(1).reshape(g, g, model.train_box, model.train_box)
-        plot_atlas(z[:, ax], grid, thumbs, out / "atlas.png", tuple(ax))
+        save_plot(plot_atlas, out / "atlas.png", z[:, ax], grid, thumbs, axes_idx=tuple(ax))
         summary["atlas"] = "atlas.png"
-    (out / "generate.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "generate.json", summary)
     print(f"flex-generate: volumes at box {m} ({apix_m:.3f} Å/px) written to {out}", flush=True)
 
 
@@ -442,19 +439,19 @@ def cmd_flex_reconstruct(a: argparse.Namespace) -> None:
     for name, v in files.items():
         write_volume(out / name, v, ps.apix)
     freq = np.arange(len(r.fsc_flex)) / (model.crop * ps.apix)
-    np.savetxt(out / "fsc.txt", np.stack([freq, r.fsc_flex, r.fsc_noflex], 1),
+    savetxt(out / "fsc.txt", np.stack([freq, r.fsc_flex, r.fsc_noflex], 1),
                header="frequency_1/A fsc_flex fsc_noflex", fmt="%.6f")
     curves = {"flex": r.fsc_flex}
     if not a.no_noflex:
         curves["noflex"] = r.fsc_noflex
-    plot_fsc(curves, ps.apix, out / "fsc.png", title="3D Flex reconstruction: half-map FSC"
+    save_plot(plot_fsc, out / "fsc.png", curves, ps.apix, title="3D Flex reconstruction: half-map FSC"
              + (" (masked)" if mask is not None else ""))
-    plot_slices({"flex": r.flex_map, **({"noflex": r.noflex_map} if not a.no_noflex else {})}, out / "maps.png")
+    save_plot(plot_slices, out / "maps.png", {"flex": r.flex_map, **({"noflex": r.noflex_map} if not a.no_noflex else {})})
     info = {"particles": len(ps), "crop": model.crop, "apix": ps.apix, "iterations": a.iterations,
             "resolution_flex_A": r.res_flex, "resolution_noflex_A": None if a.no_noflex else r.res_noflex,
             "masked_fsc": mask is not None, "seconds": time.time() - t0,
             "objective_first_last": {k: [v[0], v[-1]] for k, v in r.objective.items()}}
-    (out / "reconstruct.json").write_text(json.dumps(info, indent=2))
+    write_json(out / "reconstruct.json", info)
     print(f"flex-reconstruct: flex {r.res_flex:.2f} Å"
           + ("" if a.no_noflex else f", noflex {r.res_noflex:.2f} Å") + f" (FSC 0.143); outputs in {out}", flush=True)
 

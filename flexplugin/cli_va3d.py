@@ -266,19 +266,10 @@ def register(subparsers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry (the same handlers as `flexplugin 3dva ...`)."""
-    from .engine.errors import InputError
+    from .cli import run
     p = argparse.ArgumentParser(prog="flexplugin")
     register(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(argv)
-    if getattr(args, "threads", 0):
-        import torch
-        torch.set_num_threads(args.threads)
-    try:
-        args.func(args)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import pandas as pd
 import starfile
 import torch
 
+from .atomic import atomic_path
 from .ctf import CTFParams
 from .errors import InputError
 from .geometry import euler_to_matrix
@@ -278,11 +279,12 @@ def read_particles(star_path: str | os.PathLike, apix: float | None = None) -> P
 
 
 def write_particles_star(path: str | os.PathLike, particles: pd.DataFrame, optics: pd.DataFrame) -> None:
-    """Write a RELION 3.1 STAR file (data_optics + data_particles); columns are written as given."""
+    """Write a RELION 3.1 STAR file (data_optics + data_particles), atomically; columns are written as given."""
     parts = particles.copy()
     optic_cols = [c for c in optics.columns if c != "rlnOpticsGroup"]
     parts = parts.drop(columns=[c for c in optic_cols if c in parts.columns])
-    starfile.write({"optics": optics, "particles": parts}, path, overwrite=True)
+    with atomic_path(path) as tmp:
+        starfile.write({"optics": optics, "particles": parts}, tmp, overwrite=True)
 
 
 def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, float]:
@@ -327,10 +329,8 @@ def write_volume(path: str | os.PathLike, vol: np.ndarray | torch.Tensor, apix: 
     if isinstance(vol, torch.Tensor):
         vol = vol.detach().cpu().numpy()
     vol = np.ascontiguousarray(vol, dtype=np.float32)
-    tmp = f"{path}.tmp"
-    with mrcfile.new(tmp, overwrite=True) as m:
+    with atomic_path(path) as tmp, mrcfile.new(tmp, overwrite=True) as m:
         m.set_data(vol)
         m.voxel_size = apix
-        if vol.ndim == 3 and path.__str__().endswith(".mrcs"):
+        if vol.ndim == 3 and str(path).endswith(".mrcs"):
             m.set_image_stack()
-    os.replace(tmp, path)

@@ -13,7 +13,6 @@ Gaussians sampled on the voxel grid, so both share units (projection = Σ voxels
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ from .ctf import CTFParams, compute_ctf
 from .errors import InputError
 from .fourier import irfft2c, lowpass_volume, rfft2c
 from .geometry import euler_to_matrix
+from .atomic import to_csv, write_json
 from .io import write_particles_star, write_volume
 
 __all__ = ["SimConfig", "FlexibleObject", "build_object", "simulate_dataset", "soft_mask_from_volumes"]
@@ -243,14 +243,14 @@ def simulate_dataset(cfg: SimConfig, out: str | os.PathLike,
         "rlnCtfBfactor": np.full(n, cfg.bfactor), "rlnOpticsGroup": np.ones(n, dtype=int), "rlnRandomSubset": half,
     })
     write_particles_star(out / "particles.star", parts, optics)
-    pd.DataFrame({"rlnImageId": ids, "motion": t}).to_csv(out / "ground_truth.csv", index=False)
+    to_csv(pd.DataFrame({"rlnImageId": ids, "motion": t}), out / "ground_truth.csv", index=False)
 
     states_t = np.linspace(-1, 1, cfg.n_states)
     states = render_volumes(obj, states_t, box, cfg.apix, cfg.atom_sigma_A)
     for i, v in enumerate(states):
         write_volume(out / "gt" / f"state_{i:03d}.mrc", v, cfg.apix)
-    pd.DataFrame({"state": np.arange(cfg.n_states), "motion": states_t}).to_csv(out / "gt" / "states.csv",
-                                                                                  index=False)
+    to_csv(pd.DataFrame({"state": np.arange(cfg.n_states), "motion": states_t}), out / "gt" / "states.csv",
+           index=False)
     # consensus: the average over the motion distribution (uniform t), as a perfect refinement would see
     consensus = render_volumes(obj, np.linspace(-1, 1, 21), box, cfg.apix, cfg.atom_sigma_A).mean(0)
     write_volume(out / "consensus.mrc", consensus, cfg.apix)
@@ -258,6 +258,6 @@ def simulate_dataset(cfg: SimConfig, out: str | os.PathLike,
     meta = {"config": asdict(cfg), "n_atoms": obj.n_atoms, "noise_sd": noise_sd, "signal_var": sig_var,
             "files": {"particles": "particles.star", "consensus": "consensus.mrc", "mask": "mask.mrc",
                       "ground_truth": "ground_truth.csv", "states": "gt/states.csv"}}
-    (out / "simulation.json").write_text(json.dumps(meta, indent=2))
+    write_json(out / "simulation.json", meta)
     progress(f"simulate: consensus, mask and {cfg.n_states} ground-truth states written to {out}")
     return meta

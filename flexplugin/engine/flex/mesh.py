@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ..atomic import atomic_path, write_text
 from ..errors import InputError
 from ..fourier import lowpass_volume
 
@@ -284,10 +285,8 @@ def save_mesh(mesh: Mesh, path: str | Path) -> None:
         "flexplugin": {"cells_across": mesh.cells_across, "cell_cube": mesh.cell_cube, "cell_perm": mesh.cell_perm,
                        "rigid_segments": mesh.rigid_segments, "points_units": "voxels from box centre, xyz"},
     }
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         pickle.dump(d, fh, protocol=4)
-    Path(tmp).replace(path)
 
 
 def load_mesh(path: str | Path) -> Mesh:
@@ -354,4 +353,4 @@ def write_mesh_pdb(mesh: Mesh, path: str | Path) -> None:
             for k in range(0, len(bs), 4):
                 lines.append("CONECT" + f"{a + 1:5d}" + "".join(f"{b + 1:5d}" for b in bs[k:k + 4]))
     lines.append("END")
-    Path(path).write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")

@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..atomic import torch_save
 from ..ctf import compute_ctf
 from ..errors import InputError
 from ..fourier import freq_grid_2d, fourier_crop_3d, rfft2c, shift_phase_2d
@@ -376,9 +377,7 @@ class FlexTrainer:
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """Atomic write (temp + rename): an interrupted save never corrupts the last good checkpoint."""
-        tmp = f"{path}.tmp"
-        torch.save(self.state(), tmp)
-        os.replace(tmp, path)
+        torch_save(self.state(), path)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         d = torch.load(path, map_location=self.dev, weights_only=False)

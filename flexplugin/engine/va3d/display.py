@@ -36,6 +36,7 @@ from ..errors import InputError
 from ..ctf import compute_ctf
 from ..fourier import (butterworth_highpass, butterworth_lowpass, crop_center, fourier_crop_2d, fourier_crop_3d,
                        irfft3c, pad_images, radius_3d, rfft2c, rfft3c, shift_phase_2d)
+from ..atomic import atomic_path, save_plot, to_csv
 from ..io import ID_LABEL, read_mask, write_volume
 from ..progress import Progress
 from ..reconstruct import BackprojectionAccumulator, finalize_halves
@@ -192,9 +193,8 @@ def _write_subset_star(src: str, all_ids: np.ndarray, ids: np.ndarray, dst: Path
     for k, v in (extra or {}).items():
         sub[k] = v
     blocks[key] = sub
-    tmp = f"{dst}.tmp"
-    starfile.write(blocks, tmp, overwrite=True)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        starfile.write(blocks, tmp, overwrite=True)
 
 
 def insert_weighted(accs: list[BackprojectionAccumulator], images: torch.Tensor, rotations: torch.Tensor,
@@ -349,13 +349,13 @@ def run_display(run_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Dis
                 name = f"component_{j:03d}/frame_{r['index']:03d}.mrc"
                 write_volume(out / name, post(r["volume"], already_at_rbox=True), post.rapix)
                 files.append(name)
-        pv.plot_frame_counts(np.array(counts), out / "frame_counts.png")
+        save_plot(pv.plot_frame_counts, out / "frame_counts.png", np.array(counts))
         files.append("frame_counts.png")
         log(f"3dva-display: intermediates for {len(sel)} component(s) written to {out}")
 
     else:  # cluster
         labels, centres = kmeans(z, cfg.frames, cfg.seed)
-        pd.DataFrame({ID_LABEL: rf.ids, "cluster": labels}).to_csv(out / "clusters.csv", index=False)
+        to_csv(pd.DataFrame({ID_LABEL: rf.ids, "cluster": labels}), out / "clusters.csv", index=False)
         files.append("clusters.csv")
         summary["clusters"] = [{"cluster": c, "particles": int((labels == c).sum()), "centre": centres[c].tolist()}
                                for c in range(cfg.frames)]
@@ -363,7 +363,7 @@ def run_display(run_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Dis
             name = f"cluster_{c:03d}_particles.star"
             _write_subset_star(ps.star_path, ps.ids, ps.ids[labels == c], out / name)
             files.append(name)
-        pv.plot_clusters(z, labels, centres, out / "clusters.png", three_d=z.shape[1] >= 3)
+        save_plot(pv.plot_clusters, out / "clusters.png", z, labels, centres, three_d=z.shape[1] >= 3)
         files.append("clusters.png")
         if not cfg.skip_reconstruction:
             w = np.stack([(labels == c).astype(np.float64) for c in range(cfg.frames)])

@@ -64,18 +64,17 @@ exact consensus given; |Spearman ρ| of coordinate 0 with the true motion; eigen
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from torch_fourier_slice.volume_utils import separable_sinc2_correction
 
+from ..atomic import torch_save, write_json
 from ..ctf import compute_ctf
 from ..errors import InputError
 from ..fourier import (butterworth_highpass, butterworth_lowpass, crop_center, irfft2c, irfft3c,
@@ -522,9 +521,7 @@ class VA3D:
                 "v0_m": self.v0_m.cpu()}
 
     def save(self, path: str | os.PathLike, key: dict) -> None:
-        tmp = f"{path}.tmp"
-        torch.save(self.state(key), tmp)
-        os.replace(tmp, path)
+        torch_save(self.state(key), path)  # atomic: a kill during the save keeps the last checkpoint
 
     def restore(self, path: str | os.PathLike, key: dict) -> None:
         st = torch.load(path, map_location="cpu", weights_only=False)
@@ -585,6 +582,4 @@ def json_default(o):
 
 
 def dump_json(path: str | os.PathLike, obj) -> None:
-    tmp = f"{path}.tmp"
-    Path(tmp).write_text(json.dumps(obj, indent=2, default=json_default))
-    os.replace(tmp, path)
+    write_json(path, obj, default=json_default)

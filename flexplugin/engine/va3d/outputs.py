@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
+from ..atomic import atomic_path, save_npy, save_plot, to_csv
 from ..io import ID_LABEL, read_particles, read_volume, write_volume
 from .em import VA3DConfig, VA3DResult, dump_json
 
@@ -49,9 +50,8 @@ def _write_star_with_latents(src: str, dst: Path, ids: np.ndarray, z: np.ndarray
         t[lab] = z[:, i].astype(np.float64)
     t[STAR_SCALE] = scales.astype(np.float64)
     blocks[key] = t
-    tmp = f"{dst}.tmp"
-    starfile.write(blocks, tmp, overwrite=True)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        starfile.write(blocks, tmp, overwrite=True)
 
 
 def write_run_outputs(out: Path, ps, res: VA3DResult, consensus: np.ndarray, args, cfg: VA3DConfig,
@@ -66,10 +66,10 @@ def write_run_outputs(out: Path, ps, res: VA3DResult, consensus: np.ndarray, arg
         name = f"component_{k:03d}.mrc"
         write_volume(out / name, res.components[k], ps.apix)
         files["components"].append(name)
-    np.save(out / "latents.npy", res.latents)
+    save_npy(out / "latents.npy", res.latents)
     ids = ps.ids
     df = pd.DataFrame({ID_LABEL: ids} | {f"z{k}": res.latents[:, k] for k in range(K)} | {"scale": res.scales})
-    df.to_csv(out / "latents.csv", index=False, float_format="%.7g")
+    to_csv(df, out / "latents.csv", index=False, float_format="%.7g")
     _write_star_with_latents(ps.star_path, out / "particles_3dva.star", ids, res.latents, res.scales)
     ev = res.eigenvalues
     comps = []
@@ -92,14 +92,15 @@ def write_run_outputs(out: Path, ps, res: VA3DResult, consensus: np.ndarray, arg
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     f = files["plots"]
-    f["histograms"] = os.path.relpath(pv.plot_latent_histograms(res.latents, plots / "histograms.png"), out)
+    f["histograms"] = os.path.relpath(save_plot(pv.plot_latent_histograms, plots / "histograms.png", res.latents), out)
     if K > 1:
-        f["pairs"] = os.path.relpath(pv.plot_latent_pairs(res.latents, plots / "pairs.png"), out)
-    f["convergence"] = os.path.relpath(pv.plot_convergence(res.history, plots / "convergence.png"), out)
-    f["explained_variance"] = os.path.relpath(pv.plot_explained_variance(
-        ev, plots / "explained_variance.png", floor=None if floor is None else floor["floor_eigenvalue"]), out)
-    f["components"] = os.path.relpath(pv.plot_component_slices(consensus, res.components,
-                                                               plots / "components.png"), out)
+        f["pairs"] = os.path.relpath(save_plot(pv.plot_latent_pairs, plots / "pairs.png", res.latents), out)
+    f["convergence"] = os.path.relpath(save_plot(pv.plot_convergence, plots / "convergence.png", res.history), out)
+    f["explained_variance"] = os.path.relpath(save_plot(
+        pv.plot_explained_variance, plots / "explained_variance.png", ev,
+        floor=None if floor is None else floor["floor_eigenvalue"]), out)
+    f["components"] = os.path.relpath(save_plot(pv.plot_component_slices, plots / "components.png", consensus,
+                                                res.components), out)
     run = {"command": "3dva", "particles": str(Path(ps.star_path).resolve()), "n_particles": len(ps),
            "mask": str(Path(args.mask).resolve()), "volume": str(Path(args.volume).resolve()) if args.volume else None,
            "box": ps.box, "apix": ps.apix, "working_box": res.working_box, "working_apix": res.working_apix,
