@@ -5,12 +5,15 @@ running `python -m flexplugin.cli <subcommand> ...`), never in the protocol's ow
 """
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
+import subprocess
 
 import pyworkflow as pw
 import pyworkflow.protocol.params as params
 from pyworkflow.protocol.constants import GPU_LIST, USE_GPU
+from pyworkflow.protocol.params import PARALLELIZATION
 from pwem.protocols import EMProtocol
 
 from flexplugin import Plugin
@@ -20,6 +23,8 @@ INPUT_PARTICLES = "inputParticles"
 INPUT_VOLUME = "inputVolume"
 INPUT_MASK = "inputMask"
 GPU_PLACEHOLDER = "%(GPU)s"  # replaced by Scipion with the GPU id given to the step
+CPU_FALLBACK = "allowCpuFallback"  # the form field; the engine reads it as FLEXPLUGIN_CPU_FALLBACK
+CPU_FALLBACK_ENV = "FLEXPLUGIN_CPU_FALLBACK"
 
 
 def _nvidiaPresent() -> bool:
@@ -67,6 +72,29 @@ class FlexPluginProtBase(EMProtocol):
         form.addParam(INPUT_MASK, params.PointerParam, pointerClass="VolumeMask", allowsNull=allowsNull,
                       important=not allowsNull, condition=condition, label=label, help=help)
 
+    def _defineCpuFallbackParam(self, form: params.Form) -> None:
+        """'Fall back to the CPU?' (expert), at the end of the last section of a form with GPU fields.
+
+        Added after the subclass's `_defineParams` (see `_createVarsFromDefinition`), so every protocol with GPU
+        fields gets it without defining it, in a tab the form shows (the GPU fields themselves are hidden)."""
+        if not form.hasParam(USE_GPU) or form.hasParam(CPU_FALLBACK):
+            return
+        sections = [s for s in form.iterSections() if s.label.get() not in ("General", PARALLELIZATION)]
+        if not sections:
+            return
+        sections[-1].addParam(CPU_FALLBACK, params.BooleanParam, default=True, expertLevel=params.LEVEL_ADVANCED,
+                              label="Fall back to the CPU if the GPU is missing?",
+                              help="When the GPU asked for does not exist on the machine that runs the job (no CUDA, "
+                                   "or no GPU with that id), Yes runs the job on the CPU with a WARNING in the log "
+                                   "(much slower); No stops the job with an error naming the GPUs present.")
+
+    def _createVarsFromDefinition(self, **kwargs):
+        """Scipion builds the attributes from the form here, right after `_defineParams`: add the shared
+        CPU-fallback field first."""
+        if hasattr(self, "_definition"):
+            self._defineCpuFallbackParam(self._definition)
+        super()._createVarsFromDefinition(**kwargs)
+
     # --------------------------- engine ---------------------------------------
     def getDeviceArgs(self) -> list[str]:
         """`--device cuda:<id>` for the step's GPU or `--device cpu`.
@@ -77,6 +105,20 @@ class FlexPluginProtBase(EMProtocol):
         if self.usesGpu():
             return ["--device", f"cuda:{GPU_PLACEHOLDER}"]
         return ["--device", "cpu"]
+
+    def allowsCpuFallback(self) -> bool:
+        """Whether a missing GPU may run the engine on the CPU (the form's field; True when it has none)."""
+        value = getattr(self, CPU_FALLBACK, None)
+        return True if value is None or value.get() is None else bool(value.get())
+
+    def getEngineEnviron(self) -> dict:
+        """The engine's environment: the plugin's, plus FLEXPLUGIN_CPU_FALLBACK from the form.
+
+        The fallback travels in the environment rather than the arguments so that step arguments (which decide
+        what Scipion's Continue re-runs) do not change with it."""
+        env = Plugin.getEnviron()
+        env[CPU_FALLBACK_ENV] = "1" if self.allowsCpuFallback() else "0"
+        return env
 
     def getThreadsArgs(self) -> list[str]:
         """`--threads N` when the protocol was given more than one thread."""
@@ -91,7 +133,28 @@ class FlexPluginProtBase(EMProtocol):
         unaffected: Scipion substitutes the placeholder inside the quotes).
         """
         words = [subcommand] + [shlex.quote(str(a)) for a in args]
-        self.runJob(Plugin.getProgram(), " ".join(words), env=Plugin.getEnviron(), numberOfMpi=1)
+        logs = [self.getStderrLog(), self.getStdoutLog()]
+        starts = [os.path.getsize(p) if os.path.exists(p) else 0 for p in logs]
+        try:
+            self.runJob(Plugin.getProgram(), " ".join(words), env=self.getEngineEnviron(), numberOfMpi=1)
+        except subprocess.CalledProcessError as e:
+            message = next((m for m in map(self._engineError, logs, starts) if m), None)
+            if message is None:
+                raise
+            raise RuntimeError(f"flexplugin {subcommand} failed (exit status {e.returncode}): {message}") from e
+
+    @staticmethod
+    def _engineError(logPath: str, start: int = 0) -> str | None:
+        """The engine's last `error: …` line written to `logPath` after byte `start` (None if there is none),
+        so the protocol's error shows the engine's message (NaN images, disk full, missing GPU) itself."""
+        try:
+            with open(logPath, "rb") as fh:
+                fh.seek(start)
+                text = fh.read().decode("utf-8", "replace")
+        except OSError:
+            return None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("error: ")]
+        return lines[-1][len("error: "):] if lines else None
 
     # --------------------------- particles -------------------------------------
     def _getInputParticles(self, pointer: bool = False):
