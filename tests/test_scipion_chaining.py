@@ -319,6 +319,8 @@ class TestChaining(unittest.TestCase):
         from flexplugin.viewers import PngView
         from flexplugin.viewers.viewer_subset import FlexPluginSubsetViewer
         from pwem.viewers import ObjectView
+        from pyworkflow.plugin import Domain
+        self.assertIn(FlexPluginSubsetViewer, Domain.findViewers(self.clusters, "tkinter"))  # Scipion finds it
         viewer = FlexPluginSubsetViewer(project=self.project, protocol=self.clusters)
         viewer.setProtocol(self.clusters)
         visualize = viewer._getVisualizeDict()

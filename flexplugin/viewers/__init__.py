@@ -7,3 +7,6 @@ __all__ = ["FlexPluginMeshViewer", "FlexPluginTrainViewer", "PngView", "chimerax
 from .viewer_3dva import FlexPlugin3DVADisplayViewer, FlexPlugin3DVAViewer  # noqa: E402
 
 __all__ += ["FlexPlugin3DVAViewer", "FlexPlugin3DVADisplayViewer"]
+from .viewer_subset import FlexPluginSubsetViewer  # noqa: E402
+
+__all__ += ["FlexPluginSubsetViewer"]
