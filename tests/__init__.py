@@ -14,3 +14,4 @@ from .test_scipion_3dva import *  # noqa: F401,F403
 from .test_scipion_workflow import *  # noqa: F401,F403
 from .test_scipion_chaining import *  # noqa: F401,F403
 from .test_gui import *  # noqa: F401,F403
+from .test_scipion_faults import *  # noqa: F401,F403
