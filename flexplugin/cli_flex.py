@@ -353,13 +353,13 @@ def cmd_flex_generate(a: argparse.Namespace) -> None:
         vols = model.volumes(pts, m, canonical)
         names = _write_series(vols, pts, out, apix_m)
         summary["series"].append({"name": "points", "folder": ".", "volumes": names})
-        save_plot(plot_series, out / "series.png", vols, "generated at the given points")
+        save_plot(plot_series, out / "series.png", vols, title="generated at the given points")
     else:
         for k, pts in enumerate(axis_series(model.latents, a.frames, a.percentile)):
             vols = model.volumes(pts, m, canonical)
             folder = out / f"series_{k:02d}"
             names = _write_series(vols, pts, folder, apix_m)
-            save_plot(plot_series, out / f"series_{k:02d}.png", vols, f"latent {k}: {pts[0, k]:.2f} → {pts[-1, k]:.2f}")
+            save_plot(plot_series, out / f"series_{k:02d}.png", vols, title=f"latent {k}: {pts[0, k]:.2f} → {pts[-1, k]:.2f}")
             summary["series"].append({"name": f"latent {k}", "folder": folder.name, "volumes": names})
             print(f"flex-generate: latent {k}: {len(vols)} volumes in {folder}", flush=True)
     if not a.no_atlas and model.k >= 1:
