@@ -13,7 +13,8 @@ import tempfile
 import time
 from typing import Optional
 
-__all__ = ["Xvfb", "xvfbMissing", "requireXvfb", "pump", "grab", "grabWidget", "isBlank"]
+__all__ = ["Xvfb", "xvfbMissing", "requireXvfb", "RootLogging", "pump", "grab", "grabWidget", "isBlank",
+           "runTinyWorkflow"]
 
 SCREEN = (1400, 900)
 _HINT = "install Debian's xvfb and x11-xkb-utils (`make test-setup` does it as root)"
@@ -120,6 +121,28 @@ class Xvfb:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class RootLogging:
+    """The root logger's level and handlers, to put back after a ProjectWindow (it sends the root logger to the
+    project's log file), so later tests in the same process log as before."""
+
+    def __init__(self):
+        import logging
+        root = logging.getLogger()
+        self.level, self.handlers = root.level, list(root.handlers)
+
+    def restore(self) -> None:
+        import logging
+        root = logging.getLogger()
+        for h in list(root.handlers):
+            if h not in self.handlers:
+                root.removeHandler(h)
+                h.close()
+        for h in self.handlers:
+            if h not in root.handlers:
+                root.addHandler(h)
+        root.setLevel(self.level)
 
 
 def pump(widget, seconds: float = 0.5) -> None:

@@ -23,7 +23,7 @@ from pyworkflow.viewer import DESKTOP_TKINTER, MessageView, ProtocolViewer
 import flexplugin.protocols
 import flexplugin.viewers
 
-from .gui_display import Xvfb, grabWidget, isBlank, pump, requireXvfb, runTinyWorkflow
+from .gui_display import RootLogging, Xvfb, grabWidget, isBlank, pump, requireXvfb, runTinyWorkflow
 
 __all__ = ["TestGui"]  # what tests/__init__.py re-exports
 
@@ -71,8 +71,10 @@ class TestGui(unittest.TestCase):
         requireXvfb()
         cls.cwd = os.getcwd()
         cls.seconds = {}
-        cls.xvfb = Xvfb().start()
+        cls.logging = RootLogging()
+        cls.xvfb = None
         try:
+            cls.xvfb = Xvfb().start()
             t0 = time.time()
             cls.project = scipion_project.newProject("gui")
             cls.runs = runTinyWorkflow(cls.project)
@@ -108,6 +110,7 @@ class TestGui(unittest.TestCase):
             except tkinter.TclError:
                 pass
         Plotter.setBackend("Agg")  # ProjectWindow switched matplotlib to TkAgg
+        cls.logging.restore()
         if getattr(cls, "xvfb", None) is not None:
             cls.xvfb.stop()
         os.chdir(cls.cwd)
