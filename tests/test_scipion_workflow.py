@@ -1,40 +1,34 @@
-"""Headless Scipion: the whole flexplugin workflow chained in one real project on tiny simulated data.
+"""Headless Scipion: the whole flexplugin workflow (the README tutorial) chained in one real project, tiny data.
 
-simulate → 3D variability analysis → 3D flex mesh prep (on the 3DVA consensus) → 3D flex training seeded from the
-3DVA coordinates (zFlex, by particle id) → 3D flex generate → 3D flex reconstruction. Every output is checked for
-its class, size, ids (the simulated ids all the way through), sampling rate, zFlex dimensions, FlexInfo and files.
+simulate (stacks split over several files) → 3D variability analysis → 3D variability display in its three modes →
+3D flex mesh prep (on the 3DVA consensus) → 3D flex training seeded from the 3DVA coordinates (zFlex, by particle
+id) → 3D flex generate → 3D flex reconstruction. Every output is checked for its class, size, ids (the simulated ids
+all the way through), sampling rate, zFlex dimensions, FlexInfo and files.
 """
 from . import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
 
 import os
-import time
 import unittest
 
 import numpy as np
 import pandas as pd
 
 from pwem.constants import ALIGN_PROJ
-from pwem.objects import (EMFile, ParticleFlex, SetOfFSCs, SetOfParticlesFlex, SetOfVolumes, SetOfVolumesFlex,
+from pwem.objects import (EMFile, ParticleFlex, SetOfClasses3D, SetOfFSCs, SetOfParticlesFlex, SetOfVolumes, SetOfVolumesFlex,
                           Volume, VolumeFlex, VolumeMask)
 
 from flexplugin.engine.io import read_particles
+from flexplugin.tutorial import PRESETS, TutorialRun
 from flexplugin.protocols import (FLEX_PROGNAME, VA3D_PROGNAME, FlexPluginProt3DVA, FlexPluginProtGenerate,
                                   FlexPluginProtMeshPrep, FlexPluginProtReconstruct, FlexPluginProtTrain)
 
 __all__ = ["TestWorkflow"]  # what tests/__init__.py re-exports
 
-N, BOX, APIX = 300, 32, 4.0
-K_VA, K, TRAIN_BOX, EPOCHS = 3, 2, 16, 2
+PRESET = PRESETS["tiny"]
+N, BOX, APIX = PRESET.particles, PRESET.box, PRESET.apix
+K_VA, K, TRAIN_BOX = PRESET.va_components, PRESET.latents, PRESET.training_box
 APIX_TRAIN = APIX * BOX / TRAIN_BOX
-FRAMES, GRID = 3, 3
-CPU = dict(useGpu=False, numberOfThreads=1)
-
-
-def _point(pointer, prot, output: str | None = None) -> None:
-    """Point a PointerParam at a protocol (or at one of its outputs)."""
-    pointer.set(prot)
-    if output:
-        pointer.setExtended(output)
+FRAMES = PRESET.generate_frames
 
 
 def _log(prot) -> str:
@@ -43,65 +37,24 @@ def _log(prot) -> str:
 
 
 class TestWorkflow(unittest.TestCase):
+    """The README tutorial's chain (flexplugin.tutorial), run with its tiny preset."""
+
     @classmethod
     def setUpClass(cls):
         cls.cwd = os.getcwd()
-        cls.seconds = {}
-        project = cls.project = scipion_project.newProject("workflow")
-        cls.sim = cls.timed("simulate", lambda: scipion_project.runSimulate(
-            project, numberOfParticles=N, boxSize=BOX, pixelSize=APIX, snr=0.5, seed=4, stackSize=N))
-
-        va = project.newProtocol(FlexPluginProt3DVA, objLabel="3dva", numberOfComponents=K_VA, iterations=4,
-                                 filterRes=12.0, **CPU)
-        _point(va.inputParticles, cls.sim, "outputParticles")
-        _point(va.inputMask, cls.sim, "outputMask")
-        _point(va.inputVolume, cls.sim, "outputVolume")
-        cls.va = cls.launch("3dva", va)
-
-        mesh = project.newProtocol(FlexPluginProtMeshPrep, objLabel="mesh", numberOfCells=8)
-        _point(mesh.inputVolume, cls.va, "outputVolume")  # the consensus the 3DVA used
-        _point(mesh.inputMask, cls.sim, "outputMask")
-        cls.mesh = cls.launch("mesh", mesh)
-
-        train = project.newProtocol(FlexPluginProtTrain, objLabel="train seeded by 3dva", numberOfLatents=K,
-                                    initComponents="1 2", trainingBox=TRAIN_BOX, epochs=EPOCHS, batchSize=64,
-                                    layers=2, hiddenUnits=16, **CPU)
-        _point(train.inputParticles, cls.va, "outputParticles")  # the 3DVA's SetOfParticlesFlex
-        _point(train.inputVolume, cls.va, "outputVolume")
-        _point(train.meshRun, cls.mesh)
-        cls.train = cls.launch("train", train)
-
-        generate = project.newProtocol(FlexPluginProtGenerate, objLabel="generate", frames=FRAMES, atlasGrid=GRID,
-                                       **CPU)
-        _point(generate.inputTraining, cls.train, "outputParticles")
-        cls.generate = cls.launch("generate", generate)
-
-        recon = project.newProtocol(FlexPluginProtReconstruct, objLabel="reconstruct", iterations=2, batchSize=100,
-                                    **CPU)
-        _point(recon.inputTraining, cls.train)
-        _point(recon.inputMask, cls.sim, "outputMask")
-        cls.recon = cls.launch("reconstruct", recon)
+        cls.project = scipion_project.newProject("workflow")
+        cls.tutorial = TutorialRun(cls.project, PRESET)
+        prots = cls.tutorial.run()
+        cls.sim, cls.va, cls.mesh = prots["simulate"], prots["3dva"], prots["mesh"]
+        cls.train, cls.generate, cls.recon = prots["train"], prots["generate"], prots["reconstruct"]
+        cls.displays = {m: prots[f"display_{m}"] for m in ("simple", "intermediates", "cluster")}
 
     @classmethod
     def tearDownClass(cls):
-        print(f"workflow timings (s): { {k: round(v, 1) for k, v in cls.seconds.items()} }, "
-              f"total {sum(cls.seconds.values()):.0f} s")
+        seconds = cls.tutorial.seconds
+        print(f"workflow timings (s): { {k: round(v, 1) for k, v in seconds.items()} }, "
+              f"total {sum(seconds.values()):.0f} s")
         os.chdir(cls.cwd)
-
-    @classmethod
-    def timed(cls, name: str, func):
-        t0 = time.time()
-        result = func()
-        cls.seconds[name] = time.time() - t0
-        return result
-
-    @classmethod
-    def launch(cls, name: str, prot):
-        """Validate, then launch a protocol (timed)."""
-        errors = prot.validate()
-        if errors:
-            raise AssertionError(f"{prot.getClassName()} ({name}) does not validate: {errors}")
-        return cls.timed(name, lambda: scipion_project.launch(cls.project, prot))
 
     def simIds(self) -> list[int]:
         return sorted(p.getObjId() for p in self.sim.outputParticles.iterItems())
@@ -127,7 +80,7 @@ class TestWorkflow(unittest.TestCase):
         self.assertEqual(ids, self.simIds())
 
     def test_all_ran(self):
-        for prot in (self.sim, self.va, self.mesh, self.train, self.generate, self.recon):
+        for prot in (self.sim, self.va, self.mesh, self.train, self.generate, self.recon, *self.displays.values()):
             self.assertTrue(prot.isFinished(), prot.getRunName())
             self.assertEqual(prot.validate(), [], prot.getRunName())
 
@@ -140,6 +93,27 @@ class TestWorkflow(unittest.TestCase):
         self.assertAlmostEqual(self.va.outputVolume.getSamplingRate(), APIX)
         self.assertIsInstance(self.va.outputComponents, SetOfVolumes)
         self.assertEqual(self.va.outputComponents.getSize(), K_VA)
+
+    def test_3dva_display_modes(self):
+        """Frames per component (simple, intermediates) and clusters of the 3DVA particles, by id."""
+        for mode in ("simple", "intermediates"):
+            disp = self.displays[mode]
+            for c in range(1, K_VA + 1):
+                vols = getattr(disp, f"outputComponent_{c}")
+                self.assertIsInstance(vols, SetOfVolumes)
+                self.assertGreaterEqual(vols.getSize(), 2, mode)
+                self.assertLessEqual(vols.getSize(), PRESET.display_frames, mode)
+                self.assertAlmostEqual(vols.getSamplingRate(), APIX)
+                for vol in vols.iterItems():
+                    self.assertEqual(vol.getDim(), (BOX,) * 3)
+                    self.assertTrue(os.path.exists(vol.getFileName()))
+        # simple mode never drops a frame (no particles are read)
+        self.assertEqual(self.displays["simple"].outputComponent_1.getSize(), PRESET.display_frames)
+        classes = self.displays["cluster"].outputClasses
+        self.assertIsInstance(classes, SetOfClasses3D)
+        self.assertEqual(classes.getSize(), PRESET.cluster_count)
+        members = sorted(p.getObjId() for cls in classes.iterItems() for p in cls.iterItems())
+        self.assertEqual(members, self.simIds())  # every 3DVA particle in exactly one cluster, by id
 
     def test_mesh_on_3dva_consensus(self):
         self.assertIsInstance(self.mesh.outputMask, VolumeMask)
