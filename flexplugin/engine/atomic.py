@@ -78,11 +78,11 @@ def _disk_full_cause(e: BaseException) -> OSError | None:
 
 
 def save_plot(plot: Callable[..., Any], path: str | os.PathLike, *args, **kwargs) -> str:
-    """Call `plot(*args, <temp path>, **kwargs)` (a plots*.py function saving a figure) atomically; returns `path`.
-
-    The temp name keeps the suffix, from which matplotlib picks the format."""
+    """Call `plot(*args, path=<temp path>, **kwargs)` (a plots*.py function saving a figure) atomically; returns
+    `path`. The path goes by keyword, so a misplaced positional argument fails loudly; the temp name keeps the
+    suffix, from which matplotlib picks the format."""
     with atomic_path(path, keep_suffix=True) as tmp:
-        plot(*args, tmp, **kwargs)
+        plot(*args, path=tmp, **kwargs)
     return str(path)
 
 
