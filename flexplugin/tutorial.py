@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     run = TutorialRun(project, PRESETS[a.preset], useGpu=a.gpu)
     run.run()
     total = sum(run.seconds.values())
-    print(f"[tutorial] done in {total / 60:.1f} min. Open it with: scipion3 project {a.project}")
+    print(f"[tutorial] done in {total / 60:.1f} min. Open it with: scipion3 project {a.project} (pip installs: scipion project {a.project})")
     return 0
 
 
