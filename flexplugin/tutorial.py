@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class Preset:
     atlas_grid: int = 7
     recon_iterations: int = 20
     recon_batch: int = 128
+    recon_noflex: bool = True
     cluster_count: int = 4
     extra: dict = field(default_factory=dict)
 
@@ -134,7 +135,7 @@ class TutorialRun:
 
         if want("reconstruct"):
             rec = new(FlexPluginProtReconstruct, objLabel="3D flex reconstruction", iterations=p.recon_iterations,
-                      batchSize=p.recon_batch, **self.device)
+                      batchSize=p.recon_batch, doNoflex=p.recon_noflex, **self.device)
             _point(rec.inputTraining, train)
             _point(rec.inputMask, sim, "outputMask")
             self.launch("reconstruct", rec)
@@ -161,7 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     project = manager.createProject(a.project)
     os.chdir(project.path)
-    run = TutorialRun(project, PRESETS[a.preset], useGpu=a.gpu)
+    preset = PRESETS[a.preset]
+    if a.preset == "tutorial" and not a.gpu:
+        # the L-BFGS flex reconstruction is the one step that is slow without a GPU (README, Tutorial: Time)
+        preset = replace(preset, recon_iterations=5, recon_noflex=False)
+        print("[tutorial] no --gpu: the flex reconstruction runs 5 L-BFGS iterations without the rigid baseline")
+    run = TutorialRun(project, preset, useGpu=a.gpu)
     run.run()
     total = sum(run.seconds.values())
     print(f"[tutorial] done in {total / 60:.1f} min. Open it with: scipion3 project {a.project} (pip installs: scipion project {a.project})")
