@@ -10,6 +10,7 @@ This is the only module that translates between pwem objects and engine files.
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Iterator
 
 import mrcfile
@@ -20,7 +21,8 @@ import pyworkflow.object as pwobj
 from pwem.constants import ALIGN_NONE, ALIGN_PROJ, NO_INDEX
 from pwem.objects import Acquisition, CTFModel, Particle, SetOfParticles, Transform
 
-from .engine.errors import InputError
+from .engine.atomic import atomic_path
+from .engine.errors import DiskFullError, InputError
 from .engine.geometry import relion_from_scipion_matrix, scipion_matrix_from_relion
 from .engine.io import ID_LABEL, read_particles, split_image_name, write_particles_star
 
@@ -71,8 +73,35 @@ class _StackResolver:
         while dst in self._cache.values():  # two stacks with one name in different folders
             dst = os.path.abspath(os.path.join(self.outputDir, f"{stem}_{k}.mrcs"))
             k += 1
-        ImageHandler().convertStack(src, dst)
+        # atomically: an interrupted or disk-full conversion leaves no half-written stack under the final name
+        try:
+            with atomic_path(dst, keep_suffix=True) as tmp:  # the temp name keeps .mrcs: xmipp picks the format by it
+                ImageHandler().convertStack(src, str(tmp))
+        except DiskFullError:
+            raise
+        except Exception as e:
+            # xmipp reports a failed write without its errno: call it a full disk when the stack cannot fit
+            if _freeBytes(self.outputDir) < _mrcStackBytes(src):
+                raise DiskFullError(dst) from e
+            raise
         return dst
+
+
+def _freeBytes(folder: str) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 1 << 62  # unknown: do not guess a full disk
+
+
+def _mrcStackBytes(src: str) -> int:
+    """Size of `src` converted to a float32 MRC stack (header included); 0 when unknown."""
+    try:
+        from pwem.emlib.image import ImageHandler
+        x, y, z, n = ImageHandler().getDimensions(src)
+        return 1024 + 4 * int(x) * int(y) * int(z) * int(n)
+    except Exception:  # noqa: BLE001
+        return 0
 
 
 def _acquisitionKey(acq: Acquisition | None, fallback: Acquisition) -> tuple[float, float, float]:
@@ -174,7 +203,9 @@ def writeSetOfParticles(partSet: SetOfParticles, starPath: str, outputDir: str |
     """Write a particle set as a RELION 3.1 STAR file for the engine; returns the number of particles.
 
     Image names are absolute `index@stack` paths; stacks that are not MRC are converted to .mrcs files in
-    `outputDir`. `rlnImageId` is the particle's Scipion id.
+    `outputDir`. `rlnImageId` is the particle's Scipion id. The STAR file and the converted stacks are written
+    atomically (temp file + rename, `flexplugin.engine.atomic`): an interrupted or disk-full write leaves the
+    previous file intact and no temp file; a full disk raises `DiskFullError` naming the file.
     """
     particles, optics = particlesToStarTables(partSet, outputDir, requireAlignment, requireCTF)
     folder = os.path.dirname(os.path.abspath(starPath))
