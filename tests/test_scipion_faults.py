@@ -269,6 +269,7 @@ class TestKilledTraining(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.cwd = os.getcwd()
+        cls.addClassCleanup(os.chdir, cls.cwd)  # also when setUpClass fails (tearDownClass is not called then)
         cls.seconds = {}
         t0 = time.time()
         project = cls.project = scipion_project.newProject("faults_kill")
@@ -320,8 +321,7 @@ class TestKilledTraining(unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
-        print(f"killed training timings (s): { {k: round(v, 1) for k, v in cls.seconds.items()} }")
-        os.chdir(cls.cwd)
+        print(f"killed training timings (s): { {k: round(v, 2) for k, v in cls.seconds.items()} }")
 
     @classmethod
     def checked(cls, prot):
