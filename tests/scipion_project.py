@@ -132,3 +132,55 @@ def runSimulate(project, **params):
     if errors:
         raise AssertionError(f"simulate protocol does not validate: {errors}")
     return launch(project, prot)
+
+
+# ----------------------------------------------------------------------------- helpers shared by the test modules
+def point(pointer, obj, output: str | None = None) -> None:
+    """Point a PointerParam at a protocol (or at one of its outputs) or at an object, as the form does."""
+    pointer.set(obj)
+    if output:
+        pointer.setExtended(output)
+
+
+def logText(prot) -> str:
+    """A protocol's stdout and stderr logs, joined."""
+    out, err, _ = prot.getLogsAsStrings()
+    return out + err
+
+
+def writeMap(path: str, box: int, apix: float, value: float = 0.5) -> str:
+    """A constant cubic MRC map (for masks and volumes of the right or wrong size in validation tests)."""
+    import mrcfile
+    import numpy as np
+    with mrcfile.new(path, overwrite=True) as m:
+        m.set_data(np.full((box,) * 3, value, np.float32))
+        m.voxel_size = apix
+    return path
+
+
+class ProjectRuns:
+    """Mixin for test classes that run protocols in one project in setUpClass: validated, timed launches;
+    tearDownClass prints the timings and restores the working folder. Set `cls.cwd`, `cls.seconds = {}` and
+    `cls.project` in setUpClass; `timingsLabel` names the printed line."""
+
+    timingsLabel = "protocol"
+
+    @classmethod
+    def tearDownClass(cls):
+        print(f"{cls.timingsLabel} timings (s): { {k: round(v, 1) for k, v in cls.seconds.items()} }")
+        os.chdir(cls.cwd)
+
+    @classmethod
+    def timed(cls, name: str, func):
+        t0 = time.time()
+        result = func()
+        cls.seconds[name] = time.time() - t0
+        return result
+
+    @classmethod
+    def launch(cls, name: str, prot):
+        """Validate, then launch a protocol (timed)."""
+        errors = prot.validate()
+        if errors:
+            raise AssertionError(f"{prot.getClassName()} ({name}) does not validate: {errors}")
+        return cls.timed(name, lambda: launch(cls.project, prot))

@@ -39,31 +39,19 @@ FRAMES, CLUSTERS = 3, 2
 CPU = dict(useGpu=False, numberOfThreads=1)
 
 
-def _point(pointer, obj, output: str | None = None) -> None:
-    """Point a PointerParam at a protocol (or at one of its outputs) or at an object."""
-    pointer.set(obj)
-    if output:
-        pointer.setExtended(output)
-
-
-def _log(prot) -> str:
-    out, err, _ = prot.getLogsAsStrings()
-    return out + err
-
-
 def _readMap(path: str) -> np.ndarray:
     with mrcfile.open(path, permissive=True) as m:
         return np.asarray(m.data, dtype=np.float64)
 
 
-def _writeMap(path: str, box: int, apix: float, value: float = 0.5) -> str:
-    with mrcfile.new(path, overwrite=True) as m:
-        m.set_data(np.full((box,) * 3, value, np.float32))
-        m.voxel_size = apix
-    return path
+_point = scipion_project.point
+_log = scipion_project.logText
+_writeMap = scipion_project.writeMap
 
 
-class Test3DVAProtocols(unittest.TestCase):
+class Test3DVAProtocols(scipion_project.ProjectRuns, unittest.TestCase):
+    timingsLabel = "3DVA protocol"
+
     @classmethod
     def setUpClass(cls):
         cls.cwd = os.getcwd()
@@ -87,26 +75,6 @@ class Test3DVAProtocols(unittest.TestCase):
         cluster = cls.newDisplay(objLabel="display cluster", mode=2, frames=CLUSTERS)
         _point(cluster.input3DVA, cls.va)
         cls.cluster = cls.launch("display cluster", cluster)
-
-    @classmethod
-    def tearDownClass(cls):
-        print(f"3DVA protocol timings (s): { {k: round(v, 1) for k, v in cls.seconds.items()} }")
-        os.chdir(cls.cwd)
-
-    @classmethod
-    def timed(cls, name: str, func):
-        t0 = time.time()
-        result = func()
-        cls.seconds[name] = time.time() - t0
-        return result
-
-    @classmethod
-    def launch(cls, name: str, prot):
-        """Validate, then launch a protocol (timed)."""
-        errors = prot.validate()
-        if errors:
-            raise AssertionError(f"{prot.getClassName()} ({name}) does not validate: {errors}")
-        return cls.timed(name, lambda: scipion_project.launch(cls.project, prot))
 
     @classmethod
     def newVA(cls, **params) -> FlexPluginProt3DVA:

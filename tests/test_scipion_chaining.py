@@ -12,7 +12,6 @@ from . import scipion_project  # noqa: F401  (sets up Scipion's environment befo
 
 import json
 import os
-import time
 import unittest
 import uuid
 
@@ -37,13 +36,6 @@ CLUSTERS, KEEP_CLUSTERS, SEED = 3, "1, 3", 5
 CPU = dict(useGpu=False, numberOfThreads=1)
 
 
-def _point(pointer, obj, output: str | None = None) -> None:
-    """Point a PointerParam at a protocol (or at one of its outputs)."""
-    pointer.set(obj)
-    if output:
-        pointer.setExtended(output)
-
-
 def _latents(parts) -> dict[int, np.ndarray]:
     return {int(p.getObjId()): p.getZFlex() for p in parts.iterItems(orderBy="id")}
 
@@ -52,7 +44,12 @@ def _standardised(z: np.ndarray) -> np.ndarray:
     return (z - z.mean(0)) / z.std(0)
 
 
-class TestChaining(unittest.TestCase):
+_point = scipion_project.point
+
+
+class TestChaining(scipion_project.ProjectRuns, unittest.TestCase):
+    timingsLabel = "chaining protocol"
+
     @classmethod
     def setUpClass(cls):
         cls.cwd = os.getcwd()
@@ -86,26 +83,6 @@ class TestChaining(unittest.TestCase):
         _point(down.inputMask, cls.sim, "outputMask")
         _point(down.inputVolume, cls.sim, "outputVolume")
         cls.down = cls.launch("3dva on subset", down)
-
-    @classmethod
-    def tearDownClass(cls):
-        print(f"chaining protocol timings (s): { {k: round(v, 1) for k, v in cls.seconds.items()} }")
-        os.chdir(cls.cwd)
-
-    @classmethod
-    def timed(cls, name: str, func):
-        t0 = time.time()
-        result = func()
-        cls.seconds[name] = time.time() - t0
-        return result
-
-    @classmethod
-    def launch(cls, name: str, prot):
-        """Validate, then launch a protocol (timed)."""
-        errors = prot.validate()
-        if errors:
-            raise AssertionError(f"{prot.getClassName()} ({name}) does not validate: {errors}")
-        return cls.timed(name, lambda: scipion_project.launch(cls.project, prot))
 
     @classmethod
     def newSubset(cls, **params) -> FlexPluginProtSubset:

@@ -48,6 +48,9 @@ MISSING_GPU = torch.cuda.device_count() + 3
 FALLBACK_ENV = "FLEXPLUGIN_CPU_FALLBACK"
 
 
+_log = scipion_project.logText
+
+
 class FallbackProbe(FlexPluginProtBase):
     """A protocol with the shared GPU fields and one section (not part of the plugin)."""
 
@@ -57,11 +60,6 @@ class FallbackProbe(FlexPluginProtBase):
         self._defineGpuParams(form)
         form.addSection(label="Input")
         form.addParam("dummy", params.IntParam, default=1)
-
-
-def _log(prot) -> str:
-    out, err, _ = prot.getLogsAsStrings()
-    return out + err
 
 
 def _sectionsWithFallback(prot) -> list:

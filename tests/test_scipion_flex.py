@@ -35,23 +35,9 @@ TINY = dict(trainingBox=TRAIN_BOX, epochs=EPOCHS, batchSize=64, layers=2, hidden
             numberOfThreads=1)
 
 
-def _point(pointer, prot, output: str | None = None) -> None:
-    """Point a PointerParam at a protocol (or at one of its outputs)."""
-    pointer.set(prot)
-    if output:
-        pointer.setExtended(output)
-
-
-def _log(prot) -> str:
-    out, err, _ = prot.getLogsAsStrings()
-    return out + err
-
-
-def _writeMap(path: str, box: int, apix: float, value: float = 0.5) -> str:
-    with mrcfile.new(path, overwrite=True) as m:
-        m.set_data(np.full((box,) * 3, value, np.float32))
-        m.voxel_size = apix
-    return path
+_point = scipion_project.point
+_log = scipion_project.logText
+_writeMap = scipion_project.writeMap
 
 
 class TestFlexProtocols(unittest.TestCase):

@@ -8,10 +8,10 @@ tree and that the viewers show existing files.
 """
 from . import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
 
+import functools
 import os
 import shutil
 import tempfile
-import time
 import unittest
 
 import mrcfile
@@ -37,31 +37,19 @@ POINTS = [[-0.5, 0.25], [0.75, -1.0]]
 CPU = dict(useGpu=False, numberOfThreads=1)
 
 
-def _point(pointer, prot, output: str | None = None) -> None:
-    """Point a PointerParam at a protocol (or at one of its outputs)."""
-    pointer.set(prot)
-    if output:
-        pointer.setExtended(output)
-
-
-def _log(prot) -> str:
-    out, err, _ = prot.getLogsAsStrings()
-    return out + err
-
-
 def _read(path: str) -> str:
     with open(path) as fh:
         return fh.read()
 
 
-def _writeMap(path: str, box: int, apix: float, value: float = 1.0) -> str:
-    with mrcfile.new(path, overwrite=True) as m:
-        m.set_data(np.full((box,) * 3, value, np.float32))
-        m.voxel_size = apix
-    return path
+_point = scipion_project.point
+_log = scipion_project.logText
+_writeMap = functools.partial(scipion_project.writeMap, value=1.0)
 
 
-class TestFlexResultsProtocols(unittest.TestCase):
+class TestFlexResultsProtocols(scipion_project.ProjectRuns, unittest.TestCase):
+    timingsLabel = "flex results protocol"
+
     @classmethod
     def setUpClass(cls):
         cls.cwd = os.getcwd()
@@ -108,26 +96,6 @@ class TestFlexResultsProtocols(unittest.TestCase):
         _point(recon.inputTraining, cls.train)
         _point(recon.inputMask, cls.sim, "outputMask")
         cls.recon = cls.launch("reconstruct", recon)
-
-    @classmethod
-    def tearDownClass(cls):
-        print(f"flex results protocol timings (s): { {k: round(v, 1) for k, v in cls.seconds.items()} }")
-        os.chdir(cls.cwd)
-
-    @classmethod
-    def timed(cls, name: str, func):
-        t0 = time.time()
-        result = func()
-        cls.seconds[name] = time.time() - t0
-        return result
-
-    @classmethod
-    def launch(cls, name: str, prot):
-        """Validate, then launch a protocol (timed)."""
-        errors = prot.validate()
-        if errors:
-            raise AssertionError(f"{prot.getClassName()} ({name}) does not validate: {errors}")
-        return cls.timed(name, lambda: scipion_project.launch(cls.project, prot))
 
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="flexplugin_results_")

@@ -19,8 +19,7 @@ from pwem.objects import (EMFile, ParticleFlex, SetOfClasses3D, SetOfFSCs, SetOf
 
 from flexplugin.engine.io import read_particles
 from flexplugin.tutorial import PRESETS, TutorialRun
-from flexplugin.protocols import (FLEX_PROGNAME, VA3D_PROGNAME, FlexPluginProt3DVA, FlexPluginProtGenerate,
-                                  FlexPluginProtMeshPrep, FlexPluginProtReconstruct, FlexPluginProtTrain)
+from flexplugin.protocols import FLEX_PROGNAME, VA3D_PROGNAME
 
 __all__ = ["TestWorkflow"]  # what tests/__init__.py re-exports
 
@@ -31,9 +30,7 @@ APIX_TRAIN = APIX * BOX / TRAIN_BOX
 FRAMES = PRESET.generate_frames
 
 
-def _log(prot) -> str:
-    out, err, _ = prot.getLogsAsStrings()
-    return out + err
+_log = scipion_project.logText
 
 
 class TestWorkflow(unittest.TestCase):
