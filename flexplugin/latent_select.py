@@ -12,6 +12,8 @@ import re
 
 import numpy as np
 
+from flexplugin.engine.cluster import lloyd  # numpy only: the engine package imports no torch at this level
+
 __all__ = ["parse_box", "parse_point", "parse_ids", "standardise", "box_mask", "sphere_mask", "kmeans",
            "cluster_mask", "plot_selection", "UNITS"]
 
@@ -122,33 +124,6 @@ def sphere_mask(z: np.ndarray, centre: np.ndarray, radius: float, units: str = "
     return np.sqrt(((x - np.asarray(centre, dtype=np.float64)) ** 2).sum(axis=1)) <= radius
 
 
-def _lloyd(x: np.ndarray, k: int, rng: np.random.Generator, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
-    """One k-means++ seeded Lloyd run; returns labels and centres."""
-    n = len(x)
-    centres = [x[rng.integers(n)]]
-    d2 = ((x - centres[0]) ** 2).sum(1)
-    for _ in range(1, k):
-        total = d2.sum()
-        centres.append(x[rng.choice(n, p=d2 / total)] if total > 0 else x[rng.integers(n)])
-        d2 = np.minimum(d2, ((x - centres[-1]) ** 2).sum(1))
-    c = np.array(centres)
-    labels = np.full(n, -1)
-    for _ in range(max_iter):
-        dist = ((x[:, None, :] - c[None]) ** 2).sum(-1)
-        new = dist.argmin(1)
-        if np.array_equal(new, labels):
-            break
-        labels = new
-        for j in range(k):
-            members = x[labels == j]
-            if len(members):
-                c[j] = members.mean(0)
-            else:  # an empty cluster restarts at the worst-fitted point
-                far = int(dist[np.arange(n), labels].argmax())
-                c[j], labels[far] = x[far], j
-    return labels, c
-
-
 def kmeans(z: np.ndarray, k: int, seed: int = 0, n_init: int = 10, max_iter: int = 300,
            units: str = "latent") -> tuple[np.ndarray, np.ndarray]:
     """k-means on the latents (best of `n_init` k-means++ seeded Lloyd runs, deterministic for a seed).
@@ -163,7 +138,7 @@ def kmeans(z: np.ndarray, k: int, seed: int = 0, n_init: int = 10, max_iter: int
     rng = np.random.default_rng(seed)
     best = None
     for _ in range(max(1, n_init)):
-        labels, c = _lloyd(x, k, rng, max_iter)
+        labels, c = lloyd(x, k, rng, max_iter)
         inertia = float(((x - c[labels]) ** 2).sum())
         if best is None or inertia < best[0] - 1e-12:
             best = (inertia, labels, c)

@@ -37,6 +37,7 @@ from ..ctf import compute_ctf
 from ..fourier import (butterworth_highpass, butterworth_lowpass, crop_center, fourier_crop_2d, fourier_crop_3d,
                        irfft3c, pad_images, radius_3d, rfft2c, rfft3c, shift_phase_2d)
 from ..atomic import atomic_path, save_plot, to_csv
+from ..cluster import kmeans
 from ..io import ID_LABEL, read_mask, write_volume
 from ..progress import Progress
 from ..reconstruct import BackprojectionAccumulator, finalize_halves
@@ -109,38 +110,6 @@ def frame_weights(z: np.ndarray, frames: int, percentile: float, width: float) -
     if width == 0:  # half-open bins [c − Δ/2, c + Δ/2): each particle in at most one frame
         return ((diff >= -delta / 2) & (diff < delta / 2)).astype(np.float64)
     return np.clip(1.0 - np.abs(diff) / (width * delta), 0.0, None)
-
-
-def kmeans(x: np.ndarray, k: int, seed: int = 0, max_iter: int = 300) -> tuple[np.ndarray, np.ndarray]:
-    """k-means with k-means++ seeding (deterministic for a seed); returns labels (N,), centres (k, d)."""
-    x = np.asarray(x, dtype=np.float64)
-    n = len(x)
-    if not 1 <= k <= n:
-        raise InputError(f"cannot make {k} clusters from {n} particles")
-    rng = np.random.default_rng(seed)
-    centres = [x[rng.integers(n)]]
-    d2 = ((x - centres[0]) ** 2).sum(1)
-    for _ in range(1, k):
-        p = d2 / d2.sum() if d2.sum() > 0 else np.full(n, 1.0 / n)
-        centres.append(x[rng.choice(n, p=p)])
-        d2 = np.minimum(d2, ((x - centres[-1]) ** 2).sum(1))
-    c = np.array(centres)
-    labels = np.full(n, -1)
-    for _ in range(max_iter):
-        dist = ((x[:, None, :] - c[None]) ** 2).sum(-1)
-        new = dist.argmin(1)
-        if np.array_equal(new, labels):
-            break
-        labels = new
-        for j in range(k):
-            members = x[labels == j]
-            if len(members):
-                c[j] = members.mean(0)
-            else:  # re-seed an empty cluster at the worst-fitted point
-                far = int(dist[np.arange(n), labels].argmax())
-                c[j] = x[far]
-                labels[far] = j
-    return labels, c
 
 
 class _Post:
