@@ -17,6 +17,7 @@ from pyworkflow.protocol.params import PARALLELIZATION
 from pwem.protocols import EMProtocol
 
 from flexplugin import Plugin
+from flexplugin.engine.errors import EXIT_DISK_FULL
 
 # attribute names of the inputs the shared checks know about
 INPUT_PARTICLES = "inputParticles"
@@ -141,6 +142,9 @@ class FlexPluginProtBase(EMProtocol):
             message = next((m for m in map(self._engineError, logs, starts) if m), None)
             if message is None:
                 raise
+            if e.returncode == EXIT_DISK_FULL:  # the engine's advice is for the command line; say Scipion's way
+                message += (" In Scipion: free space on the project's disk, then Continue this run (finished "
+                            "steps, checkpoints and earlier outputs are kept).")
             raise RuntimeError(f"flexplugin {subcommand} failed (exit status {e.returncode}): {message}") from e
 
     @staticmethod

@@ -182,6 +182,28 @@ class TestFaultProtocols(unittest.TestCase):
         self.assertIsNone(FlexPluginProtBase._engineError(log, os.path.getsize(log)))
         self.assertIsNone(FlexPluginProtBase._engineError(os.path.join(self.tmp, "missing.log")))
 
+    def test_disk_full_error_tells_the_scipion_way_out(self):
+        """Exit status 3 (disk full): the protocol's error keeps the engine's message and adds Scipion's remedy."""
+        import subprocess
+        from unittest import mock
+        prot = FallbackProbe()
+        out, err = (os.path.join(self.tmp, f"disk.{s}") for s in ("stdout", "stderr"))
+        open(out, "w").close()
+        open(err, "w").close()
+
+        def fail(*args, **kwargs):
+            with open(err, "a") as fh:
+                fh.write("error: No space left on device while writing x.mrc; earlier outputs are intact\n")
+            raise subprocess.CalledProcessError(3, "flexplugin")
+        with mock.patch.object(prot, "getStdoutLog", return_value=out), \
+                mock.patch.object(prot, "getStderrLog", return_value=err), \
+                mock.patch.object(prot, "runJob", side_effect=fail):
+            with self.assertRaises(RuntimeError) as ctx:
+                prot.runEngine("flex-train", [])
+        text = str(ctx.exception)
+        self.assertIn("flexplugin flex-train failed (exit status 3): No space left on device while writing x.mrc", text)
+        self.assertIn("then Continue this run", text)
+
     # ------------------------------------------------------------------ NaN images, empty set
     def test_nan_images_fail_with_the_engine_message(self):
         prot = self.nan
