@@ -1,15 +1,26 @@
 #!/usr/bin/env python
 """Regenerate the README's GUI screenshots (docs/images/gui_*.png) from a real, headless Scipion session.
 
-Runs the tiny test workflow (tests/gui_display.runTinyWorkflow: simulate → 3DVA → display → mesh → training →
-subset, generate, reconstruction; about a minute on 2 CPU cores) in a throwaway project, opens it in pyworkflow's
-ProjectWindow on a private Xvfb display with the Flexibility Hub view, and grabs:
+Runs a workflow in a throwaway project, opens it in pyworkflow's ProjectWindow on a private Xvfb display with the
+Flexibility Hub view, and grabs the screenshots below. Two workflows (--preset):
+
+  tiny      (default) the tiny test workflow (tests/gui_display.runTinyWorkflow: simulate → 3DVA → display → mesh →
+            training → subset, generate, reconstruction; 200 particles, about a minute on 2 CPU cores)
+  tutorial  the README tutorial (flexplugin.tutorial.TutorialRun, PRESETS["tutorial"]: 2,000 particles, box 64,
+            16 epochs; with the CPU settings of `python -m flexplugin.tutorial`: a 5-iteration flex reconstruction
+            without the rigid baseline; about 20 minutes on 2 CPU cores, 15 of them the reconstruction): the
+            README's screenshots
+
+The screenshots:
 
   gui_project.png      the project window: our protocols in the Flexibility Hub tree, the finished workflow graph
   gui_form_train.png   the 3D flex training form (a copy of the finished run, inputs filled in)
   gui_viewer_train.png the 3D flex training viewer and its latent plot
 
-Usage: .venv/bin/python scripts/screenshots.py [--out docs/images]   (needs Xvfb: Debian's xvfb, x11-xkb-utils)
+Usage: .venv/bin/python scripts/screenshots.py [--preset tiny|tutorial] [--out docs/images]
+       (needs Xvfb: Debian's xvfb, x11-xkb-utils)
+Set FLEXPLUGIN_KEEP_TEST_PROJECTS=1 to keep the throwaway project (its folder is printed); --reuse PROJECT_DIR then
+grabs the screenshots again from that finished project without running anything.
 """
 from __future__ import annotations
 
@@ -48,6 +59,12 @@ def save(image, path: Path, maxWidth: int = 1400) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "images"), help="output folder (default docs/images)")
+    parser.add_argument("--preset", choices=("tiny", "tutorial"), default="tiny",
+                        help="tiny: the 200-particle test workflow (a minute); tutorial: the README tutorial "
+                             "(2,000 particles, box 64; about 20 minutes on 2 CPU cores)")
+    parser.add_argument("--reuse", metavar="PROJECT_DIR",
+                        help="a finished project kept from an earlier run (FLEXPLUGIN_KEEP_TEST_PROJECTS=1): "
+                             "grab its screenshots without running the workflow")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -60,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     cwd = os.getcwd()
     with gd.Xvfb() as xvfb:
         try:
-            return _shoot(scipion_project, gd, xvfb.display, out)
+            return _shoot(scipion_project, gd, xvfb.display, out, args.preset, args.reuse)
         finally:
             _closeAll()
             os.chdir(cwd)
@@ -80,7 +97,64 @@ def _closeAll() -> None:
             pass
 
 
-def _shoot(scipion_project, gd, display: str, out: Path) -> int:
+def _runTutorial(project) -> dict:
+    """The README tutorial's chain with its preset and the CPU settings of `python -m flexplugin.tutorial`."""
+    import time
+    from dataclasses import replace
+
+    from flexplugin.tutorial import PRESETS, TutorialRun
+    preset = replace(PRESETS["tutorial"], recon_iterations=5, recon_noflex=False)
+    run = TutorialRun(project, preset, useGpu=False, log=lambda m: print(m, flush=True))
+    t0 = time.time()
+    runs = run.run()
+    print("screenshots: tutorial run times: " + ", ".join(f"{k} {v:.0f} s" for k, v in run.seconds.items())
+          + f"; total {(time.time() - t0) / 60:.1f} min", flush=True)
+    return runs
+
+
+def _finishedRuns(project) -> dict:
+    """{step name: protocol} of a finished project (--reuse); "train" is the 3D flex training run."""
+    from flexplugin.protocols import FlexPluginProtTrain
+    runs = {}
+    for prot in project.getRuns():
+        if isinstance(prot, FlexPluginProtTrain):
+            runs["train"] = prot
+        runs.setdefault(prot.getObjLabel(), prot)
+    if "train" not in runs:
+        raise SystemExit(f"screenshots: no 3D flex training run in {project.getPath()}")
+    return runs
+
+
+def _verticalPanes(widget):
+    """The ttk PanedWindow that splits the runs graph from the summary pane."""
+    for child in widget.winfo_children():
+        if child.winfo_class() == "TPanedwindow":
+            return child
+        found = _verticalPanes(child)
+        if found is not None:
+            return found
+    return None
+
+
+def _fitGraph(canvas, gd, maxSteps: int = 6) -> None:
+    """Zoom the runs graph out (as Ctrl+wheel does) until every run fits in its pane, then scroll to its top left."""
+    for step in range(maxSteps + 1):
+        canvas.update_idletasks()
+        box = canvas.bbox("all")
+        if box is None:
+            return
+        x0, y0, x1, y1 = box
+        print(f"screenshots: runs graph {box} in a {canvas.winfo_width()}x{canvas.winfo_height()} pane", flush=True)
+        if step == maxSteps or (x1 - min(x0, 0) <= canvas.winfo_width() - 4
+                                and y1 - min(y0, 0) <= canvas.winfo_height() - 4):
+            break
+        canvas.zoomerM(None)
+        gd.pump(canvas, 0.3)
+    canvas.xview("moveto", 0)
+    canvas.yview("moveto", 0)
+
+
+def _shoot(scipion_project, gd, display: str, out: Path, preset: str = "tiny", reuse: str | None = None) -> int:
     from unittest import mock
 
     import matplotlib.pyplot as plt
@@ -93,10 +167,18 @@ def _shoot(scipion_project, gd, display: str, out: Path) -> int:
 
     from pyworkflow.project import Manager
     scipion_project.loadPlugins()
-    project = Manager().createProject("flexplugin_example")  # the name shows in the window header
-    os.chdir(project.path)
-    print(f"screenshots: running the tiny workflow in {project.getPath()}")
-    runs = gd.runTinyWorkflow(project)
+    if reuse:
+        import pyworkflow as pw
+        from pyworkflow.project import Project
+        project = Project(pw.Config.getDomain(), os.path.abspath(reuse))
+        project.load()
+        os.chdir(project.path)
+        runs = _finishedRuns(project)
+    else:
+        project = Manager().createProject("flexplugin_example")  # the name shows in the window header
+        os.chdir(project.path)
+        print(f"screenshots: running the {preset} workflow in {project.getPath()}", flush=True)
+        runs = _runTutorial(project) if preset == "tutorial" else gd.runTinyWorkflow(project)
     settings = project.getSettings()
     settings.setProtocolView("Flexibility Hub")
     settings.write()
@@ -104,14 +186,21 @@ def _shoot(scipion_project, gd, display: str, out: Path) -> int:
     # --- project window: protocol tree + workflow graph
     window = ProjectWindow(project.getPath())
     window.root.geometry("1400x900+0+0")
+    graphHeight = 445  # the sash between runs graph (its toolbar included) and summary pane
     window.root.deiconify()
     gd.pump(window.root, 1.0)
     view = window.getViewWidget()
     panes = view.winfo_children()[0]  # the PanedWindow: protocol tree | runs
-    panes.sash_place(0, 400, 0)
-    view._selectItemProtocol(runs["train"])
+    panes.sash_place(0, 380, 0)  # wide enough for the longest protocol name in the tree
+    _verticalPanes(view).sashpos(0, graphHeight)  # runs graph | summary
+    view._selectItemProtocol(runs["train"])  # the summary pane shows the training run
     view._updateSelection()
-    gd.pump(window.root, 1.5)
+    for node in view.runsGraph.getNodes():  # its box framed, as a click does
+        if node.run is not None and node.run.getObjId() == runs["train"].getObjId() and hasattr(node, "item"):
+            node.item.setSelected(True)
+    gd.pump(window.root, 1.0)
+    _fitGraph(view.runsGraphCanvas, gd)
+    gd.pump(window.root, 1.0)
     save(gd.grabWidget(display, window.root), out / "gui_project.png")
 
     # --- the training form, inputs filled in (a copy of the finished run)
