@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,13 @@ class TutorialRun:
         from flexplugin.protocols import (FlexPluginProt3DVA, FlexPluginProt3DVADisplay, FlexPluginProtGenerate,
                                           FlexPluginProtMeshPrep, FlexPluginProtReconstruct,
                                           FlexPluginProtSimulate, FlexPluginProtTrain)
-        p, new, want = self.preset, self.project.newProtocol, (lambda s: steps is None or s in steps)
+        p, want = self.preset, (lambda s: steps is None or s in steps)
+
+        def new(cls, objLabel: str, **params):
+            """A new protocol with its run label (newProtocol ignores an objLabel keyword: set it explicitly)."""
+            prot = self.project.newProtocol(cls, **params)
+            prot.setObjLabel(objLabel)
+            return prot
 
         sim = self.launch("simulate", new(
             FlexPluginProtSimulate, objLabel="simulate flexible particles", numberOfParticles=p.particles,
@@ -162,12 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     project = manager.createProject(a.project)
     os.chdir(project.path)
-    preset = PRESETS[a.preset]
-    if a.preset == "tutorial" and not a.gpu:
-        # the L-BFGS flex reconstruction is the one step that is slow without a GPU (README, Tutorial: Time)
-        preset = replace(preset, recon_iterations=5, recon_noflex=False)
-        print("[tutorial] no --gpu: the flex reconstruction runs 5 L-BFGS iterations without the rigid baseline")
-    run = TutorialRun(project, preset, useGpu=a.gpu)
+    run = TutorialRun(project, PRESETS[a.preset], useGpu=a.gpu)
     run.run()
     total = sum(run.seconds.values())
     print(f"[tutorial] done in {total / 60:.1f} min. Open it with: scipion3 project {a.project} (pip installs: scipion project {a.project})")

@@ -7,9 +7,8 @@ Flexibility Hub view, and grabs the screenshots below. Two workflows (--preset):
   tiny      (default) the tiny test workflow (tests/gui_display.runTinyWorkflow: simulate → 3DVA → display → mesh →
             training → subset, generate, reconstruction; 200 particles, about a minute on 2 CPU cores)
   tutorial  the README tutorial (flexplugin.tutorial.TutorialRun, PRESETS["tutorial"]: 2,000 particles, box 64,
-            16 epochs; with the CPU settings of `python -m flexplugin.tutorial`: a 5-iteration flex reconstruction
-            without the rigid baseline; about 20 minutes on 2 CPU cores, 15 of them the reconstruction): the
-            README's screenshots
+            16 epochs; the reconstruction shortened to 5 flex iterations without the rigid baseline, enough for
+            pictures; about 20 minutes on 2 CPU cores, 15 of them the reconstruction): the README's screenshots
 
 The screenshots:
 
@@ -98,7 +97,7 @@ def _closeAll() -> None:
 
 
 def _runTutorial(project) -> dict:
-    """The README tutorial's chain with its preset and the CPU settings of `python -m flexplugin.tutorial`."""
+    """The README tutorial's chain with its preset, the reconstruction shortened (the screenshots do not need it)."""
     import time
     from dataclasses import replace
 

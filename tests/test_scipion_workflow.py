@@ -80,6 +80,10 @@ class TestWorkflow(unittest.TestCase):
         for prot in (self.sim, self.va, self.mesh, self.train, self.generate, self.recon, *self.displays.values()):
             self.assertTrue(prot.isFinished(), prot.getRunName())
             self.assertEqual(prot.validate(), [], prot.getRunName())
+        # the run labels the tutorial gives are what the project (and the GUI's graph) shows
+        runs = {r.getObjLabel() for r in scipion_project.reloadProject(self.project).getRuns()}
+        self.assertLessEqual({"3DVA display simple", "3DVA display intermediates", "3DVA display cluster",
+                              "3D flex training (seeded by 3DVA)"}, runs)
 
     def test_3dva_outputs(self):
         self.checkParticles(self.va.outputParticles, VA3D_PROGNAME, K_VA)
