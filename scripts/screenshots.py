@@ -78,22 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return _shoot(scipion_project, gd, xvfb.display, out, args.preset, args.reuse)
         finally:
-            _closeAll()
+            gd.closeAllWindows()
             os.chdir(cwd)
-
-
-def _closeAll() -> None:
-    """Destroy every Tk and matplotlib window while the display still exists."""
-    import tkinter
-
-    import matplotlib.pyplot as plt
-    plt.close("all")
-    root = getattr(tkinter, "_default_root", None)
-    if root is not None:
-        try:
-            root.destroy()
-        except tkinter.TclError:
-            pass
 
 
 def _runTutorial(project) -> dict:

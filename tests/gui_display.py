@@ -145,6 +145,20 @@ class RootLogging:
         root.setLevel(self.level)
 
 
+def closeAllWindows() -> None:
+    """Destroy every Tk and matplotlib window (do it while the display still exists, before Xvfb stops)."""
+    import tkinter
+
+    import matplotlib.pyplot as plt
+    plt.close("all")
+    root = getattr(tkinter, "_default_root", None)
+    if root is not None:
+        try:
+            root.destroy()
+        except tkinter.TclError:
+            pass
+
+
 def pump(widget, seconds: float = 0.5) -> None:
     """Let Tk process its events (drawing, geometry) for a while, as a main loop would."""
     end = time.monotonic() + seconds

@@ -23,7 +23,8 @@ from pyworkflow.viewer import DESKTOP_TKINTER, MessageView, ProtocolViewer
 import flexplugin.protocols
 import flexplugin.viewers
 
-from .gui_display import RootLogging, Xvfb, grabWidget, isBlank, pump, requireXvfb, runTinyWorkflow
+from .gui_display import (RootLogging, Xvfb, closeAllWindows, grabWidget, isBlank, pump, requireXvfb,
+                          runTinyWorkflow)
 
 __all__ = ["TestGui"]  # what tests/__init__.py re-exports
 
@@ -97,18 +98,9 @@ class TestGui(unittest.TestCase):
     @classmethod
     def tearDownClass(cls):
         """Close every Tk and matplotlib window before the X server goes (Tk dies with its display)."""
-        import tkinter
-
-        import matplotlib.pyplot as plt
         from pyworkflow.gui.plotter import Plotter
         print(f"GUI test timings (s): { {k: round(v, 1) for k, v in cls.seconds.items()} }")
-        plt.close("all")
-        root = getattr(tkinter, "_default_root", None)
-        if root is not None:
-            try:
-                root.destroy()
-            except tkinter.TclError:
-                pass
+        closeAllWindows()
         Plotter.setBackend("Agg")  # ProjectWindow switched matplotlib to TkAgg
         cls.logging.restore()
         if getattr(cls, "xvfb", None) is not None:
