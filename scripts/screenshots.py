@@ -4,8 +4,8 @@
 Runs a workflow in a throwaway project, opens it in pyworkflow's ProjectWindow on a private Xvfb display with the
 Flexibility Hub view, and grabs the screenshots below. Two workflows (--preset):
 
-  tiny      (default) the tiny test workflow (tests/gui_display.runTinyWorkflow: simulate → 3DVA → display → mesh →
-            training → subset, generate, reconstruction; 200 particles, about a minute on 2 CPU cores)
+  tiny      (default) the tiny test workflow (tests/gui_display.runTinyWorkflow: the tutorial chain at its tiny
+            preset plus a latent subset; 300 particles, about a minute on 2 CPU cores)
   tutorial  the README tutorial (flexplugin.tutorial.TutorialRun, PRESETS["tutorial"]: 2,000 particles, box 64,
             16 epochs; the reconstruction shortened to 5 flex iterations without the rigid baseline, enough for
             pictures; about 20 minutes on 2 CPU cores, 15 of them the reconstruction): the README's screenshots

@@ -195,67 +195,22 @@ def isBlank(image, minColours: int = 8, minStd: float = 5.0) -> bool:
     return colours < minColours or float(arr.std()) < minStd
 
 
-def runTinyWorkflow(project, n: int = 200) -> dict:
-    """simulate → 3DVA → 3DVA display → mesh prep → training (seeded by the 3DVA) → latent subset, generate,
-    reconstruction; tiny (box 32, training box 16, 2 epochs), on the CPU: a finished run of every protocol.
+def runTinyWorkflow(project) -> dict:
+    """The tutorial chain at its tiny preset (flexplugin.tutorial: simulate → 3DVA → its three displays → mesh →
+    training seeded by the 3DVA → generate, reconstruction) plus a latent subset: a finished run of every protocol.
 
     Returns the finished protocols by step name.
     """
-    from flexplugin.protocols import (FlexPluginProt3DVA, FlexPluginProt3DVADisplay, FlexPluginProtGenerate,
-                                      FlexPluginProtMeshPrep, FlexPluginProtReconstruct, FlexPluginProtSubset,
-                                      FlexPluginProtTrain)
+    from flexplugin.protocols import FlexPluginProtSubset
+    from flexplugin.tutorial import PRESETS, TutorialRun
 
     from . import scipion_project as sp
-    cpu = dict(useGpu=False, numberOfThreads=1)
-
-    def point(pointer, prot, output: Optional[str] = None) -> None:
-        pointer.set(prot)
-        if output:
-            pointer.setExtended(output)
-
-    def launch(prot):
-        errors = prot.validate()
-        if errors:
-            raise AssertionError(f"{prot.getClassName()} does not validate: {errors}")
-        return sp.launch(project, prot)
-
-    runs = {"simulate": sp.runSimulate(project, numberOfParticles=n, boxSize=32, pixelSize=4.0, snr=0.5, seed=4,
-                                       stackSize=n)}
-    sim = runs["simulate"]
-    va = project.newProtocol(FlexPluginProt3DVA, objLabel="3dva", numberOfComponents=2, iterations=4,
-                             filterRes=12.0, **cpu)
-    point(va.inputParticles, sim, "outputParticles")
-    point(va.inputMask, sim, "outputMask")
-    point(va.inputVolume, sim, "outputVolume")
-    runs["3dva"] = va = launch(va)
-
-    display = project.newProtocol(FlexPluginProt3DVADisplay, objLabel="3dva display", frames=3, **cpu)
-    point(display.input3DVA, va)
-    runs["3dva display"] = launch(display)
-
-    mesh = project.newProtocol(FlexPluginProtMeshPrep, objLabel="mesh", numberOfCells=8)
-    point(mesh.inputVolume, va, "outputVolume")
-    point(mesh.inputMask, sim, "outputMask")
-    runs["mesh"] = mesh = launch(mesh)
-
-    train = project.newProtocol(FlexPluginProtTrain, objLabel="train", numberOfLatents=2, trainingBox=16, epochs=2,
-                                batchSize=64, layers=2, hiddenUnits=16, **cpu)
-    point(train.inputParticles, va, "outputParticles")
-    point(train.inputVolume, va, "outputVolume")
-    point(train.meshRun, mesh)
-    runs["train"] = train = launch(train)
-
-    subset = project.newProtocol(FlexPluginProtSubset, objLabel="subset", mode=1, numberOfClusters=2, clusterIds="1")
-    point(subset.inputParticles, train, "outputParticles")
-    runs["subset"] = launch(subset)
-
-    generate = project.newProtocol(FlexPluginProtGenerate, objLabel="generate", frames=3, atlasGrid=3, **cpu)
-    point(generate.inputTraining, train, "outputParticles")
-    runs["generate"] = launch(generate)
-
-    recon = project.newProtocol(FlexPluginProtReconstruct, objLabel="reconstruct", iterations=2, batchSize=100,
-                                **cpu)
-    point(recon.inputTraining, train)
-    point(recon.inputMask, sim, "outputMask")
-    runs["reconstruct"] = launch(recon)
+    runs = TutorialRun(project, PRESETS["tiny"]).run()
+    subset = project.newProtocol(FlexPluginProtSubset, mode=1, numberOfClusters=2, clusterIds="1")
+    subset.setObjLabel("subset")
+    sp.point(subset.inputParticles, runs["train"], "outputParticles")
+    errors = subset.validate()
+    if errors:
+        raise AssertionError(f"{subset.getClassName()} does not validate: {errors}")
+    runs["subset"] = sp.launch(project, subset)
     return runs
