@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .mesh import Mesh, rasterize_weights
 
 __all__ = ["FlowGenerator", "MeshRaster", "deformation_gradients", "rigidity_penalty", "project_warped",
-           "warp_volume", "ray_positions", "project_positions"]
+           "warp_volume", "ray_positions", "project_positions", "splat_project", "project_warped_splat"]
 
 
 class FlowGenerator(nn.Module):
@@ -52,7 +52,11 @@ class FlowGenerator(nn.Module):
 
 
 class MeshRaster:
-    """Barycentric interpolation of vertex displacements on a grid of box m (cached per box)."""
+    """Barycentric interpolation of vertex displacements on a grid of box m (cached per box).
+
+    The interpolation is a sparse (voxels-in-mesh × vertices) matrix with 4 non-zeros a row, so the flow of a
+    whole batch is one sparse-dense product (and its adjoint one more), not a (B, voxels, 4, 3) gather.
+    """
 
     def __init__(self, mesh: Mesh, m: int, device: torch.device | str = "cpu"):
         (vox, _), verts, bary = rasterize_weights(mesh, m)
@@ -61,11 +65,22 @@ class MeshRaster:
         self.verts = torch.as_tensor(verts, device=device)
         self.bary = torch.as_tensor(bary, dtype=torch.float32, device=device)
         self.scale = mesh.N / m  # mesh-box voxels per m-box voxel
+        rows = torch.arange(len(vox), device=device).repeat_interleave(4)
+        self.interp = torch.sparse_coo_tensor(torch.stack([rows, self.verts.reshape(-1)]), self.bary.reshape(-1),
+                                              (len(vox), len(mesh.points)), check_invariants=False).coalesce()
+        z, y, x = vox // (m * m), (vox // m) % m, vox % m
+        self.pos = torch.as_tensor(np.stack([x, y, z], 1) - m // 2, dtype=torch.float32, device=device)
+
+    def flow_vox(self, d: torch.Tensor, apix_m: float) -> torch.Tensor:
+        """u (B, nvox, 3) in voxels of box m at the mesh's voxels (`pos`) from displacements d (B, V, 3) in Å."""
+        b, v, _ = d.shape
+        u = torch.sparse.mm(self.interp, d.permute(1, 0, 2).reshape(v, 3 * b))  # (nvox, B·3)
+        return u.view(-1, b, 3).permute(1, 0, 2) / apix_m
 
     def flow(self, d: torch.Tensor, apix_m: float) -> torch.Tensor:
         """u (B, m, m, m, 3) in voxels of box m (xyz) from displacements d (B, V, 3) in Å."""
         b = d.shape[0]
-        u_in = (d[:, self.verts] * self.bary[None, :, :, None]).sum(2) / apix_m  # (B, nvox, 3)
+        u_in = self.flow_vox(d, apix_m)
         u = torch.zeros(b, self.m ** 3, 3, dtype=d.dtype, device=d.device)
         u = u.index_copy(1, self.vox, u_in)
         return u.view(b, self.m, self.m, self.m, 3)
@@ -145,3 +160,42 @@ def project_warped(vol: torch.Tensor, rotations: torch.Tensor, u: torch.Tensor |
     `radius` (voxels) bounds where density can be: only the centred sub-cube of that half-width is sampled.
     """
     return project_positions(vol, ray_positions(vol.shape[-1], rotations, u, radius, vol.dtype))
+
+
+def splat_project(vals: torch.Tensor, xy: torch.Tensor, m: int) -> torch.Tensor:
+    """Projections (B, m, m): values (B, n) deposited bilinearly at image positions xy (B, n, 2) (pixels from
+    the centre, x then y). Linear in `vals`; its adjoint (a bilinear gather) comes from autograd."""
+    b = vals.shape[0]
+    p = xy + m // 2
+    p0 = p.floor()
+    f = p - p0
+    i0 = p0.long()
+    out = vals.new_zeros(b, m * m)
+    for dy in (0, 1):
+        wy = f[..., 1] if dy else 1 - f[..., 1]
+        iy = i0[..., 1] + dy
+        for dx in (0, 1):
+            wx = f[..., 0] if dx else 1 - f[..., 0]
+            ix = i0[..., 0] + dx
+            ok = (ix >= 0) & (ix < m) & (iy >= 0) & (iy < m)
+            idx = iy.clamp(0, m - 1) * m + ix.clamp(0, m - 1)
+            out = out.scatter_add(1, idx, vals * (wx * wy * ok))
+    return out.view(b, m, m)
+
+
+def project_warped_splat(vol: torch.Tensor, rotations: torch.Tensor, pos: torch.Tensor,
+                         u: torch.Tensor | None = None) -> torch.Tensor:
+    """Projections (B, m, m) of W(x) = V(x + u(x)) by splatting W's voxels x (`pos`, (n, 3) xyz from the centre).
+
+    Training's fast projector: W is sampled only at the n voxels that can hold density (the mesh's voxels,
+    where the flow is exact, no resampling of u), and each is deposited at its rotated position (A x)_xy.
+    The image positions do not depend on the flow (W lives on the canonical grid), so the only gradient
+    path is one trilinear sample per voxel. `u` (B, n, 3) in voxels, or None for the rigid map.
+    """
+    m = vol.shape[-1]
+    b = rotations.shape[0]
+    x = pos[None].expand(b, -1, -1) if u is None else pos[None] + u
+    vals = F.grid_sample(vol[None, None], _to_grid(x, m).reshape(1, b, -1, 1, 3), mode="bilinear",
+                         padding_mode="zeros", align_corners=True).view(b, -1)
+    xy = torch.einsum("bij,nj->bni", rotations[:, :2].to(vol.dtype), pos)  # (A x)_xy
+    return splat_project(vals, xy, m)

@@ -34,10 +34,16 @@ from ..errors import InputError
 from ..fourier import freq_grid_2d, fourier_crop_3d, rfft2c, shift_phase_2d
 from ..progress import Progress
 from .mesh import Mesh
-from .model import FlowGenerator, MeshRaster, deformation_gradients, project_warped, rigidity_penalty
+from .model import FlowGenerator, MeshRaster, deformation_gradients, project_warped_splat, rigidity_penalty
 from .prep import PreparedParticles, PrepSpec
+from .search import latent_grid, search_latents
 
-__all__ = ["TrainConfig", "FlexTrainer", "normalize_init_latents", "working_box", "kmax_schedule"]
+__all__ = ["LATENT_SD", "FlexTrainer", "TrainConfig", "keep_spread", "kmax_schedule", "normalize_init_latents",
+           "working_box"]
+
+# spread (sd) of the latents at the start: random ones are drawn with it, seeds are scaled to it; ±1.5 (the
+# latent range) is then ±3.75 sd
+LATENT_SD = 0.4
 
 
 @dataclass
@@ -63,6 +69,11 @@ class TrainConfig:
     kmax_final: float = 0.8  # fraction of training Nyquist at the end of the base schedule
     seed: int = 0
     noise_particles: int = 1000  # particles used to estimate the scale and the noise spectrum
+    rigidity_cells: int = 2048  # cells drawn per step for the rigidity mean (all when the mesh has fewer)
+    search_start: int = 1  # first epoch that starts with a latent search (0: before any training)
+    search_every: int = 1  # epochs between latent searches (0: never during training)
+    search_points: int = 0  # grid points per latent axis (K ≤ 2; K ≥ 3 draws points²); 0: 15 for K=1, 9 otherwise
+    final_search: bool = True  # a finer search after the last epoch (the latents written out)
 
     def validate(self) -> None:
         checks = [(self.k >= 1, "--k must be >= 1"), (self.layers >= 1, "--layers must be >= 1"),
@@ -77,6 +88,18 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise InputError(msg)
+
+
+def keep_spread(z: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """`z` rescaled about its mean by one factor so that its total spread (√Σ variances) is that of `before`.
+
+    A posterior mean shrinks towards the middle where the data are weak (early in training, or from random
+    latents, where it would otherwise collapse every latent onto the grid's centre); one common factor keeps
+    the order and the relative variances of the axes, and the flow generator keeps the latent scale it was
+    trained on. The centring prior and the per-visit steps still set that scale over the epochs."""
+    mu = z.mean(0)
+    sd_now, sd_before = z.var(0).sum().sqrt(), before.var(0).sum().sqrt()
+    return (mu + (z - mu) * (sd_before / sd_now.clamp(min=1e-12))).clamp(-1.5, 1.5)
 
 
 def kmax_schedule(cfg: TrainConfig, epoch: int) -> float:
@@ -187,7 +210,7 @@ class FlexTrainer:
             z0 = torch.as_tensor(init_latents, dtype=torch.float32)
         else:
             g = torch.Generator().manual_seed(cfg.seed + 1)
-            z0 = 0.1 * torch.randn(n, cfg.k, generator=g)
+            z0 = LATENT_SD * torch.randn(n, cfg.k, generator=g)
         self.latents = z0.to(self.dev).clone()
         self.opt_flow = torch.optim.Adam(self.gen.parameters(), lr=cfg.lr_flow_init)
         self.opt_density = torch.optim.Adam([self.density], lr=cfg.lr_density)
@@ -195,10 +218,16 @@ class FlexTrainer:
         self.cells = torch.as_tensor(mesh.cells, device=self.dev)
         self.rest_inv = torch.linalg.inv(torch.as_tensor(mesh.rest_edges(), dtype=torch.float32)).to(self.dev)
         self.rweights = torch.as_tensor(mesh.rweights, dtype=torch.float32, device=self.dev)
+        vol_cells = torch.as_tensor(np.abs(np.linalg.det(mesh.rest_edges())) / 6.0, dtype=torch.float32)
+        # rigidity = Σ_j v_j w_j ρ_j / Σ_j v_j: a mean over the meshed volume, so λ keeps its meaning when the
+        # mesh is refined or the mask grows (a sum over cells made it follow the cell count)
+        self.rig_weights = (self.rweights * (vol_cells / vol_cells.sum()).to(self.dev))
         self.radius_A = self._support_radius()
         self.scale = 1.0
         self.noise_shell: torch.Tensor | None = None
         self.history: list[dict] = []
+        self.searches: list[dict] = []
+        self.final_search_done = False
         self.epoch = 0
         self._rasters: dict[int, MeshRaster] = {}
 
@@ -240,8 +269,9 @@ class FlexTrainer:
         """Model spectra (B, m, m//2+1) on the training-box scale for displacements d (B, V, 3) or rigid."""
         t = self.spec.train
         apix_m = self.spec.apix_train * t / m
-        u = self.raster(m).flow(d, apix_m) if d is not None else None
-        proj = project_warped(vol_m, batch["rotations"], u, radius=self.radius_A / apix_m)
+        r = self.raster(m)
+        u = r.flow_vox(d, apix_m) if d is not None else None
+        proj = project_warped_splat(vol_m, batch["rotations"], r.pos, u)
         ft = rfft2c(proj) * ((t / m) ** 3 * self.scale)
         ft = ft * shift_phase_2d(m, -batch["shifts"] * (m / t))  # RELION origin: content at −origin
         return ft * compute_ctf(batch["ctf"], m, apix_m, self.p.ps.phase_flipped)
@@ -308,7 +338,7 @@ class FlexTrainer:
         shell, band, mult = self._band(m, kmax_px)
         w = (mult / self.noise_shell[shell]) * band
         data = 0.5 * ((y - mod).abs().square() * w).sum((-1, -2))
-        rig = rigidity_penalty(deformation_gradients(d, self.cells, self.rest_inv), self.rweights)
+        rig = self._rigidity(d, g)
         prior = z.abs().pow(c.latent_prior_pow).sum(-1)
         loss = (data + c.rigidity * rig + c.latent_prior * prior).mean()
         loss = loss + c.density_l2 * self.density.square().mean()
@@ -321,6 +351,38 @@ class FlexTrainer:
             self.opt_latent.update(rows, z.grad * len(rows))
         return float(data.detach().mean()), float(rig.detach().mean()), float(prior.detach().mean())
 
+    def _rigidity(self, d: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Volume-weighted mean rigidity cost per batch item, estimated without bias from a random subset of
+        `rigidity_cells` cells (Σ over the subset × C/n): the exact mean costs B·C deformation gradients."""
+        n_cells = self.cells.shape[0]
+        n = self.cfg.rigidity_cells
+        if n_cells <= n:
+            return rigidity_penalty(deformation_gradients(d, self.cells, self.rest_inv), self.rig_weights)
+        idx = torch.randperm(n_cells, generator=g)[:n].to(self.dev)
+        fg = deformation_gradients(d, self.cells[idx], self.rest_inv[idx])
+        return rigidity_penalty(fg, self.rig_weights[idx]) * (n_cells / n)
+
+    def search_points(self, final: bool = False) -> int:
+        """Grid points per latent axis of a search (finer for the final pass)."""
+        c = self.cfg
+        p = c.search_points or (15 if c.k == 1 else 9)
+        return 3 * p - 4 if final and c.k == 1 else (2 * p - 3 if final else p)
+
+    def search(self, m: int, kmax_px: float, final: bool = False, progress: Callable[[str], None] = print) -> None:
+        """Replace every latent by its posterior mean over a grid of decoded maps (search.py); the latents'
+        optimiser moments restart, since each latent has moved."""
+        t0 = time.monotonic()
+        grid = latent_grid(self.latents, self.search_points(final))
+        z, st = search_latents(self, m, kmax_px, grid, batch_size=max(64, self.cfg.batch_size))
+        self.latents.copy_(keep_spread(z, self.latents))
+        for v in self.opt_latent.state_dict().values():
+            v.zero_()
+        st.update(epoch=self.epoch, final=final, seconds=time.monotonic() - t0)
+        self.searches.append(dict(st))
+        progress(f"flex-train: latent search over {st['points']} points at box {m}"
+                 f"{' (final)' if final else ''}: mean best-point weight {st['best_weight']:.2f}, latent sd "
+                 + ", ".join(f"{x:.3f}" for x in st["spread"]) + f" | {st['seconds']:.1f} s")
+
     def run_epoch(self, progress: Callable[[str], None] = print) -> EpochStats:
         c, t = self.cfg, self.spec.train
         e = self.epoch
@@ -329,6 +391,8 @@ class FlexTrainer:
         kmax_px = frac * t / 2
         for gr in self.opt_flow.param_groups:
             gr["lr"] = self._lr_flow(e)
+        if c.search_every and e >= c.search_start and (e - c.search_start) % c.search_every == 0:
+            self.search(m, kmax_px, progress=progress)
         order = np.random.default_rng([c.seed, e]).permutation(len(self.p))
         self._noise_seed = (c.seed * 1000003 + e) * 100003
         sums = np.zeros(3)
@@ -360,7 +424,12 @@ class FlexTrainer:
             prog.step(self.epoch, f"box {st.box} k_max {st.kmax_frac:.2f} Nyq | data {st.data:.5g} "
                                   f"rigidity {st.rigidity:.4g} prior {st.prior:.4g} | {st.seconds:.1f} s")
             if stop_after is not None and self.epoch >= stop_after:
-                break
+                return
+        if self.cfg.final_search and not self.final_search_done:
+            frac = kmax_schedule(self.cfg, total - 1)
+            self.search(working_box(self.spec.train, frac), frac * self.spec.train / 2, final=True, progress=progress)
+            self.final_search_done = True
+            self.save_checkpoint(out / "checkpoint.pt")
 
     # --- persistence --------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -373,6 +442,7 @@ class FlexTrainer:
             "opt_flow": self.opt_flow.state_dict(), "opt_density": self.opt_density.state_dict(),
             "opt_latent": {k: v.cpu() for k, v in self.opt_latent.state_dict().items()},
             "history": self.history, "mesh_file": None, "radius_A": self.radius_A,
+            "searches": self.searches, "final_search_done": self.final_search_done,
         }
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
@@ -403,6 +473,7 @@ class FlexTrainer:
         self.opt_density.load_state_dict(d["opt_density"])
         self.opt_latent.load_state_dict({k: v.to(self.dev) for k, v in d["opt_latent"].items()})
         self.history, self.epoch = d["history"], d["epoch"]
+        self.searches, self.final_search_done = d.get("searches", []), d.get("final_search_done", False)
 
     # --- diagnostics --------------------------------------------------------------------------------
     @torch.no_grad()
