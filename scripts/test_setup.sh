@@ -69,4 +69,5 @@ fetch_sdist() {  # name version marker-file → unpacked in $CACHE/name-version 
 }
 fetch_sdist cryojax 0.6.0 tests/data/cistem_projection.npz
 fetch_sdist cryodrgn 4.3.1 tests/data/relion31.star
+fetch_sdist mdanalysistests 2.11.0 MDAnalysisTests/data/adk_open.pdb
 echo "test-setup: reference data in $CACHE"
