@@ -10,27 +10,44 @@ Images are *not* made with our Fourier projector: each Gaussian's line integral 
 (a 2-D Gaussian of the same width centred at the projected atom, √(2π)σ·amplitude), so tests of the
 projector and the reconstructor against these data are not an inverse crime. Volumes are the same
 Gaussians sampled on the voxel grid, so both share units (projection = Σ voxels along z).
+
+Any other `MotionModel` (atom positions for t) is imaged the same way: `simulate_dataset(..., motion=...)`, e.g.
+real proteins and their motions from `pdb_motion`. Every data set also gets gt/moving_mask.mrc, a soft mask of
+the atoms that really move, where flexibility is scored.
 """
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 import torch
 
+from .atomic import to_csv, write_json
 from .ctf import CTFParams, compute_ctf
 from .errors import InputError
 from .fourier import irfft2c, lowpass_volume, rfft2c
 from .geometry import euler_to_matrix
-from .atomic import to_csv, write_json
 from .io import write_particles_star, write_volume
 
-__all__ = ["SimConfig", "FlexibleObject", "build_object", "simulate_dataset", "soft_mask_from_volumes"]
+__all__ = [
+    "FlexibleObject",
+    "MotionModel",
+    "SimConfig",
+    "build_object",
+    "moving_atoms",
+    "moving_mask",
+    "project_atoms",
+    "render_atoms",
+    "render_volumes",
+    "simulate_dataset",
+    "soft_mask_from_volumes",
+]
 
 
 @dataclass
@@ -92,6 +109,15 @@ def _helix_bundle(rng: np.random.Generator, center: np.ndarray, radii: np.ndarra
     return np.concatenate(atoms, 0)
 
 
+class MotionModel(Protocol):
+    """Anything the simulator can image: atom positions (B, n_atoms, 3) in Å, origin at the box centre, for t (B,)."""
+
+    @property
+    def n_atoms(self) -> int: ...
+
+    def atoms(self, t: np.ndarray) -> np.ndarray: ...
+
+
 @dataclass
 class FlexibleObject:
     """Pseudo-atoms per domain (Å, origin at the box centre) and the motion's axes and pivots."""
@@ -141,17 +167,22 @@ def _gauss_1d(coords_px: torch.Tensor, grid: torch.Tensor, sigma_px: float) -> t
     return torch.exp(-(grid - coords_px[..., None]) ** 2 / (2 * sigma_px ** 2))
 
 
-def render_volumes(obj: FlexibleObject, t: np.ndarray, box: int, apix: float, sigma_A: float) -> np.ndarray:
-    """Ground-truth volumes (len(t), box, box, box) [z, y, x]: Gaussians sampled on the voxel grid."""
+def render_atoms(positions: np.ndarray, box: int, apix: float, sigma_A: float) -> np.ndarray:
+    """Volumes (B, box, box, box) [z, y, x] of atom sets (B, n, 3) Å: Gaussians sampled on the voxel grid."""
     g = torch.arange(box, dtype=torch.float64) - box // 2
     sig = sigma_A / apix
     out = []
-    for pos in obj.atoms(t):
+    for pos in positions:
         p = torch.as_tensor(pos / apix)
         gx, gy, gz = (_gauss_1d(p[:, i], g, sig) for i in range(3))
         yx = (gy[:, :, None] * gx[:, None, :]).reshape(len(p), -1)
         out.append((gz.T @ yx).reshape(box, box, box).float().numpy())
     return np.stack(out)
+
+
+def render_volumes(obj: MotionModel, t: np.ndarray, box: int, apix: float, sigma_A: float) -> np.ndarray:
+    """Ground-truth volumes (len(t), box, box, box) [z, y, x] of a motion model at coordinates t."""
+    return render_atoms(obj.atoms(t), box, apix, sigma_A)
 
 
 def project_atoms(atoms_A: np.ndarray, A: np.ndarray, shifts_px: np.ndarray, box: int, apix: float,
@@ -182,16 +213,35 @@ def soft_mask_from_volumes(vols: np.ndarray, apix: float, lowpass_A: float = 15.
     return soft.astype(np.float32)
 
 
-def simulate_dataset(cfg: SimConfig, out: str | os.PathLike,
-                     progress: Callable[[str], None] = print) -> dict:
-    """Write particles.star + stacks, consensus.mrc, mask.mrc, gt/ states and ground_truth.csv to `out`."""
+def moving_atoms(obj: MotionModel, fraction: float = 0.25) -> np.ndarray:
+    """Boolean (n_atoms,): atoms displaced between t = -1 and t = +1 by more than `fraction` of the largest move."""
+    ends = obj.atoms(np.array([-1.0, 1.0]))
+    d = np.linalg.norm(ends[1] - ends[0], axis=1)
+    return d > fraction * d.max() if d.max() > 0 else np.zeros(len(d), dtype=bool)
+
+
+def moving_mask(obj: MotionModel, states_t: np.ndarray, box: int, apix: float, sigma_A: float,
+                fraction: float = 0.25) -> np.ndarray:
+    """Soft mask of the moving atoms over the states (as `soft_mask_from_volumes`): where flexibility is scored."""
+    sel = moving_atoms(obj, fraction)
+    if not sel.any():
+        return np.zeros((box, box, box), np.float32)
+    return soft_mask_from_volumes(render_atoms(obj.atoms(states_t)[:, sel], box, apix, sigma_A), apix)
+
+
+def simulate_dataset(cfg: SimConfig, out: str | os.PathLike, progress: Callable[[str], None] = print,
+                     motion: MotionModel | None = None, dataset: dict[str, Any] | None = None) -> dict:
+    """Write particles.star + stacks, consensus.mrc, mask.mrc, gt/ states (+ moving_mask.mrc) and ground_truth.csv.
+
+    `motion` images any motion model instead of the built-in three-domain object (`build_object(cfg)`);
+    `dataset` (name, description, sources …) is recorded in simulation.json."""
     if cfg.n < 2 or cfg.box < 16 or cfg.box % 2 or cfg.apix <= 0 or cfg.snr <= 0 or cfg.stack_size < 1:
         raise InputError("need n >= 2, an even box >= 16, apix > 0, snr > 0 and stack size >= 1")
     out = Path(out)
     (out / "stacks").mkdir(parents=True, exist_ok=True)
     (out / "gt").mkdir(exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
-    obj = build_object(cfg)
+    obj = build_object(cfg) if motion is None else motion
     n, box = cfg.n, cfg.box
 
     t = rng.uniform(-1.0, 1.0, n)
@@ -255,9 +305,14 @@ def simulate_dataset(cfg: SimConfig, out: str | os.PathLike,
     consensus = render_volumes(obj, np.linspace(-1, 1, 21), box, cfg.apix, cfg.atom_sigma_A).mean(0)
     write_volume(out / "consensus.mrc", consensus, cfg.apix)
     write_volume(out / "mask.mrc", soft_mask_from_volumes(states, cfg.apix), cfg.apix)
+    write_volume(out / "gt" / "moving_mask.mrc", moving_mask(obj, states_t, box, cfg.apix, cfg.atom_sigma_A),
+                 cfg.apix)
     meta = {"config": asdict(cfg), "n_atoms": obj.n_atoms, "noise_sd": noise_sd, "signal_var": sig_var,
             "files": {"particles": "particles.star", "consensus": "consensus.mrc", "mask": "mask.mrc",
-                      "ground_truth": "ground_truth.csv", "states": "gt/states.csv"}}
+                      "ground_truth": "ground_truth.csv", "states": "gt/states.csv",
+                      "moving_mask": "gt/moving_mask.mrc"}}
+    if dataset:
+        meta["dataset"] = dict(dataset)
     write_json(out / "simulation.json", meta)
     progress(f"simulate: consensus, mask and {cfg.n_states} ground-truth states written to {out}")
     return meta
