@@ -35,6 +35,7 @@ __all__ = [
     "BenchmarkSpec",
     "LinearMotion",
     "Structure",
+    "anm_hessian",
     "anm_modes",
     "build_motion",
     "kabsch",
@@ -144,7 +145,7 @@ def kabsch(mobile: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return R, ct - cm @ R.T
 
 
-def _anm_hessian(ca: np.ndarray, cutoff: float) -> np.ndarray:
+def anm_hessian(ca: np.ndarray, cutoff: float = 15.0) -> np.ndarray:
     """ANM Hessian (3n, 3n): unit springs between Cα closer than `cutoff` Å (Atilgan et al. 2001)."""
     n = len(ca)
     d = ca[None, :, :] - ca[:, None, :]  # (n, n, 3)
@@ -166,7 +167,10 @@ def anm_modes(ca: np.ndarray, cutoff: float = 15.0, n_modes: int = 10) -> tuple[
     n = len(ca)
     if n < 3 or not 1 <= n_modes <= 3 * n - 6:
         raise InputError(f"ANM needs >= 3 Cα atoms and 1 <= n_modes <= {max(0, 3 * n - 6)}; got {n} and {n_modes}")
-    vals, vecs = np.linalg.eigh(_anm_hessian(ca, cutoff))
+    vals, vecs = np.linalg.eigh(anm_hessian(ca, cutoff))
+    if vals[6] < 1e-6 * vals[-1]:
+        raise InputError(f"the elastic network at a {cutoff} Å cutoff falls apart into pieces (more than 6 zero "
+                         "modes); raise the cutoff")
     vals, vecs = vals[6:6 + n_modes], vecs[:, 6:6 + n_modes].T.copy()
     big = np.abs(vecs).argmax(1)
     vecs *= np.sign(vecs[np.arange(n_modes), big])[:, None]
