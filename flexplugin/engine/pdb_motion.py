@@ -305,6 +305,6 @@ def make_benchmark(name: str, sdist_dir: str | os.PathLike, out: str | os.PathLi
                          f"{apix} Å/px holds {room:.1f} Å (with the atoms' width and shifts); use a larger box or apix")
     dataset = {"name": name, "description": spec.description, "sdist": spec.sdist, "files": list(spec.files),
                "max_displacement_A": motion.max_displacement(), "max_radius_A": motion.max_radius(),
-               **{k: v for k, v in motion.info.items()}}
+               **motion.info}
     progress(f"benchmark {name}: {motion.n_atoms} atoms, largest displacement {motion.max_displacement():.1f} Å")
     return simulate_dataset(cfg, out, progress, motion=motion, dataset=dataset)
