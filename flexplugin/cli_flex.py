@@ -141,36 +141,115 @@ def add_mesh_parser(sub) -> None:
 
 
 # ----------------------------------------------------------------------------------------- flex-train
-def read_init_latents(path: str, ids: np.ndarray) -> np.ndarray:
-    """N×M coordinates in the particles' row order from .npy (row order) or .csv/.star keyed by rlnImageId."""
+def read_init_latents(path: str, ids: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """N×M coordinates in the particles' row order from .npy (row order) or .csv/.star keyed by rlnImageId, and
+    the M column names; a text, NaN or Inf cell is an InputError naming the file, column and first bad row."""
     import pandas as pd
+
     from .engine.errors import InputError
     p = Path(path)
     if not p.exists():
         raise InputError(f"initial latents not found: {path}")
     if p.suffix == ".npy":
-        z = np.load(p)
-        if z.ndim != 2 or len(z) != len(ids):
-            raise InputError(f"{path} holds {z.shape} but there are {len(ids)} particles; use a file keyed by "
-                             "rlnImageId (.csv/.star) when the particle sets differ")
-        return z
-    if p.suffix == ".star":
-        import starfile
-        d = starfile.read(p, always_dict=True)
-        df = d.get("particles", next(iter(d.values())))
-    else:
-        df = pd.read_csv(p)
+        z = _read_npy_latents(p, len(ids))
+        z = _finite_cells(pd.DataFrame(z), path, lambda i: f"row {i} (0-based)")
+        return z, [str(j) for j in range(z.shape[1])]
+    df = _read_latent_table(p)
     if ID not in df:
         raise InputError(f"{path} has no {ID} column to match particles by id")
-    cols = [c for c in df.columns if c != ID and np.issubdtype(df[c].dtype, np.number)
-            and (c.startswith("rlnFlex") or not c.startswith("rln"))]
+    cols = [c for c in df.columns if c != ID and _is_coordinate_column(str(c), df[c])]
     if not cols:
         raise InputError(f"{path} has no coordinate columns")
+    dup = df[ID][df[ID].duplicated()]
+    if len(dup):
+        raise InputError(f"{path}: particle id {dup.iloc[0]} appears more than once; each particle needs one row")
     table = df.set_index(ID)[cols]
     missing = np.setdiff1d(ids, table.index.to_numpy())
     if len(missing):
         raise InputError(f"{len(missing)} particles (e.g. id {missing[0]}) have no initial latent in {path}")
-    return table.loc[ids].to_numpy(np.float64)
+    z = _finite_cells(table.loc[ids], path, lambda i: f"particle id {ids[i]}", nan="NaN or an empty cell")
+    return z, [str(c) for c in cols]
+
+
+def _read_npy_latents(p: Path, n: int) -> np.ndarray:
+    """An N×M numeric .npy (row order = particle order); unreadable, non-numeric or mis-shaped: InputError."""
+    from .engine.errors import InputError
+    try:
+        z = np.load(p)
+    except (ValueError, OSError, EOFError) as e:
+        raise InputError(f"cannot read {p} as a NumPy array ({e}); write it with numpy.save") from None
+    if z.dtype.kind not in "biuf":
+        raise InputError(f"{p} holds {z.dtype} values; initial latents must be numbers")
+    if z.ndim != 2 or len(z) != n:
+        raise InputError(f"{p} holds {z.shape} but there are {n} particles; use a file keyed by "
+                         "rlnImageId (.csv/.star) when the particle sets differ")
+    return z
+
+
+def _read_latent_table(p: Path):
+    """The table of a .star (its particles block, else the first) or .csv; unreadable: InputError."""
+    import pandas as pd
+
+    from .engine.errors import InputError
+    kind = "STAR" if p.suffix == ".star" else "CSV"
+    try:
+        if kind == "CSV":
+            return pd.read_csv(p)
+        import starfile
+        d = starfile.read(p, always_dict=True)
+    except Exception as e:  # noqa: BLE001  (parser errors of pandas and starfile, empty files)
+        raise InputError(f"cannot read the initial latents {p} as {kind}: {e}") from None
+    table = d.get("particles", next(iter(d.values()), None))
+    if not isinstance(table, pd.DataFrame):
+        raise InputError(f"cannot read the initial latents {p} as STAR: it holds no table (loop_) of particles")
+    return table
+
+
+def _is_coordinate_column(name: str, col) -> bool:
+    """Columns that may hold coordinates: rlnFlex* or non-RELION labels that are numbers (a text cell among
+    numbers is kept, to be reported as bad; all-text or boolean columns are labels, not coordinates)."""
+    import pandas as pd
+    if (name.startswith("rln") and not name.startswith("rlnFlex")) or pd.api.types.is_bool_dtype(col):
+        return False
+    return pd.api.types.is_numeric_dtype(col) or bool(pd.to_numeric(col, errors="coerce").notna().any())
+
+
+def _finite_cells(raw, path: str, where, nan: str = "NaN") -> np.ndarray:
+    """`raw` (a DataFrame) as float64; the first text, NaN or Inf cell (row-major) is an InputError."""
+    import pandas as pd
+
+    from .engine.errors import InputError
+    num = raw.apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    bad = np.argwhere(~np.isfinite(num))
+    if len(bad):
+        i, j = bad[0]
+        v = raw.iat[i, j]
+        what = f"the text {v!r}" if isinstance(v, str) else (nan if np.isnan(num[i, j]) else f"{num[i, j]}")
+        raise InputError(f"{path}: column {raw.columns[j]} holds {what} at {where(i)} (the first bad row); initial "
+                         "latents must be finite numbers: fix the file, or drop that column or particle")
+    return num
+
+
+def _check_train_args(a: argparse.Namespace) -> list[int] | None:
+    """flex-train options TrainConfig does not hold: boxes > 0 when given, --init-idxs as K distinct column
+    numbers (returned) and only with --init-latents; checked before any file is read."""
+    from .engine.errors import InputError
+    for opt, v in (("--crop", a.crop), ("--train-box", a.train_box)):
+        if v is not None and v <= 0:
+            raise InputError(f"{opt} must be an even number of pixels >= 16; got {v} (omit {opt} for the default)")
+    if a.init_idxs is None:
+        return None
+    if not a.init_latents:
+        raise InputError("--init-idxs chooses columns of --init-latents; give --init-latents too")
+    try:
+        idxs = _int_list(a.init_idxs) or []
+    except ValueError:
+        raise InputError(f"--init-idxs {a.init_idxs!r} must be comma-separated column numbers (0-based), "
+                         "e.g. '0,1'") from None
+    if len(idxs) != a.k or len(set(idxs)) != a.k or min(idxs, default=0) < 0:
+        raise InputError(f"--init-idxs must name {a.k} distinct column numbers >= 0 (one per latent, --k {a.k}); "
+                         f"got {a.init_idxs!r}")
+    return idxs
 
 
 def _write_outputs(trainer, ps, out: Path, mesh_path: str) -> dict:
@@ -226,6 +305,7 @@ def cmd_flex_train(a: argparse.Namespace) -> None:
                       latent_noise=a.latent_noise, latent_prior=a.latent_prior, latent_prior_pow=a.latent_prior_pow,
                       seed=a.seed)
     cfg.validate()
+    idxs = _check_train_args(a)
     ps = read_particles(a.particles)
     ps.require(poses=True, ctf=True)
     ps.check_stacks()
@@ -235,7 +315,8 @@ def cmd_flex_train(a: argparse.Namespace) -> None:
     mesh = load_mesh(a.mesh)
     init = None
     if a.init_latents:
-        init = normalize_init_latents(read_init_latents(a.init_latents, ps.ids), a.k, _int_list(a.init_idxs))
+        z, names = read_init_latents(a.init_latents, ps.ids)
+        init = normalize_init_latents(z, a.k, idxs, names=names, source=a.init_latents)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     trainer = FlexTrainer(PreparedParticles(ps, spec), prep_volume(vol, spec), mesh, cfg, dev, init)
@@ -266,10 +347,11 @@ def add_train_parser(sub) -> None:
     p.add_argument("--volume", required=True, help="consensus map (same box and pixel size as the particles)")
     p.add_argument("--mesh", required=True, help="mesh.pkl from flex-mesh, built on the map at the crop box")
     p.add_argument("--out", required=True, help="output folder (checkpoints, model, latents, plots)")
-    p.add_argument("--k", type=int, default=2, help="latent dimensions (flex_K; default 2, start with 2)")
+    p.add_argument("--k", type=int, default=2, help="latent dimensions, 1 to 16 (flex_K; default 2, start with 2)")
     p.add_argument("--init-latents", help="initial latents: .npy in particle order, or .csv/.star keyed by "
                                           "rlnImageId (e.g. 3DVA's latents.csv) (flex_latent_ext_init)")
-    p.add_argument("--init-idxs", help="which input columns seed the K latents, e.g. '0,1' (default: the first K)")
+    p.add_argument("--init-idxs", help="which columns of --init-latents seed the K latents: K distinct 0-based "
+                                       "column numbers, e.g. '0,1' (default: the first K)")
     p.add_argument("--crop", type=int, help="real-space crop box in px (default: keep the box)")
     p.add_argument("--train-box", type=int, default=128, help="training box in px (default 128, or the crop box)")
     p.add_argument("--layers", type=int, default=6, help="flow generator hidden layers (flex_num_layers; 6)")

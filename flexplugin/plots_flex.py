@@ -10,12 +10,17 @@ from .plots import _plt
 
 
 def plot_latents(z: np.ndarray, path: str | os.PathLike, jitter: float = 0.05, seed: int = 0,
-                 lim: float = 1.5, title: str = "3D Flex latent coordinates") -> str:
+                 lim: float = 1.5, title: str = "3D Flex latent coordinates", max_dims: int = 4) -> str:
     """Pair plot of latents: 1-D histograms on the diagonal, jittered scatter (or hexbin for large N) below,
-    2-D histograms (log counts) above, over the (−lim, lim) range; the jitter N(0, jitter²) is for display only."""
+    2-D histograms (log counts) above, over the (−lim, lim) range; the jitter N(0, jitter²) is for display only.
+    Only the first `max_dims` latents are drawn (the panels grow as K²; the title says so)."""
     plt = _plt()
     z = np.asarray(z, dtype=np.float64)
-    n, k = z.shape
+    n, k_all = z.shape
+    k = min(k_all, max(1, max_dims))
+    z = z[:, :k]
+    if k < k_all:
+        title = f"{title}, latents 0-{k - 1} of {k_all}"
     rng = np.random.default_rng(seed)
     zj = z + rng.normal(0, jitter, z.shape) if jitter > 0 else z
     size = 2.4 * k if k > 1 else 4.0

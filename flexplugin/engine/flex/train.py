@@ -76,18 +76,36 @@ class TrainConfig:
     final_search: bool = True  # a finer search after the last epoch (the latents written out)
 
     def validate(self) -> None:
-        checks = [(self.k >= 1, "--k must be >= 1"), (self.layers >= 1, "--layers must be >= 1"),
-                  (self.hidden >= 1, "--hidden must be >= 1"), (self.epochs >= 1, "--epochs must be >= 1"),
-                  (self.extra_epochs >= 0, "--extra-epochs must be >= 0"),
-                  (self.batch_size >= 1, "--batch-size must be >= 1"),
-                  (self.rigidity >= 0, "--rigidity must be >= 0"), (self.latent_noise >= 0, "--latent-noise must be >= 0"),
-                  (self.latent_prior >= 0, "--latent-prior must be >= 0"),
-                  (0 < self.kmax_start <= self.kmax_final <= 1, "need 0 < kmax-start <= kmax-final <= 1"),
-                  (min(self.lr_flow_init, self.lr_flow_final, self.lr_density,
-                       self.lr_latent if self.lr_latent is not None else 1.0) > 0, "learning rates must be > 0")]
-        for ok, msg in checks:
+        """Refuse meaningless settings before any heavy work, naming the CLI option and value (NaN/Inf too)."""
+        max_k = 16  # a bound against typos such as --k 100; 2 is the usual start
+
+        def pos(x: float) -> bool:
+            return math.isfinite(x) and x > 0
+
+        def nonneg(x: float) -> bool:
+            return math.isfinite(x) and x >= 0
+
+        lr_latent = 1.0 if self.lr_latent is None else self.lr_latent
+        checks = [("--k", self.k, 1 <= self.k <= max_k, f"from 1 to {max_k} (start with 2)"),
+                  ("--layers", self.layers, self.layers >= 1, ">= 1"), ("--hidden", self.hidden, self.hidden >= 1, ">= 1"),
+                  ("--epochs", self.epochs, self.epochs >= 1, ">= 1"),
+                  ("--extra-epochs", self.extra_epochs, self.extra_epochs >= 0, ">= 0"),
+                  ("--batch-size", self.batch_size, self.batch_size >= 1, ">= 1"),
+                  ("--seed", self.seed, 0 <= self.seed < 10 ** 8, "from 0 to 99999999"),  # per-step seeds < 2**64
+                  ("--lr-flow-init", self.lr_flow_init, pos(self.lr_flow_init), "a number > 0"),
+                  ("--lr-flow-final", self.lr_flow_final, pos(self.lr_flow_final), "a number > 0"),
+                  ("--lr-density", self.lr_density, pos(self.lr_density), "a number > 0"),
+                  ("--lr-latent", lr_latent, pos(lr_latent), "a number > 0"),
+                  ("--rigidity", self.rigidity, nonneg(self.rigidity), "a number >= 0"),
+                  ("--latent-noise", self.latent_noise, nonneg(self.latent_noise), "a number >= 0"),
+                  ("--latent-prior", self.latent_prior, nonneg(self.latent_prior), "a number >= 0"),
+                  ("--latent-prior-pow", self.latent_prior_pow, nonneg(self.latent_prior_pow - 1),
+                   "a number >= 1 (below 1 the prior's slope at 0 is infinite)")]
+        for name, value, ok, need in checks:
             if not ok:
-                raise InputError(msg)
+                raise InputError(f"{name} must be {need}; got {value}")
+        if not 0 < self.kmax_start <= self.kmax_final <= 1:
+            raise InputError("need 0 < kmax-start <= kmax-final <= 1")
 
 
 def keep_spread(z: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
@@ -116,24 +134,44 @@ def working_box(train_box: int, kmax_frac: float) -> int:
     return int(min(train_box, 2 * math.ceil(r + 1.5)))
 
 
-def normalize_init_latents(z: np.ndarray, k: int, idxs: list[int] | None = None, target_std: float = 0.4) -> np.ndarray:
+def normalize_init_latents(z: np.ndarray, k: int, idxs: list[int] | None = None, target_std: float = 0.4,
+                           names: list[str] | None = None, source: str = "initial latents") -> np.ndarray:
     """Pick K columns of external coordinates (e.g. 3DVA) and scale each to std `target_std` around 0.
 
     3DVA coordinates have an arbitrary scale; ±1.5 (the latent range) is then ±3.75 standard deviations.
+    A NaN/Inf or constant column would give NaN or empty latents: InputError naming `source` and the column
+    (`names[i]` for input column i when given).
     """
-    z = np.asarray(z, dtype=np.float64)
-    if z.ndim != 2:
-        raise InputError(f"initial latents must be an N×K array, got shape {z.shape}")
+    try:
+        z = np.asarray(z, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"{source} must hold numbers only") from None
+    if z.ndim != 2 or not z.size:
+        raise InputError(f"{source} must be an N×K array, got shape {z.shape}")
+    if idxs is None and z.shape[1] < k:
+        raise InputError(f"{source} has {z.shape[1]} coordinate column(s) but --k {k} needs {k}")
     idxs = list(range(k)) if idxs is None else idxs
-    if len(idxs) != k:
-        raise InputError(f"--init-idxs must name {k} columns, got {idxs}")
+    if len(idxs) != k or len(set(idxs)) != k:
+        raise InputError(f"--init-idxs must name {k} distinct columns (one per latent, --k {k}), got {idxs}")
     if max(idxs) >= z.shape[1] or min(idxs) < 0:
-        raise InputError(f"--init-idxs {idxs} out of range for {z.shape[1]} input components")
+        raise InputError(f"--init-idxs {idxs} out of range for the {z.shape[1]} coordinate columns of {source} "
+                         f"(0-based: 0 to {z.shape[1] - 1})")
     sel = z[:, idxs]
+    for j, i in enumerate(idxs):
+        _check_seed_column(sel[:, j], f"{source}: column {names[i] if names else i}")
     sel = sel - sel.mean(0)
-    sd = sel.std(0)
-    sd[sd == 0] = 1.0
-    return np.clip(sel / sd * target_std, -1.5, 1.5).astype(np.float32)
+    return np.clip(sel / sel.std(0) * target_std, -1.5, 1.5).astype(np.float32)
+
+
+def _check_seed_column(col: np.ndarray, what: str) -> None:
+    """Refuse a seed column with NaN/Inf (NaN latents) or without variance (it cannot order the particles)."""
+    bad = np.flatnonzero(~np.isfinite(col))
+    if len(bad):
+        raise InputError(f"{what} holds {col[bad[0]]} at row {bad[0]} (the first bad row); initial latents must be "
+                         "finite numbers")
+    if np.ptp(col) == 0:
+        raise InputError(f"{what} is constant ({col[0]:g} in every row): a column without variance cannot seed a "
+                         "latent; pick other columns with --init-idxs (0-based) or another file")
 
 
 class RowAdam:
