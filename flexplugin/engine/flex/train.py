@@ -174,6 +174,49 @@ def _check_seed_column(col: np.ndarray, what: str) -> None:
                          "latent; pick other columns with --init-idxs (0-based) or another file")
 
 
+_MESH_ARRAYS = {"points_sha256": "vertex positions", "cells_sha256": "cells", "rweights_sha256": "rigidity weights",
+                "mask_sha256": "mask"}
+
+
+def mesh_fingerprint(mesh: Mesh) -> dict:
+    """Sizes and a hash per array of a mesh, kept in checkpoints so that --continue can tell another mesh."""
+    import hashlib
+
+    arrays = {"points_sha256": np.asarray(mesh.points, np.float64), "cells_sha256": np.asarray(mesh.cells, np.int64),
+              "rweights_sha256": np.asarray(mesh.rweights, np.float64),
+              "mask_sha256": np.asarray(mesh.mask_soft, np.float32)}
+    return {"vertices": len(mesh.points), "cells": len(mesh.cells),
+            **{k: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16] for k, a in arrays.items()}}
+
+
+def mesh_difference(old: dict | None, new: dict) -> str:
+    """How mesh fingerprint `new` differs from a checkpoint's `old` ('' when equal or `old` is unknown)."""
+    if not old or old == new:
+        return ""
+    counts = [f"{old[k]} {k} in the checkpoint, {new[k]} now" for k in ("vertices", "cells") if old.get(k) != new[k]]
+    if counts:
+        return "; ".join(counts)
+    return (f"same {new['vertices']} vertices and {new['cells']} cells but other "
+            + ", ".join(label for k, label in _MESH_ARRAYS.items() if old.get(k) != new[k]))
+
+
+def _read_checkpoint(path: str | os.PathLike, device: torch.device) -> dict:
+    """torch.load of a training checkpoint; a truncated, foreign or final-model file is an InputError."""
+    hint = "delete it to train from the start, or start a new training with a new --out"
+    try:
+        d = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # noqa: BLE001  (zip, pickle, EOF errors: all mean an unreadable file)
+        why = (str(e).splitlines() or [""])[0].split(". ")[0][:200]
+        raise InputError(f"cannot read the checkpoint {path} ({type(e).__name__}: {why}): the file is truncated "
+                         f"or not a torch file; {hint}") from None
+    if not isinstance(d, dict) or d.get("format") != "flexplugin-flex-model":
+        raise InputError(f"{path} is not a flexplugin 3D Flex checkpoint; {hint}")
+    if any(k not in d for k in ("opt_flow", "opt_density", "opt_latent")):
+        raise InputError(f"{path} is a finished model (model.pt), not a training checkpoint: it has no optimiser "
+                         f"state to continue from; {hint}")
+    return d
+
+
 class RowAdam:
     """Adam on selected rows of a table (per-row step counts): the auto-decoder latents' optimiser."""
 
@@ -481,6 +524,7 @@ class FlexTrainer:
             "opt_latent": {k: v.cpu() for k, v in self.opt_latent.state_dict().items()},
             "history": self.history, "mesh_file": None, "radius_A": self.radius_A,
             "searches": self.searches, "final_search_done": self.final_search_done,
+            "mesh_fingerprint": mesh_fingerprint(self.mesh),
         }
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
@@ -488,19 +532,23 @@ class FlexTrainer:
         torch_save(self.state(), path)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        d = torch.load(path, map_location=self.dev, weights_only=False)
-        if d.get("format") != "flexplugin-flex-model":
-            raise InputError(f"{path} is not a flexplugin 3D Flex checkpoint")
+        """Resume from `path`; a foreign or unreadable file, or other boxes, mesh, settings or particles than
+        the checkpoint's: InputError naming the difference, raised before any tensor is loaded."""
+        d = _read_checkpoint(path, self.dev)
+        self._check_same_setup(d, path)
         if self._lr_latent_auto:  # an automatic latent step size follows the checkpoint's
             self.cfg.lr_latent = d["config"]["lr_latent"]
             self.opt_latent.lr = self.cfg.lr_latent
         saved = {k: v for k, v in d["config"].items() if k not in ("epochs", "extra_epochs")}
         now = {k: v for k, v in asdict(self.cfg).items() if k not in ("epochs", "extra_epochs")}
         if saved != now:
-            diff = {k: (saved.get(k), now.get(k)) for k in now if saved.get(k) != now.get(k)}
-            raise InputError(f"cannot continue: settings differ from the checkpoint's {diff}")
+            diff = "; ".join(f"{k} {saved.get(k)} in the checkpoint, {v} now" for k, v in now.items()
+                             if saved.get(k) != v)
+            raise InputError(f"cannot continue {path}: settings differ from the checkpoint's: {diff}; continue "
+                             "with the original settings, or start a new training with a new --out")
         if not np.array_equal(d["ids"].numpy(), self.p.ids):
             raise InputError("cannot continue: the particles differ from the checkpoint's (ids)")
+        self._check_sizes(d, path)
         self.gen.load_state_dict(d["generator"])
         with torch.no_grad():
             self.density.copy_(d["density"].to(self.dev))
@@ -512,6 +560,31 @@ class FlexTrainer:
         self.opt_latent.load_state_dict({k: v.to(self.dev) for k, v in d["opt_latent"].items()})
         self.history, self.epoch = d["history"], d["epoch"]
         self.searches, self.final_search_done = d.get("searches", []), d.get("final_search_done", False)
+
+    def _check_same_setup(self, d: dict, path: str | os.PathLike) -> None:
+        """Refuse a checkpoint of other boxes or another mesh (old vs new named): its tensors cannot fit this run."""
+        hint = "; continue with the original settings, or start a new training with a new --out"
+        old = d.get("spec") or asdict(self.spec)
+        diffs = [f"{label} {old.get(k)} in the checkpoint, {v} now" for k, label, v in (
+                 ("box", "particle box", self.spec.box), ("crop", "crop box (--crop)", self.spec.crop),
+                 ("train", "training box (--train-box)", self.spec.train)) if old.get(k) != v]
+        if not math.isclose(old.get("apix", 0.0), self.spec.apix, rel_tol=1e-5):
+            diffs.append(f"pixel size {old.get('apix')} Å in the checkpoint, {self.spec.apix} Å now")
+        if diffs:
+            raise InputError(f"cannot continue {path}: the training box differs: {'; '.join(diffs)}{hint}")
+        diff = mesh_difference(d.get("mesh_fingerprint"), mesh_fingerprint(self.mesh))
+        if diff:
+            raise InputError(f"cannot continue {path}: the mesh differs from the checkpoint's: {diff}; use the "
+                             "mesh the training started with (same file and flex-mesh settings), or start a new "
+                             "training with a new --out")
+
+    def _check_sizes(self, d: dict, path: str | os.PathLike) -> None:
+        """Last guard before loading (checkpoints without a mesh fingerprint): every tensor must fit this run's."""
+        sizes = {k: tuple(v.shape) for k, v in self.gen.state_dict().items()}
+        if sizes != {k: tuple(v.shape) for k, v in d["generator"].items()} or d["density"].shape != self.density.shape:
+            raise InputError(f"cannot continue {path}: its flow generator or map has other sizes than this run's "
+                             "(another mesh or training box); continue with the original settings, or start a new "
+                             "training with a new --out")
 
     # --- diagnostics --------------------------------------------------------------------------------
     @torch.no_grad()
