@@ -303,7 +303,8 @@ def cmd_flex_train(a: argparse.Namespace) -> None:
                       batch_size=a.batch_size, lr_flow_init=a.lr_flow_init, lr_flow_final=a.lr_flow_final,
                       lr_density=a.lr_density, lr_latent=a.lr_latent, rigidity=a.rigidity,
                       latent_noise=a.latent_noise, latent_prior=a.latent_prior, latent_prior_pow=a.latent_prior_pow,
-                      seed=a.seed)
+                      seed=a.seed, rigidity_cells=a.rigidity_cells, search_start=a.search_start,
+                      search_every=a.search_every, search_points=a.search_points, final_search=not a.no_final_search)
     cfg.validate()
     idxs = _check_train_args(a)
     ps = read_particles(a.particles)
@@ -341,6 +342,27 @@ def cmd_flex_train(a: argparse.Namespace) -> None:
           f"canonical.mrc and plots in {out}", flush=True)
 
 
+def _add_search_options(p: argparse.ArgumentParser) -> None:
+    """Latent search and rigidity sampling options; their defaults are TrainConfig's (declared once there)."""
+    from .engine.flex.config import TrainConfig
+    d = TrainConfig()
+    p.add_argument("--search-start", type=int, default=d.search_start,
+                   help="first epoch that begins with a latent search: every particle's latent becomes its posterior "
+                        f"mean over a grid of maps decoded by the current model (default {d.search_start}; 0 searches "
+                        "before any training, which only helps when the model is already good)")
+    p.add_argument("--search-every", type=int, default=d.search_every,
+                   help=f"epochs between latent searches (default {d.search_every}; 0: never during training, latents "
+                        "then move only by their per-visit gradient steps)")
+    p.add_argument("--search-points", type=int, default=d.search_points,
+                   help="grid points per latent axis of a search (default: 15 for K=1, 9 for K≥2; K≥3 uses points² "
+                        "quasi-random points); the final search uses about twice as many")
+    p.add_argument("--no-final-search", action="store_true",
+                   help="skip the finer latent search after the last epoch (the latents written out)")
+    p.add_argument("--rigidity-cells", type=int, default=d.rigidity_cells,
+                   help=f"mesh cells sampled per step to estimate the rigidity mean (default {d.rigidity_cells}; all "
+                        "cells when the mesh has fewer)")
+
+
 def add_train_parser(sub) -> None:
     p = sub.add_parser("flex-train", help="3D Flex training: flow generator, canonical map and latents")
     p.add_argument("--particles", required=True, help="RELION STAR with poses and CTF")
@@ -371,6 +393,7 @@ def add_train_parser(sub) -> None:
                    help="latent centring strength (flex_latent_prior_lam; 20): raise if many latents hit ±1.5")
     p.add_argument("--latent-prior-pow", type=float, default=4.0, help="latent centring power (4)")
     p.add_argument("--seed", type=int, default=0, help="random seed (batch order, noise, initialisation)")
+    _add_search_options(p)
     p.add_argument("--continue", dest="cont", action="store_true",
                    help="resume from the checkpoint in --out (finished epochs are kept)")
     p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: simulate an interruption

@@ -33,6 +33,7 @@ from ..ctf import compute_ctf
 from ..errors import InputError
 from ..fourier import freq_grid_2d, fourier_crop_3d, rfft2c, shift_phase_2d
 from ..progress import Progress
+from .config import TrainConfig
 from .mesh import Mesh
 from .model import FlowGenerator, MeshRaster, deformation_gradients, project_warped_splat, rigidity_penalty
 from .prep import PreparedParticles, PrepSpec
@@ -44,68 +45,6 @@ __all__ = ["LATENT_SD", "FlexTrainer", "TrainConfig", "keep_spread", "kmax_sched
 # spread (sd) of the latents at the start: random ones are drawn with it, seeds are scaled to it; ±1.5 (the
 # latent range) is then ±3.75 sd
 LATENT_SD = 0.4
-
-
-@dataclass
-class TrainConfig:
-    """Every training setting; names follow the CLI options (cryoSPARC's keys in comments)."""
-
-    k: int = 2  # flex_K
-    layers: int = 6  # flex_num_layers
-    hidden: int = 64  # flex_hidden_units
-    epochs: int = 16  # base schedule
-    extra_epochs: int = 0  # flex_extra_epochs
-    batch_size: int = 64
-    lr_flow_init: float = 0.005  # flex_lr_flex_init
-    lr_flow_final: float = 0.0005  # flex_lr_flex_final
-    lr_density: float = 0.01  # flex_lr_density_init/_final
-    lr_latent: float | None = None  # None: 0.01 with initial latents (e.g. 3DVA), 0.05 from random ones
-    rigidity: float = 2.0  # flex_sv_lam
-    latent_noise: float = 0.15  # flex_latent_samp_std
-    latent_prior: float = 20.0  # flex_latent_prior_lam
-    latent_prior_pow: float = 4.0  # flex_latent_prior_pow
-    density_l2: float = 1e-3
-    kmax_start: float = 0.4  # fraction of training Nyquist at epoch 0
-    kmax_final: float = 0.8  # fraction of training Nyquist at the end of the base schedule
-    seed: int = 0
-    noise_particles: int = 1000  # particles used to estimate the scale and the noise spectrum
-    rigidity_cells: int = 2048  # cells drawn per step for the rigidity mean (all when the mesh has fewer)
-    search_start: int = 1  # first epoch that starts with a latent search (0: before any training)
-    search_every: int = 1  # epochs between latent searches (0: never during training)
-    search_points: int = 0  # grid points per latent axis (K ≤ 2; K ≥ 3 draws points²); 0: 15 for K=1, 9 otherwise
-    final_search: bool = True  # a finer search after the last epoch (the latents written out)
-
-    def validate(self) -> None:
-        """Refuse meaningless settings before any heavy work, naming the CLI option and value (NaN/Inf too)."""
-        max_k = 16  # a bound against typos such as --k 100; 2 is the usual start
-
-        def pos(x: float) -> bool:
-            return math.isfinite(x) and x > 0
-
-        def nonneg(x: float) -> bool:
-            return math.isfinite(x) and x >= 0
-
-        lr_latent = 1.0 if self.lr_latent is None else self.lr_latent
-        checks = [("--k", self.k, 1 <= self.k <= max_k, f"from 1 to {max_k} (start with 2)"),
-                  ("--layers", self.layers, self.layers >= 1, ">= 1"), ("--hidden", self.hidden, self.hidden >= 1, ">= 1"),
-                  ("--epochs", self.epochs, self.epochs >= 1, ">= 1"),
-                  ("--extra-epochs", self.extra_epochs, self.extra_epochs >= 0, ">= 0"),
-                  ("--batch-size", self.batch_size, self.batch_size >= 1, ">= 1"),
-                  ("--seed", self.seed, 0 <= self.seed < 10 ** 8, "from 0 to 99999999"),  # per-step seeds < 2**64
-                  ("--lr-flow-init", self.lr_flow_init, pos(self.lr_flow_init), "a number > 0"),
-                  ("--lr-flow-final", self.lr_flow_final, pos(self.lr_flow_final), "a number > 0"),
-                  ("--lr-density", self.lr_density, pos(self.lr_density), "a number > 0"),
-                  ("--lr-latent", lr_latent, pos(lr_latent), "a number > 0"),
-                  ("--rigidity", self.rigidity, nonneg(self.rigidity), "a number >= 0"),
-                  ("--latent-noise", self.latent_noise, nonneg(self.latent_noise), "a number >= 0"),
-                  ("--latent-prior", self.latent_prior, nonneg(self.latent_prior), "a number >= 0"),
-                  ("--latent-prior-pow", self.latent_prior_pow, nonneg(self.latent_prior_pow - 1),
-                   "a number >= 1 (below 1 the prior's slope at 0 is infinite)")]
-        for name, value, ok, need in checks:
-            if not ok:
-                raise InputError(f"{name} must be {need}; got {value}")
-        if not 0 < self.kmax_start <= self.kmax_final <= 1:
-            raise InputError("need 0 < kmax-start <= kmax-final <= 1")
 
 
 def keep_spread(z: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
@@ -134,11 +73,14 @@ def working_box(train_box: int, kmax_frac: float) -> int:
     return int(min(train_box, 2 * math.ceil(r + 1.5)))
 
 
-def normalize_init_latents(z: np.ndarray, k: int, idxs: list[int] | None = None, target_std: float = 0.4,
+def normalize_init_latents(z: np.ndarray, k: int, idxs: list[int] | None = None, target_std: float = LATENT_SD,
                            names: list[str] | None = None, source: str = "initial latents") -> np.ndarray:
-    """Pick K columns of external coordinates (e.g. 3DVA) and scale each to std `target_std` around 0.
+    """Pick K columns of external coordinates (e.g. 3DVA), centre them and scale them all by one factor, so that
+    the widest has std `target_std`.
 
-    3DVA coordinates have an arbitrary scale; ±1.5 (the latent range) is then ±3.75 standard deviations.
+    3DVA coordinates have an arbitrary overall scale, but their relative variances say how much each component
+    explains: scaling each column to the same spread made a weak (often noise) component as wide as the motion,
+    half the latent plot noise. ±1.5 (the latent range) is ±3.75 sd of the widest column.
     A NaN/Inf or constant column would give NaN or empty latents: InputError naming `source` and the column
     (`names[i]` for input column i when given).
     """
@@ -160,7 +102,7 @@ def normalize_init_latents(z: np.ndarray, k: int, idxs: list[int] | None = None,
     for j, i in enumerate(idxs):
         _check_seed_column(sel[:, j], f"{source}: column {names[i] if names else i}")
     sel = sel - sel.mean(0)
-    return np.clip(sel / sel.std(0) * target_std, -1.5, 1.5).astype(np.float32)
+    return np.clip(sel / sel.std(0).max() * target_std, -1.5, 1.5).astype(np.float32)
 
 
 def _check_seed_column(col: np.ndarray, what: str) -> None:
@@ -455,14 +397,18 @@ class FlexTrainer:
         t0 = time.monotonic()
         grid = latent_grid(self.latents, self.search_points(final))
         z, st = search_latents(self, m, kmax_px, grid, batch_size=max(64, self.cfg.batch_size))
-        self.latents.copy_(keep_spread(z, self.latents))
+        z_kept = keep_spread(z, self.latents)
+        st["shrink"] = float(z.var(0).sum().sqrt() / z_kept.var(0).sum().sqrt().clamp(min=1e-12))
+        st["spread"] = [float(x) for x in z_kept.std(0)]
+        self.latents.copy_(z_kept)
         for v in self.opt_latent.state_dict().values():
             v.zero_()
         st.update(epoch=self.epoch, final=final, seconds=time.monotonic() - t0)
         self.searches.append(dict(st))
         progress(f"flex-train: latent search over {st['points']} points at box {m}"
-                 f"{' (final)' if final else ''}: mean best-point weight {st['best_weight']:.2f}, latent sd "
-                 + ", ".join(f"{x:.3f}" for x in st["spread"]) + f" | {st['seconds']:.1f} s")
+                 f"{' (final)' if final else ''}: mean best-point weight {st['best_weight']:.2f}, posterior-mean "
+                 f"spread ×{st['shrink']:.2f} restored, latent sd " + ", ".join(f"{x:.3f}" for x in st["spread"])
+                 + f" | {st['seconds']:.1f} s")
 
     def run_epoch(self, progress: Callable[[str], None] = print) -> EpochStats:
         c, t = self.cfg, self.spec.train
