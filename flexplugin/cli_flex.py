@@ -364,6 +364,7 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_train_parser(sub) -> None:
+    from .engine.flex.config import TrainConfig
     p = sub.add_parser("flex-train", help="3D Flex training: flow generator, canonical map and latents")
     p.add_argument("--particles", required=True, help="RELION STAR with poses and CTF")
     p.add_argument("--volume", required=True, help="consensus map (same box and pixel size as the particles)")
@@ -387,7 +388,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--lr-latent", type=float,
                    help="latent step size (per-particle Adam); default 0.01 when --init-latents seeds them (keeps "
                         "a good seed), 0.05 from random latents (needed to find the motion)")
-    p.add_argument("--rigidity", type=float, default=2.0, help="rigidity prior λ (flex_sv_lam; 2.0)")
+    p.add_argument("--rigidity", type=float, default=TrainConfig.rigidity,
+                   help=f"rigidity prior λ on the volume-weighted mean of the cells' deviation from rigidity, so "
+                        f"independent of the mesh size (flex_sv_lam; {TrainConfig.rigidity:g})")
     p.add_argument("--latent-noise", type=float, default=0.15, help="noise injection std (flex_latent_samp_std; 0.15)")
     p.add_argument("--latent-prior", type=float, default=20.0,
                    help="latent centring strength (flex_latent_prior_lam; 20): raise if many latents hit ±1.5")

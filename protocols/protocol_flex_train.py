@@ -16,6 +16,8 @@ import pyworkflow.utils as pwutils
 from pwem.objects import FlexInfo, ParticleFlex, SetOfParticlesFlex, Volume
 from pwem.protocols import ProtFlexBase
 
+from flexplugin.engine.flex.config import TrainConfig
+
 from .protocol_base import INPUT_MASK, INPUT_VOLUME, FlexPluginProtBase
 from .protocol_flex_mesh import MESH_FILES, cropMapFile, meshEngineArgs, plainFileName
 
@@ -117,10 +119,13 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
                       help="Epochs after the base schedule at its final learning rate and resolution "
                            "(cryoSPARC: flex_extra_epochs, default 0). Add some when the losses still fall at "
                            "the end.")
-        form.addParam("rigidity", params.FloatParam, default=2.0, condition=fresh, validators=[params.GE(0)],
+        form.addParam("rigidity", params.FloatParam, default=TrainConfig.rigidity, condition=fresh,
+                      validators=[params.GE(0)],
                       label="Rigidity (lambda)",
                       help="Weight of the prior that keeps each mesh cell close to a rigid motion (cryoSPARC: "
-                           "flex_sv_lam, default 2.0). Raise it when the flow looks noisy or tears density "
+                           f"flex_sv_lam, default {TrainConfig.rigidity:g}). It weighs the volume-weighted mean of "
+                           "the cells' deviation from rigidity, so its meaning does not change with the number of "
+                           "mesh cells or the mask's size. Raise it when the flow looks noisy or tears density "
                            "apart; lower it when real motions come out too small.")
         form.addParam("latentPrior", params.FloatParam, default=20.0, condition=fresh, validators=[params.GE(0)],
                       label="Latent centering strength",

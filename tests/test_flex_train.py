@@ -49,15 +49,17 @@ def _train(example, rows, cfg, init=None, out=None, stop_after=None):
 
 
 def test_latent_tracks_true_motion(example, tmp_path):
-    """Seeded with a coordinate at |ρ| ≈ 0.8, 16 epochs reach |ρ| ≥ 0.9 on the first principal axis."""
-    rows = np.arange(len(example["ps"]))
-    seed = _seed(example["gt"])
-    init = normalize_init_latents(seed, 2)
-    rho_seed = abs(spearmanr(init[:, 0], example["gt"]).correlation)
-    tr = _train(example, rows, TrainConfig(k=2, lr_latent=0.05), init, tmp_path)  # big steps: a poor seed
+    """Seeded with a poor coordinate (|ρ| ≈ 0.8), default training leaves it behind: |ρ| ≥ 0.9 on the first
+    principal axis (the latent search re-estimates every latent each epoch; wave 1 needed a 5× latent step)."""
+    rows = np.arange(800)
+    gt = example["gt"][rows]
+    init = normalize_init_latents(_seed(gt), 2)
+    rho_seed = abs(spearmanr(init[:, 0], gt).correlation)
+    tr = _train(example, rows, TrainConfig(k=2), init, tmp_path)
     z = tr.latents.numpy()
-    rho = abs(spearmanr(_first_axis(z), example["gt"]).correlation)
-    assert rho >= 0.9 and rho > rho_seed + 0.05, (rho, rho_seed)  # measured 0.94 from 0.80
+    rho = abs(spearmanr(_first_axis(z), gt).correlation)
+    assert rho >= 0.9 and rho > rho_seed + 0.05, (rho, rho_seed)
+    assert len(tr.searches) == 16 and tr.searches[-1]["final"]  # epochs 1-15, then the final pass
     assert np.abs(z).max() <= 1.5 + 1e-6
     assert len(tr.history) == 16 and tr.history[-1]["box"] == 30  # resolution marched to 0.8 Nyquist
 
@@ -72,9 +74,9 @@ def test_rigidity_prior_keeps_cells_rigid(example, tmp_path):
     rows = np.arange(600)
     init = normalize_init_latents(_seed(example["gt"][rows]), 2)
     soft = _train(example, rows, TrainConfig(k=2, epochs=6, rigidity=0.0), init, tmp_path / "a")
-    stiff = _train(example, rows, TrainConfig(k=2, epochs=6, rigidity=2.0), init, tmp_path / "b")
+    stiff = _train(example, rows, TrainConfig(k=2, epochs=6, rigidity=200.0), init, tmp_path / "b")
     d_soft, d_stiff = _singular_deviation(soft), _singular_deviation(stiff)
-    assert d_stiff < 0.25 * d_soft, (d_stiff, d_soft)  # measured 0.0035 vs 0.18 (1,000 particles, 8 epochs)
+    assert d_stiff < 0.25 * d_soft, (d_stiff, d_soft)
     # the prior does not stop the motion: displacements of several Å remain
     with torch.no_grad():
         assert float(stiff.gen(stiff.latents).abs().max()) > 3.0
