@@ -62,12 +62,14 @@ class SearchStats(dict):
 
 
 @torch.no_grad()
-def search_latents(tr, m: int, kmax_px: float, grid: torch.Tensor, batch_size: int = 256
-                   ) -> tuple[torch.Tensor, SearchStats]:
+def search_latents(tr, m: int, kmax_px: float, grid: torch.Tensor, batch_size: int = 256,
+                   anchor_sd: float | None = None) -> tuple[torch.Tensor, SearchStats]:
     """Posterior-mean latents (N, K) of all particles of trainer `tr` over `grid` (G, K) at working box m.
 
     `tr` is a FlexTrainer: its generator, canonical map, mesh raster, scale, noise spectrum and particles
     define the same image model as the training step, sliced in Fourier space instead of splatted.
+    `anchor_sd` adds a Gaussian prior of that width around each particle's current latent: a seed is then
+    kept where the model cannot yet tell the candidates apart, and moved where the data say so.
     """
     t = tr.spec.train
     dev = tr.dev
@@ -102,6 +104,8 @@ def search_latents(tr, m: int, kmax_px: float, grid: torch.Tensor, batch_size: i
             chi2 = ((y[:, None] - s_).abs().square() * wts).sum(-1)  # (B, Gc)
             logp = lp_c - 0.5 * chi2
             r = torch.as_tensor(rows, device=dev)
+            if anchor_sd:
+                logp = logp - torch.cdist(tr.latents[r], zg).square() / (2 * anchor_sd ** 2)
             new_top = torch.maximum(top[r], logp.max(1).values)
             e = torch.exp(logp - new_top[:, None])
             decay = torch.exp(top[r] - new_top)

@@ -207,6 +207,9 @@ class FlexTrainer:
         # seed, small steps keep it: on the example data a 3DVA seed ends at |ρ| 0.94 with 0.01 but 0.87 with
         # 0.05; from random latents large steps are needed to find the motion (0.91 with 0.05, 0.59 with 0.01).
         self._lr_latent_auto = cfg.lr_latent is None
+        # seeded latents are kept as a prior in every latent search (search.py): a seed is information that a
+        # barely trained model must not overwrite; random latents search globally (no anchor)
+        self.seeded = init_latents is not None
         if cfg.lr_latent is None:
             cfg.lr_latent = 0.01 if init_latents is not None else 0.05
         self.p, self.cfg, self.mesh = particles, cfg, mesh
@@ -396,7 +399,8 @@ class FlexTrainer:
         optimiser moments restart, since each latent has moved."""
         t0 = time.monotonic()
         grid = latent_grid(self.latents, self.search_points(final))
-        z, st = search_latents(self, m, kmax_px, grid, batch_size=max(64, self.cfg.batch_size))
+        z, st = search_latents(self, m, kmax_px, grid, batch_size=max(64, self.cfg.batch_size),
+                               anchor_sd=LATENT_SD if self.seeded else None)
         z_kept = keep_spread(z, self.latents)
         st["shrink"] = float(z.var(0).sum().sqrt() / z_kept.var(0).sum().sqrt().clamp(min=1e-12))
         st["spread"] = [float(x) for x in z_kept.std(0)]
