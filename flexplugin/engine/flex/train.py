@@ -1,19 +1,22 @@
 """3D Flex training: flow generator, canonical map and per-particle latents learned jointly.
 
 Per batch: z_i + ε (ε ~ N(0, noise_std²)) → FlowGenerator → vertex displacements → per-voxel flow on the
-current working box → projection of the convected canonical map at the particle's pose (model.py) →
-× scale × shift phase × CTF in Fourier space → whitened squared error up to the current resolution k_max.
-Priors: rigidity λ_rig Σ w_j ‖FᵀF − I‖² over mesh cells, latent centring λ_c Σ_k |z_k|^p, weak L2 on
-the map. Latents are an auto-decoder table (no encoder) updated by their own per-row Adam; they are
-clamped to ±1.5 like cryoSPARC's.
+current working box → splatted projection of the convected canonical map at the particle's pose (model.py)
+→ × scale × shift phase × CTF in Fourier space → whitened squared error up to the current resolution k_max.
+Every term is per particle (batch mean): the data χ²/2, the rigidity λ_rig · (volume-weighted mean over the
+mesh cells of w_j ‖FᵀF − I‖², estimated from a random subset of cells), the latent centring λ_c Σ_k |z_k|^p;
+plus a weak L2 on the map. Latents are an auto-decoder table (no encoder) updated by their own per-row Adam,
+clamped to ±1.5 like cryoSPARC's, and re-estimated by a latent search (search.py) at the start of every epoch
+from `search_start` on and once more after the last. docs/flex_training.md explains and measures the choices.
 
-Resolution marching (ALGORITHMS.md §10): epoch e trains at k_max(e), rising linearly from 40 % to 80 %
-of the training Nyquist over the base epochs; images and the canonical map are Fourier-cropped to the
-smallest box that holds k_max, so early epochs cost a fraction of late ones. Flow LR anneals
-geometrically 0.005 → 0.0005, density LR stays 0.01 (cryoSPARC's defaults).
+Resolution marching: epoch e trains at k_max(e), rising linearly from 40 % to 80 % of the training Nyquist
+over the base epochs; images and the canonical map are Fourier-cropped to the smallest box that holds k_max,
+so early epochs cost a fraction of late ones. Flow LR anneals geometrically 0.005 → 0.0005, density LR stays
+0.01 (cryoSPARC's defaults).
 
-Determinism and resume: the batch order and noise of epoch e depend only on (seed, e); a checkpoint
-holds everything else, so `resume` after epoch j gives the same result as an uninterrupted run.
+Determinism and resume: the batch order and noise of epoch e depend only on (seed, e), and a search only on
+the state before it; a checkpoint holds everything else, so `resume` after epoch j gives the same result as an
+uninterrupted run.
 """
 from __future__ import annotations
 
