@@ -57,6 +57,8 @@ def _check_states(score: dict) -> None:
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_random_latents_learn_the_motion(data, k, tmp_path):
+    if k == 2 and data["name"] == "example":  # measured 0.975 (README); skipped to keep the suite short
+        pytest.skip("K=2 from random latents is asserted on the two real proteins; the bench runs the example")
     _, score = run_and_score(data["dir"], train_box=32, cfg=TrainConfig(k=k), particles=data["ps"], out=tmp_path)
     print(data["name"], f"K={k}", score)
     assert score["rho"] >= 0.90, score
