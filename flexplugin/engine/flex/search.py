@@ -19,7 +19,7 @@ import torch
 from ..ctf import compute_ctf
 from ..fourier import freq_grid_2d, rfft2c, shift_phase_2d
 from ..projector import prepare_volume_ft
-from ..va3d.slicing import Band, column_weights
+from ..va3d.slicing import Band, column_weights, slice_coords
 from .model import warp_volume
 
 __all__ = ["SearchStats", "latent_grid", "search_latents", "slice_rows"]
@@ -66,21 +66,17 @@ def slice_rows(table: torch.Tensor, big_m: int, rotations: torch.Tensor, band: B
     volume apart, which made the search 90 % of a full-resolution epoch at box 64.
     """
     w = big_m // 2 + 1
-    A = rotations.to(torch.float32)
-    k = band.k2d.to(A.device)
-    xyz = k[None, :, 1, None] * A[:, None, 0, :] + k[None, :, 0, None] * A[:, None, 1, :]  # (B, nb, 3)
-    conj = xyz[..., 0] < 0
-    xyz = torch.where(conj[..., None], -xyz, xyz)
-    c = torch.stack([(xyz[..., 2] + 0.5) * big_m, (xyz[..., 1] + 0.5) * big_m, xyz[..., 0] * big_m], -1)
+    c, conj = slice_coords(rotations, band, big_m)
+    dev = c.device
     c0 = c.floor()
     f = c - c0
     c0 = c0.long()
-    hi = torch.tensor([big_m - 1, big_m - 1, w - 1], device=A.device)
+    hi = torch.tensor([big_m - 1, big_m - 1, w - 1], device=dev)
     out = None
     for dz in (0, 1):
         for dy in (0, 1):
             for dx in (0, 1):
-                idx = torch.minimum(c0 + torch.tensor([dz, dy, dx], device=A.device), hi)
+                idx = torch.minimum(c0 + torch.tensor([dz, dy, dx], device=dev), hi)
                 wt = ((f[..., 0] if dz else 1 - f[..., 0]) * (f[..., 1] if dy else 1 - f[..., 1])
                       * (f[..., 2] if dx else 1 - f[..., 2]))
                 term = table[(idx[..., 0] * big_m + idx[..., 1]) * w + idx[..., 2]] * wt[..., None]  # (B, nb, G)

@@ -21,7 +21,7 @@ from torch_image_interpolation import sample_image_3d
 
 from ..fourier import freq_grid_2d, radius_2d
 
-__all__ = ["Band", "make_band", "slice_band", "scatter_band", "column_weights"]
+__all__ = ["Band", "column_weights", "make_band", "scatter_band", "slice_band", "slice_coords"]
 
 
 def column_weights(m: int, device=None) -> torch.Tensor:
@@ -73,23 +73,28 @@ def scatter_band(values: torch.Tensor, band: Band) -> torch.Tensor:
     return out.reshape(*values.shape[:-1], m, m // 2 + 1)
 
 
+def slice_coords(rotations: torch.Tensor, band: Band, M: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the band's 2-D frequencies land in a centred rfft on an M-grid: array coordinates (B, nb, 3) as
+    (z, y, x), and whether each sample is the Friedel mate (x < 0 mirrored, so conjugate it)."""
+    A = rotations.to(torch.float32)
+    k = band.k2d.to(A.device)
+    # xyz = Aᵀ (kx, ky, 0): component j = A[0, j] kx + A[1, j] ky
+    xyz = k[None, :, 1, None] * A[:, None, 0, :] + k[None, :, 0, None] * A[:, None, 1, :]  # (B, nb, 3)
+    conj = xyz[..., 0] < 0
+    xyz = torch.where(conj[..., None], -xyz, xyz)
+    coords = torch.stack([(xyz[..., 2] + 0.5) * M, (xyz[..., 1] + 0.5) * M, xyz[..., 0] * M], -1)
+    return coords, conj
+
+
 def slice_band(vol_ft: torch.Tensor, rotations: torch.Tensor, band: Band) -> torch.Tensor:
     """Samples (B, C, nb) of prepared spectra (C, 2m, 2m, m+1) at the band of m-pixel images.
 
     `rotations` are RELION matrices A (B, 3, 3): the 2-D frequency (kx, ky) samples Aᵀ(kx, ky, 0).
     """
-    c, M = vol_ft.shape[0], vol_ft.shape[-3]
+    M = vol_ft.shape[-3]
     if M != 2 * band.m:
         raise ValueError(f"spectrum grid {M} does not match 2 × band box {band.m}")
-    A = rotations.to(torch.float32)
-    k = band.k2d.to(A.device)
-    # xyz = Aᵀ (kx, ky, 0): component j = A[0, j] kx + A[1, j] ky
-    xyz = k[:, 1, None, None] * A[None, :, 0, :] + k[:, 0, None, None] * A[None, :, 1, :]  # (nb, B, 3)
-    xyz = xyz.transpose(0, 1)  # (B, nb, 3)
-    conj = xyz[..., 0] < 0
-    xyz = torch.where(conj[..., None], -xyz, xyz)
-    # centred-rfft array coordinates (z, y, x) on the 2m grid
-    coords = torch.stack([(xyz[..., 2] + 0.5) * M, (xyz[..., 1] + 0.5) * M, xyz[..., 0] * M], -1)
+    coords, conj = slice_coords(rotations, band, M)
     s = sample_image_3d(vol_ft, coords, interpolation="trilinear")  # (B, nb, C)
     s = torch.where(conj[..., None], s.conj(), s)
     return s.permute(0, 2, 1)
