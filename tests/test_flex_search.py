@@ -2,18 +2,18 @@
 spread restored after a posterior mean keeps order and relative variances."""
 import torch
 
-from flexplugin.engine.flex.search import _band, latent_grid, slice_rows
+from flexplugin.engine.flex.search import latent_grid, slice_rows
 from flexplugin.engine.flex.train import keep_spread
 from flexplugin.engine.geometry import euler_to_matrix
 from flexplugin.engine.projector import prepare_volume_ft
-from flexplugin.engine.va3d.slicing import slice_band
+from flexplugin.engine.va3d.slicing import make_band, slice_band
 
 
 def test_slice_rows_equals_slice_band():
     torch.manual_seed(0)
     m, g = 20, 7
     spectra = prepare_volume_ft(torch.randn(g, m, m, m), pad=2)
-    band = _band(m, 0.8 * m / 2, "cpu")
+    band = make_band(m, "cpu", kmax_px=0.8 * m / 2)
     rot = euler_to_matrix(torch.rand(9) * 360, torch.rand(9) * 180, torch.rand(9) * 360)
     ref = slice_band(spectra, rot, band)
     got = slice_rows(spectra.reshape(g, -1).T.contiguous(), 2 * m, rot, band)

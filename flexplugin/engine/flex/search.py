@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from ..ctf import compute_ctf
-from ..fourier import freq_grid_2d, rfft2c, shift_phase_2d
+from ..fourier import rfft2c, shift_phase_2d
 from ..projector import prepare_volume_ft
-from ..va3d.slicing import Band, column_weights, slice_coords
+from ..va3d.slicing import Band, make_band, slice_coords
 from .model import warp_volume
 
 __all__ = ["SearchStats", "latent_grid", "search_latents", "slice_rows"]
@@ -44,17 +44,6 @@ def latent_grid(z: torch.Tensor, points_per_axis: int, limit: float = 1.5, margi
         return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, k)
     sob = torch.quasirandom.SobolEngine(k, scramble=True, seed=0).draw(points_per_axis ** 2)
     return lo + sob * (hi - lo)
-
-
-def _band(m: int, kmax_px: float, device) -> Band:
-    """The training band of an m-pixel image (0 < |k| ≤ kmax_px Fourier pixels) as a slicing Band."""
-    k = freq_grid_2d(m, device)
-    r = k.norm(dim=-1) * m
-    mask = (r <= kmax_px) & (r > 0)
-    idx = torch.nonzero(mask.reshape(-1)).squeeze(1)
-    rb = r.reshape(-1)[idx]
-    return Band(m, mask, idx, k.reshape(-1, 2)[idx], rb / m, torch.round(rb).long(),
-                column_weights(m, device).reshape(-1)[idx])
 
 
 def slice_rows(table: torch.Tensor, big_m: int, rotations: torch.Tensor, band: Band) -> torch.Tensor:
@@ -104,7 +93,7 @@ def search_latents(tr, m: int, kmax_px: float, grid: torch.Tensor, batch_size: i
     apix_m = tr.spec.apix_train * t / m
     grid = grid.to(dev, torch.float32)
     g_total, k = grid.shape
-    band = _band(m, kmax_px, dev)
+    band = make_band(m, dev, kmax_px=kmax_px)
     wts = band.weight / tr.noise_shell[band.shell.clamp(max=t // 2)]
     c = tr.cfg
     log_prior = -c.latent_prior * grid.abs().pow(c.latent_prior_pow).sum(-1)  # (G,)

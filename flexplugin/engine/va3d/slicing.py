@@ -54,10 +54,12 @@ class Band:
         return x.reshape(*x.shape[:-2], -1)[..., self.flat_index]
 
 
-def make_band(m: int, device=None, kmin: float = 0.0) -> Band:
-    """Band of the m-grid: 0 < |k| < 0.5 (and |k| > kmin)."""
+def make_band(m: int, device=None, kmin: float = 0.0, kmax_px: float | None = None) -> Band:
+    """Band of the m-grid: 0 < |k| < 0.5 (and |k| > kmin), or 0 < |k| ≤ kmax_px Fourier pixels when given (the
+    3D Flex training band)."""
     r = radius_2d(m, device)
-    mask = (r < 0.5) & (r > max(kmin, 0.0))
+    upper = (r < 0.5) if kmax_px is None else (r * m <= kmax_px)
+    mask = upper & (r > max(kmin, 0.0))
     idx = torch.nonzero(mask.reshape(-1)).squeeze(1)
     k = freq_grid_2d(m, device).reshape(-1, 2)[idx]
     rb = r.reshape(-1)[idx]
