@@ -37,3 +37,26 @@ def test_cli_reconstruct_outputs(rigid_data, tmp_path):
     assert summary["particles"] == 1000 and summary["resolution_0143_A"] < 9.0
     data = np.loadtxt(out / "fsc.txt")
     assert data.shape == (25, 2) and data[0, 1] > 0.99
+
+
+def test_shell_regulariser_is_noise_over_signal_power():
+    """Independent check of the FSC → regulariser map: halves with known signal power τ², noise σ² and constant
+    weight d give FSC = τ²/(τ² + σ²/d); the regulariser must be σ²/τ² (the Wiener term), and half of it for the
+    map of both halves with their summed weight 2d."""
+    from flexplugin.engine.reconstruct import shell_regulariser
+    g = torch.Generator().manual_seed(0)
+    n, d = 200_000, 4.0
+    tau2 = torch.tensor([8.0, 1.0, 0.25, 0.05])
+    sigma2 = 1.0
+    cn = lambda: torch.complex(torch.randn(len(tau2), n, generator=g), torch.randn(len(tau2), n, generator=g)) / 2 ** .5  # noqa: E731
+    S = cn() * tau2.sqrt()[:, None]
+    halves = [S + cn() * (sigma2 / d) ** 0.5 for _ in range(2)]  # num/den of each half
+    f = (halves[0] * halves[1].conj()).real.sum(1) / (halves[0].abs().square().sum(1) * halves[1].abs().square().sum(1)).sqrt()
+    expected = sigma2 / tau2
+    reg = shell_regulariser(f, torch.full_like(tau2, d))
+    assert torch.allclose(reg, expected, rtol=0.05), (reg, expected)
+    reg_full = shell_regulariser(f, torch.full_like(tau2, 2 * d), whole=True)
+    assert torch.allclose(reg_full, expected, rtol=0.05), (reg_full, expected)
+    # RELION's clamp: FSC ≤ 0 → FSC 1e-3 (strong but finite), FSC 1 → 0.999
+    r = shell_regulariser(np.array([-0.2, 1.0]), np.array([1.0, 1.0]))
+    assert torch.allclose(r, torch.tensor([0.999 / 1e-3, 0.001 / 0.999]), rtol=1e-4)

@@ -19,7 +19,8 @@ from .ctf import CTFParams, compute_ctf
 from .fourier import crop_center, fsc, fsc_resolution, irfft3c, pad_images, radius_3d, rfft2c, shift_phase_2d
 from .progress import Progress
 
-__all__ = ["BackprojectionAccumulator", "Reconstruction", "finalize_halves", "reconstruct_particles"]
+__all__ = ["BackprojectionAccumulator", "Reconstruction", "finalize_halves", "reconstruct_particles",
+           "shell_regulariser"]
 
 
 class BackprojectionAccumulator:
@@ -72,6 +73,32 @@ class Reconstruction:
     counts: tuple[int, int]
 
 
+def shell_regulariser(fsc_half: torch.Tensor | np.ndarray, weight_mean: torch.Tensor | np.ndarray, *,
+                      whole: bool = False, fudge: float = 1.0, fsc_min: float = 1e-3,
+                      fsc_max: float = 0.999) -> torch.Tensor:
+    """Per-shell Wiener regulariser 1/τ²(k) from the half-map FSC, in the units of the CTF² weights.
+
+    The map of a set of particles is V(k) = Σ CTF·Y / (Σ CTF² + reg(|k|)). With SSNR = FSC/(1−FSC) per shell
+    (FSC clamped to [fsc_min, fsc_max]) and w̄ the mean over the shell of the backprojected weights Σ CTF²
+    (or Σ CTF²/σ² when images are noise-whitened) of the map being regularised,
+        reg = w̄ / (fudge · SSNR)             for a half map (`whole=False`),
+        reg = w̄ / (2 · fudge · SSNR)         for the map of both halves (`whole=True`, w̄ of the summed weights),
+    i.e. σ²/τ² of RELION's tau² scheme (the full map has twice the half maps' SSNR). `fudge` > 1 regularises
+    less (RELION's tau2_fudge). Both inputs are per shell (index = radius in Fourier pixels of the box, up
+    to Nyquist); the result is a float32 tensor of the same length on weight_mean's device. docs/reconstruction.md
+    explains the choice and its measurements.
+    """
+    w = torch.as_tensor(weight_mean, dtype=torch.float32)
+    c = torch.as_tensor(fsc_half, dtype=torch.float32, device=w.device)
+    if c.shape != w.shape:
+        raise ValueError(f"FSC ({tuple(c.shape)}) and weight means ({tuple(w.shape)}) need one value per shell")
+    if not fudge > 0:
+        raise ValueError(f"fudge must be positive, got {fudge}")
+    c = torch.nan_to_num(c, nan=fsc_min).clamp(fsc_min, fsc_max)
+    ssnr = fudge * c / (1 - c) * (2.0 if whole else 1.0)
+    return w.clamp(min=0) / ssnr
+
+
 def _shell_index(m: int, box: int, device) -> torch.Tensor:
     """For each voxel of the (m, m, m//2+1) grid, its FSC shell at the N-box sampling (−1 beyond Nyquist)."""
     r = radius_3d(m, device) * box  # shell units of the N box
@@ -107,11 +134,10 @@ def finalize_halves(a1: BackprojectionAccumulator, a2: BackprojectionAccumulator
     v1 = _solve(a1.num, a1.den, tiny[0], shells, box)
     v2 = _solve(a2.num, a2.den, tiny[1], shells, box)
     curve = torch.as_tensor(fsc(v1, v2, mask), dtype=torch.float32, device=dev)
-    c = curve.clamp(1e-3, 0.999)
-    ssnr = c / (1 - c)
-    h1 = _solve(a1.num, a1.den, den_mean[0] / ssnr, shells, box)
-    h2 = _solve(a2.num, a2.den, den_mean[1] / ssnr, shells, box)
-    full = _solve(a1.num + a2.num, a1.den + a2.den, (den_mean[0] + den_mean[1]) / (2 * ssnr), shells, box)
+    h1 = _solve(a1.num, a1.den, shell_regulariser(curve, den_mean[0]), shells, box)
+    h2 = _solve(a2.num, a2.den, shell_regulariser(curve, den_mean[1]), shells, box)
+    full = _solve(a1.num + a2.num, a1.den + a2.den, shell_regulariser(curve, den_mean[0] + den_mean[1], whole=True),
+                  shells, box)
     final_fsc = fsc(h1, h2, mask)
     return Reconstruction(full.cpu().numpy(), h1.cpu().numpy(), h2.cpu().numpy(), final_fsc, a1.apix,
                           fsc_resolution(final_fsc, a1.apix, 0.143), fsc_resolution(final_fsc, a1.apix, 0.5),
