@@ -560,6 +560,17 @@ def cmd_flex_reconstruct(a: argparse.Namespace) -> None:
             "masked_fsc": mask is not None, "seconds": time.time() - t0,
             "objective_first_last": {k: [v[0], v[-1]] for k, v in r.objective.items()}}
     write_json(out / "reconstruct.json", info)
+    from .engine.resolution import write_resolution_outputs  # masked FSC, local resolution, gain (docs/resolution.md)
+    from .plots_flex import plot_masked_fsc, plot_resolution_gain
+    halves = {"flex": (r.flex_half1, r.flex_half2)}
+    if not a.no_noflex:
+        halves["noflex"] = (r.noflex_half1, r.noflex_half2)
+    res = write_resolution_outputs(out, halves, mask, ps.apix, plot_gain=plot_resolution_gain,
+                                   plot_fsc=plot_masked_fsc, device=dev)
+    print("flex-reconstruct: " + ", ".join(f"{k} {v['resolution_A']:.2f} Å" for k, v in res["fsc"].items())
+          + (" (masked FSC corrected by phase randomisation)" if mask is not None else " (unmasked FSC)")
+          + (f"; local resolution gain noflex - flex: median {res['gain']['median_A']:+.2f} Å in {res['region']}"
+             if res.get("gain", {}).get("median_A") is not None else ""), flush=True)
     print(f"flex-reconstruct: flex {r.res_flex:.2f} Å"
           + ("" if a.no_noflex else f", noflex {r.res_noflex:.2f} Å") + f" (FSC 0.143); outputs in {out}", flush=True)
 
