@@ -34,9 +34,12 @@ def resolve_device(name: str, cpu_fallback: bool = False, log=None) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if not name.startswith("cuda"):
         try:
-            return str(torch.device(name))
+            dev = torch.device(name)
         except RuntimeError as e:
             raise InputError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N ({e})") from None
+        if dev.type != "cpu":  # mps, meta, xpu, ...: devices torch knows but flexplugin is not written or tested for
+            raise InputError(f"--device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
+        return str(dev)
     try:
         idx = int(name.split(":", 1)[1]) if ":" in name else 0
     except ValueError:
@@ -156,13 +159,25 @@ def run(args: argparse.Namespace) -> int:
     """Run a parsed subcommand; bad input → `error: …` and status 2, a full disk → status 3 (see engine.errors)."""
     from .engine.errors import EXIT_DISK_FULL, EXIT_INPUT, DiskFullError, InputError
     try:
+        if getattr(args, "threads", 0) < 0:
+            raise InputError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+        if getattr(args, "seed", 0) < 0:
+            raise InputError(f"--seed must be >= 0, got {args.seed}")
         if hasattr(args, "device"):
             fallback = args.cpu_fallback if args.cpu_fallback is not None else _env_flag(CPU_FALLBACK_ENV)
             args.device = resolve_device(args.device, fallback)
         if getattr(args, "threads", 0):
             import torch
             torch.set_num_threads(args.threads)
-        args.func(args)
+        if getattr(args, "out", None):
+            from .engine.outdir import output_folder
+            with output_folder(args.out, args.command) as folder:
+                args.func(args)
+            if folder.deleted:
+                print(f"{args.command}: removed {len(folder.deleted)} output(s) of the earlier run that this run "
+                      f"replaced (e.g. {folder.deleted[0]})", flush=True)
+        else:
+            args.func(args)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_INPUT

@@ -25,6 +25,32 @@ def _int_list(s: str | None) -> list[int] | None:
     return None if not s else [int(x) for x in s.replace(";", ",").split(",") if x.strip()]
 
 
+def _option_ints(value: str | None, option: str, example: str) -> list[int] | None:
+    """A comma-separated list of integers given to `option`; anything else is an InputError showing `example`."""
+    from .engine.errors import InputError
+    try:
+        return _int_list(value)
+    except ValueError:
+        raise InputError(f"{option} {value!r} must be comma-separated whole numbers, e.g. '{example}'") from None
+
+
+def _check_blank_map(vol: np.ndarray, path: str, option: str) -> None:
+    """A map that is all one value (all zeros, say) holds no structure: refuse it before any work."""
+    from .engine.errors import InputError
+    lo, hi = float(np.min(vol)), float(np.max(vol))
+    if lo == hi:
+        raise InputError(f"{option} {path} holds the same value ({lo:g}) in every voxel: no structure to work "
+                         "on; give the consensus map (e.g. from a 3D refinement)")
+
+
+def _check_boxes(a: argparse.Namespace) -> None:
+    """--crop and --train-box, when given, are positive pixel counts (the even/range checks come later)."""
+    from .engine.errors import InputError
+    for opt, v in (("--crop", a.crop), ("--train-box", a.train_box)):
+        if v is not None and v <= 0:
+            raise InputError(f"{opt} must be an even number of pixels >= 16; got {v} (omit {opt} for the default)")
+
+
 # ----------------------------------------------------------------------------------------- flex-prep
 def cmd_flex_prep(a: argparse.Namespace) -> None:
     import pandas as pd
@@ -32,6 +58,9 @@ def cmd_flex_prep(a: argparse.Namespace) -> None:
     from .engine.errors import InputError
     from .engine.flex.prep import PreparedParticles, prep_spec, prep_volume
     from .engine.io import check_volume_matches, read_particles, read_volume, write_particles_star, write_volume
+    _check_boxes(a)
+    if a.num_particles is not None and a.num_particles < 1:
+        raise InputError(f"--num-particles must be at least 1 (omit it to keep every particle), got {a.num_particles}")
     ps = read_particles(a.particles)
     ps.require(poses=True, ctf=True)
     ps.check_stacks()
@@ -47,6 +76,7 @@ def cmd_flex_prep(a: argparse.Namespace) -> None:
     if a.volume:
         vol, vapix = read_volume(a.volume)
         check_volume_matches("consensus volume", vol.shape, vapix, ps.box, ps.apix)
+        _check_blank_map(vol, a.volume, "--volume")
     pp = PreparedParticles(ps, spec)
     stack = out / "particles_prep.mrcs"
     imgs = np.empty((len(rows), spec.train, spec.train), dtype=np.float32)
@@ -88,7 +118,10 @@ def cmd_flex_mesh(a: argparse.Namespace) -> None:
     from .engine.flex.mesh import build_mesh, save_mesh, write_mesh_pdb
     from .engine.io import read_mask, read_volume, write_volume
     from .plots_flex import plot_mesh
+    _option_ints(a.rigid, "--rigid", "2,4")
+    _check_fuse_syntax(a.fuse)
     vol, apix = read_volume(a.volume)
+    _check_blank_map(vol, a.volume, "--volume")
     mask = seg = None
     if a.mask:
         mask, mapix = read_mask(a.mask)
@@ -117,6 +150,16 @@ def cmd_flex_mesh(a: argparse.Namespace) -> None:
     write_json(out / "mesh.json", info)
     print(f"flex-mesh: {info['vertices']} vertices, {info['cells']} tetrahedra over the mask; "
           f"mesh.pkl, mesh.pdb, mesh_slices.png in {out}", flush=True)
+
+
+def _check_fuse_syntax(text: str | None) -> None:
+    """--fuse items look like 'parent>child' with whole-number segment labels (the tree is checked later)."""
+    from .engine.errors import InputError
+    for tok in (text or "").replace(";", ",").split(","):
+        parts = [t.strip() for t in tok.split(">")]
+        if tok.strip() and (len(parts) != 2 or not all(t.lstrip("-").isdigit() for t in parts)):
+            raise InputError(f"--fuse item {tok.strip()!r} must look like 'parent>child' with segment numbers, "
+                             "e.g. '1>3, 1>4, 3>2'")
 
 
 def add_mesh_parser(sub) -> None:
@@ -205,10 +248,17 @@ def _read_latent_table(p: Path):
     return table
 
 
+# per-particle numbers that are not coordinates: 3DVA's scale (latents.csv, particles_3dva.star), 3dva-display's
+# cluster labels and frame weights; they must never seed a latent (with --k 3 on a K=2 run, `scale` would)
+NOT_COORDINATES = frozenset({"scale", "rlnFlex3dvaScale", "cluster", "rlnFlex3dvaFrameWeight"})
+
+
 def _is_coordinate_column(name: str, col) -> bool:
     """Columns that may hold coordinates: rlnFlex* or non-RELION labels that are numbers (a text cell among
-    numbers is kept, to be reported as bad; all-text or boolean columns are labels, not coordinates)."""
+    numbers is kept, to be reported as bad; all-text or boolean columns, and NOT_COORDINATES, are not)."""
     import pandas as pd
+    if name in NOT_COORDINATES:
+        return False
     if (name.startswith("rln") and not name.startswith("rlnFlex")) or pd.api.types.is_bool_dtype(col):
         return False
     return pd.api.types.is_numeric_dtype(col) or bool(pd.to_numeric(col, errors="coerce").notna().any())
@@ -234,9 +284,7 @@ def _check_train_args(a: argparse.Namespace) -> list[int] | None:
     """flex-train options TrainConfig does not hold: boxes > 0 when given, --init-idxs as K distinct column
     numbers (returned) and only with --init-latents; checked before any file is read."""
     from .engine.errors import InputError
-    for opt, v in (("--crop", a.crop), ("--train-box", a.train_box)):
-        if v is not None and v <= 0:
-            raise InputError(f"{opt} must be an even number of pixels >= 16; got {v} (omit {opt} for the default)")
+    _check_boxes(a)
     if a.init_idxs is None:
         return None
     if not a.init_latents:
@@ -312,6 +360,7 @@ def cmd_flex_train(a: argparse.Namespace) -> None:
     ps.check_stacks()
     vol, vapix = read_volume(a.volume)
     check_volume_matches("consensus volume", vol.shape, vapix, ps.box, ps.apix)
+    _check_blank_map(vol, a.volume, "--volume")
     spec = prep_spec(ps.box, ps.apix, a.crop, a.train_box)
     mesh = load_mesh(a.mesh)
     init = None
@@ -424,22 +473,82 @@ def _write_series(vols: np.ndarray, points: np.ndarray, folder: Path, apix: floa
     return names
 
 
+def _parse_generate_options(a: argparse.Namespace) -> dict:
+    """flex-generate's options checked before the model is read: --box, --frames, --percentile, --atlas-*,
+    --points/--from-particles. Returns the parsed box (int, or 'train'/'full') and atlas axes."""
+    from .engine.errors import InputError
+    box = a.box.strip().lower()
+    if box not in ("train", "full"):
+        try:
+            box = int(box)
+        except ValueError:
+            raise InputError(f"--box {a.box!r} must be 'train', 'full' or a number of pixels, e.g. --box 128") from None
+        if box < 16 or box % 2:
+            raise InputError(f"--box must be an even number of pixels >= 16, got {box}")
+    if a.frames < 2:
+        raise InputError(f"--frames must be at least 2, got {a.frames}")
+    if not 0 <= a.percentile < 50:
+        raise InputError(f"--percentile must be in [0, 50): each axis spans the [p, 100-p] percentiles, so p >= 50 "
+                         f"reverses or empties the range; got {a.percentile}")
+    if a.points and a.from_particles:
+        raise InputError("give --points or --from-particles, not both")
+    axes = None
+    if not a.no_atlas:
+        if a.atlas_grid < 2:
+            raise InputError(f"--atlas-grid must be at least 2 points per axis, got {a.atlas_grid}")
+        if a.atlas_axes is not None:
+            axes = _option_ints(a.atlas_axes, "--atlas-axes", "0,1")
+            if len(axes) != 2 or axes[0] == axes[1] or min(axes) < 0:
+                raise InputError(f"--atlas-axes must name two different latent axes (0-based), e.g. '0,1'; "
+                                 f"got {a.atlas_axes!r}")
+    return {"box": box, "atlas_axes": axes}
+
+
+def _particle_ids(spec: str) -> list[int]:
+    """--from-particles: a file with one id per line, or comma-separated ids."""
+    from .engine.errors import InputError
+    src = Path(spec)
+    if src.is_file():
+        try:
+            return np.loadtxt(src, dtype=np.int64, ndmin=1).tolist()
+        except ValueError as e:
+            raise InputError(f"--from-particles {spec}: expected one particle id (a whole number) per line ({e})") \
+                from None
+    try:
+        ids = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        ids = []
+    if not ids:
+        raise InputError(f"--from-particles {spec!r} is neither a file (not found) nor comma-separated particle ids, "
+                         "e.g. '12,57,301'")
+    return ids
+
+
 def cmd_flex_generate(a: argparse.Namespace) -> None:
     import torch
     from .engine.errors import InputError
-    from .engine.flex.generate import axis_series, load_model, points_from_particles, read_points
+    from .engine.flex.generate import (axis_series, check_generation_memory, check_points_range, load_model,
+                                       points_from_particles, read_points)
     from .engine.io import read_volume
     from .plots_flex import plot_atlas, plot_series
+    opts = _parse_generate_options(a)
+    ids = _particle_ids(a.from_particles) if a.from_particles else None
     dev = _device(a.device)
     model = load_model(a.model, dev)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if a.box == "train":
-        m = model.train_box
-    elif a.box == "full":
-        m = model.crop
-    else:
-        m = int(a.box)
+    m = {"train": model.train_box, "full": model.crop}.get(opts["box"], opts["box"])
+    ax = None
+    if not a.no_atlas and model.k >= 1:
+        ax = opts["atlas_axes"] or ([0, 1] if model.k >= 2 else [0, 0])
+        if max(ax) >= model.k:
+            raise InputError(f"--atlas-axes {a.atlas_axes}: the model has K={model.k} latent axes (0 to "
+                             f"{model.k - 1})")
+    pts = None
+    if a.points:
+        pts = read_points(a.points, model.k)
+        check_points_range(pts, model.latents, a.points)
+    elif ids is not None:
+        pts = points_from_particles(model, ids)
     canonical = None
     if a.map:
         hv, hapix = read_volume(a.map)
@@ -447,17 +556,13 @@ def cmd_flex_generate(a: argparse.Namespace) -> None:
             raise InputError(f"--map is {hv.shape[-1]} px but the output box is {m}; pass --box {hv.shape[-1]}")
         if abs(hapix - model.apix_at(m)) > 1e-3 * hapix:
             raise InputError(f"--map has {hapix:.4f} Å/px, the output box needs {model.apix_at(m):.4f}")
+        _check_blank_map(hv, a.map, "--map")
         canonical = torch.as_tensor(hv, device=dev)
+    check_generation_memory(model, m, len(pts) if pts is not None else a.frames, dev)
+    out.mkdir(parents=True, exist_ok=True)
     apix_m = model.apix_at(m)
     summary = {"box": m, "apix": apix_m, "series": []}
-    if a.points or a.from_particles:
-        if a.points:
-            pts = read_points(a.points, model.k)
-        else:
-            src = Path(a.from_particles)
-            ids = (np.loadtxt(src, dtype=np.int64, ndmin=1).tolist() if src.exists()
-                   else [int(x) for x in a.from_particles.split(",") if x.strip()])
-            pts = points_from_particles(model, ids)
+    if pts is not None:
         vols = model.volumes(pts, m, canonical)
         names = _write_series(vols, pts, out, apix_m)
         summary["series"].append({"name": "points", "folder": ".", "volumes": names})
@@ -470,10 +575,7 @@ def cmd_flex_generate(a: argparse.Namespace) -> None:
             save_plot(plot_series, out / f"series_{k:02d}.png", vols, title=f"latent {k}: {pts[0, k]:.2f} → {pts[-1, k]:.2f}")
             summary["series"].append({"name": f"latent {k}", "folder": folder.name, "volumes": names})
             print(f"flex-generate: latent {k}: {len(vols)} volumes in {folder}", flush=True)
-    if not a.no_atlas and model.k >= 1:
-        ax = _int_list(a.atlas_axes) or ([0, 1] if model.k >= 2 else [0, 0])
-        if max(ax) >= model.k:
-            raise InputError(f"--atlas-axes {ax} out of range for K={model.k}")
+    if ax is not None:
         g = a.atlas_grid
         z = model.latents
         lo = np.percentile(z[:, ax], 1, axis=0)

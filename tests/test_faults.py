@@ -21,6 +21,7 @@ import torch
 from flexplugin import cli
 from flexplugin.engine import atomic
 from flexplugin.engine.errors import EXIT_DISK_FULL, EXIT_INPUT, DiskFullError
+from flexplugin.engine.outdir import LOCK_NAME
 from flexplugin.engine.io import read_volume
 
 PY = [sys.executable, "-m", "flexplugin.cli"]
@@ -42,8 +43,9 @@ def _run(*args, env=None, limit_bytes=None, check=False):
 
 
 def _snapshot(folder: Path) -> dict:
-    """Bytes of every file under a folder, by relative path."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Bytes of every file under a folder, by relative path (the job lock, not an output, left out)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != LOCK_NAME}
 
 
 def _temps(folder: Path) -> list:
@@ -94,6 +96,7 @@ def killed(data, tmp_path_factory):
     killed_log = log_path.read_text()
     assert f"epoch: 2/{EPOCHS}" not in killed_log, "epoch 2 finished before the kill: the test did not kill mid-epoch"
     after_kill = {k: v for k, v in _snapshot(out).items() if not k.endswith(".tmp")}
+    stale_lock = (out / LOCK_NAME).read_text() if (out / LOCK_NAME).exists() else ""
 
     # continuing with no room for the next checkpoint: clear error, the epoch-1 checkpoint stays as it was
     full = _run(*_train_args(data, out), "--continue", limit_bytes=4096)
@@ -101,7 +104,7 @@ def killed(data, tmp_path_factory):
 
     cont = _run(*_train_args(data, out), "--continue", check=True)
     return {"ref": ref, "ref_dir": root / "ref", "out": out, "killed_log": killed_log, "after_kill": after_kill,
-            "full": full, "after_full": after_full, "cont": cont}
+            "full": full, "after_full": after_full, "cont": cont, "stale_lock": stale_lock}
 
 
 def _load(data: bytes) -> dict:
@@ -113,6 +116,13 @@ def test_kill_leaves_the_finished_epoch_checkpointed(killed):
     assert "model.pt" not in killed["after_kill"], "the killed run must not have final outputs"
     st = _load(killed["after_kill"]["checkpoint.pt"])
     assert st["epoch"] == 1 and len(st["history"]) == 1
+
+
+def test_killed_job_lock_does_not_block(killed):
+    """The killed job's lock file stays behind, naming a pid that is gone: the next jobs ran (it is stale)."""
+    assert '"command": "flex-train"' in killed["stale_lock"], killed["stale_lock"]
+    assert "in use by" not in killed["full"].stderr + killed["cont"].stderr
+    assert not (killed["out"] / LOCK_NAME).exists(), "a finished job removes its lock"
 
 
 def test_continue_resumes_after_the_finished_epoch(killed):

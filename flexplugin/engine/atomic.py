@@ -15,11 +15,22 @@ from typing import Any, Callable, Iterator
 
 from .errors import DiskFullError
 
-__all__ = ["atomic_path", "temp_name", "write_text", "write_bytes", "write_json", "save_npy", "savetxt",
-           "to_csv", "torch_save", "save_plot", "DISK_FULL_ERRNOS"]
+__all__ = ["atomic_path", "recording", "temp_name", "write_text", "write_bytes", "write_json", "save_npy",
+           "savetxt", "to_csv", "torch_save", "save_plot", "DISK_FULL_ERRNOS"]
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 TEMP_TAG = ".tmp"
+_recorders: list[Callable[[Path], None]] = []  # told of every finished output (engine/outdir.py's manifest)
+
+
+@contextmanager
+def recording(record: Callable[[Path], None]) -> Iterator[None]:
+    """Within the block, call `record(path)` for every file an atomic writer finishes (renames into place)."""
+    _recorders.append(record)
+    try:
+        yield
+    finally:
+        _recorders.remove(record)
 
 
 def temp_name(path: str | os.PathLike, keep_suffix: bool = False) -> Path:
@@ -55,6 +66,8 @@ def atomic_path(path: str | os.PathLike, keep_suffix: bool = False) -> Iterator[
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
+        for record in list(_recorders):
+            record(path)
     except BaseException as e:
         _unlink_quietly(tmp)
         disk = e if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS else _disk_full_cause(e)
