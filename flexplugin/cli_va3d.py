@@ -54,6 +54,11 @@ def _check_inputs(a: argparse.Namespace):
     if a.filter_res < nyq2 - 1e-6:
         raise InputError(f"--filter-res {a.filter_res} Å is finer than Nyquist ({nyq2:.3f} Å at "
                          f"{ps.apix:.3f} Å/px); use a value >= {nyq2:.3f} Å (typically 4–8 Å)")
+    coarsest = ps.box * ps.apix / 4  # the Nyquist of an 8-px working box, the smallest 3DVA uses
+    if a.filter_res > coarsest + 1e-6:
+        raise InputError(f"--filter-res {a.filter_res:g} Å is coarser than {coarsest:.1f} Å (a quarter of the "
+                         f"{ps.box * ps.apix:.0f} Å box): the components would hold only the lowest few Fourier "
+                         "shells; use a value near the resolution of the variability (typically 4–8 Å)")
     if a.highpass_res is not None and a.highpass_res <= a.filter_res:
         raise InputError(f"--highpass-res ({a.highpass_res} Å) must be coarser (larger) than --filter-res "
                          f"({a.filter_res} Å)")
@@ -66,6 +71,9 @@ def _check_inputs(a: argparse.Namespace):
     if a.volume:
         vol, vapix = read_volume(a.volume)
         check_volume_matches("volume", vol.shape, vapix, ps.box, ps.apix)
+        if float(vol.min()) == float(vol.max()):
+            raise InputError(f"--volume {a.volume} holds the same value ({float(vol.min()):g}) in every voxel: no "
+                             "consensus to vary around; give the consensus map, or omit --volume to reconstruct it")
     if a.scales == "input":
         from .engine.va3d.em import INPUT_SCALE_LABELS
         if not any(c in ps.table for c in INPUT_SCALE_LABELS):
@@ -96,6 +104,11 @@ def cmd_3dva(a: argparse.Namespace) -> None:
     if ckpt.exists() and not a.cont:
         raise InputError(f"{out} already holds a 3DVA run ({CHECKPOINT}); pass --continue to resume it or "
                          "choose an empty output folder")
+    if a.cont and not ckpt.exists():
+        raise InputError(f"--continue: no 3DVA checkpoint ({CHECKPOINT}) in {out}; drop --continue to start a new "
+                         "run, or give the folder of the run to resume")
+    if a.cont:
+        _check_checkpoint(ckpt)
     cfg = _config(a, str(dev))
     t0 = time.time()
     cons_path = out / "consensus.mrc"
@@ -135,6 +148,17 @@ def cmd_3dva(a: argparse.Namespace) -> None:
     print(f"3dva: done in {time.time() - t0:.0f} s; outputs in {out}", flush=True)
 
 
+def _check_checkpoint(path: Path) -> None:
+    """--continue: the checkpoint must be a readable 3DVA one (not truncated, not 3D Flex's), before any work."""
+    from .engine.errors import InputError
+    from .engine.torchfile import describe, load_torch_file
+    hint = ("delete it to start this run again from the beginning, or start a new run in another folder "
+            "(checkpoints are written after every iteration, so only the last one is kept)")
+    what = describe(load_torch_file(path, "a 3DVA checkpoint", hint))
+    if what != "a 3DVA checkpoint (checkpoint.pt of 3dva)":
+        raise InputError(f"cannot continue from {path}: it is {what}, not a 3DVA checkpoint; {hint}")
+
+
 def _noise_floor(ps, mask, vol, cfg, out: Path, key: dict) -> dict:
     """The same EM on pose-shuffled data (see engine/va3d/em.py); returns its explained variances."""
     from .engine.va3d.em import VA3D, run_loop
@@ -143,6 +167,7 @@ def _noise_floor(ps, mask, vol, cfg, out: Path, key: dict) -> dict:
     ck = out / "checkpoint_null.pt"
     nkey = key | {"null": True}
     if ck.exists():
+        _check_checkpoint(ck)
         nva.restore(ck, nkey)
     print("3dva: noise floor: the same analysis on pose-shuffled particles", flush=True)
     fin = run_loop(nva, cfg.iterations, ck, nkey, label="3dva null")

@@ -17,10 +17,12 @@ import torch
 
 from ..errors import InputError
 from ..fourier import irfft3c, rfft3c
+from ..torchfile import describe, load_torch_file
 from .mesh import Mesh, mesh_from_dict
 from .model import FlowGenerator, MeshRaster, warp_volume
 
-__all__ = ["FlexModel", "load_model", "axis_series", "points_from_particles", "read_points", "fourier_pad_3d"]
+__all__ = ["FlexModel", "available_bytes", "axis_series", "check_generation_memory", "check_points_range",
+           "estimate_generation_bytes", "fourier_pad_3d", "load_model", "points_from_particles", "read_points"]
 
 
 def fourier_pad_3d(vol: torch.Tensor, m: int) -> torch.Tensor:
@@ -117,19 +119,101 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> F
         p = os.path.join(p, "model.pt")
     if not os.path.exists(p):
         raise InputError(f"3D Flex model not found: {p} (run flex-train first)")
-    d = torch.load(p, map_location="cpu", weights_only=False)
-    if d.get("format") != "flexplugin-flex-model" or "mesh_pickle" not in d:
-        raise InputError(f"{p} is not a flexplugin 3D Flex model")
-    mesh = mesh_from_dict(pickle.loads(d["mesh_pickle"]), p)
-    cfg = d["config"]
+    hint = ("give the model.pt that flex-train writes when it finishes (or its folder); if this one is damaged, "
+            "rerun flex-train with --continue in its folder (the last checkpoint is kept) or train afresh")
+    d = load_torch_file(p, "a 3D Flex model (model.pt of flex-train)", hint)
+    what = describe(d)
+    if what != "a 3D Flex model (model.pt of flex-train)" or "mesh_pickle" not in d:
+        if "training checkpoint" in what:
+            hint = ("the training has not finished: rerun flex-train with --continue in its folder, then give the "
+                    "model.pt it writes")
+        raise InputError(f"{p} is {what}, not a finished 3D Flex model (model.pt); {hint}")
+    try:
+        mesh = mesh_from_dict(pickle.loads(d["mesh_pickle"]), p)
+        cfg = d["config"]
+        dev = torch.device(device)
+        gen = FlowGenerator(cfg["k"], len(mesh.points), cfg["layers"], cfg["hidden"]).to(dev)
+        gen.load_state_dict(d["generator"])
+        gen.eval()
+        spec = d["spec"]
+        canonical = (d["density"] * d["mask"] * d["v_scale"]).to(dev)
+        return FlexModel(gen, mesh, canonical, spec["apix"] * spec["crop"] / spec["train"], spec["train"],
+                         spec["crop"], spec["box"], spec["apix"], d["latents"].numpy(), d["ids"].numpy(), cfg, dev)
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001  (missing entries, tensors of the wrong size: a damaged model)
+        raise InputError(f"{p} is a damaged 3D Flex model ({type(e).__name__}: {str(e)[:200]}); {hint}") from None
+
+
+def estimate_generation_bytes(model: FlexModel, m: int, volumes: int, batch: int = 4) -> int:
+    """Peak memory (bytes) of generating `volumes` maps at box m: the returned maps, one batch's flow, sampling
+    grid and output, the mesh raster at box m and the padded canonical map (float32; measured allocation
+    pattern of FlexModel.volumes and model.warp_volume, rounded up)."""
+    vox = m ** 3
+    mesh_vox = vox * max(float(np.mean(model.mesh.mask)), 0.05) if model.mesh.mask is not None else vox
+    per_batch = 4 * vox * (3 + 3 + 3 + 3 + 1) * min(batch, volumes)  # u, base+u, grid, expand/copy, out
+    raster = 200 * mesh_vox  # indices, barycentric weights, sparse matrix and positions per voxel in the mesh
+    canonical = 24 * vox  # Fourier padding: complex spectrum and the real map
+    return int(4 * vox * volumes + per_batch + raster + canonical)
+
+
+def available_bytes(device: torch.device | str = "cpu") -> int | None:
+    """Memory free for a job now: MemAvailable (and a cgroup limit) on the CPU, the free GPU memory on CUDA."""
     dev = torch.device(device)
-    gen = FlowGenerator(cfg["k"], len(mesh.points), cfg["layers"], cfg["hidden"]).to(dev)
-    gen.load_state_dict(d["generator"])
-    gen.eval()
-    spec = d["spec"]
-    canonical = (d["density"] * d["mask"] * d["v_scale"]).to(dev)
-    return FlexModel(gen, mesh, canonical, spec["apix"] * spec["crop"] / spec["train"], spec["train"], spec["crop"],
-                     spec["box"], spec["apix"], d["latents"].numpy(), d["ids"].numpy(), cfg, dev)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free)
+    avail = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as fh:
+            limit = fh.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as fh:
+            used = int(fh.read())
+        if limit != "max":
+            free = int(limit) - used
+            avail = free if avail is None else min(avail, free)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def check_generation_memory(model: FlexModel, m: int, volumes: int, device: torch.device | str = "cpu") -> int:
+    """Refuse (InputError) a generation whose estimated peak memory exceeds what is free; returns the estimate."""
+    need = estimate_generation_bytes(model, m, volumes)
+    have = available_bytes(device)
+    if have is not None and need > have:
+        fit = m
+        while fit > 16 and estimate_generation_bytes(model, fit, volumes) > have:
+            fit -= 2
+        raise InputError(f"--box {m}: generating {volumes} volumes of {m}³ voxels needs about {need / 2**30:.1f} GiB "
+                         f"of memory, but {have / 2**30:.1f} GiB are free on {torch.device(device)}; use a smaller "
+                         f"--box (about {fit} fits), fewer --frames, or a machine with more memory")
+    return need
+
+
+def check_points_range(points: np.ndarray, latents: np.ndarray, source: str, log=print) -> None:
+    """Points far outside the particles' latent range decode to meaningless maps: more than one range width
+    beyond it on any axis is an InputError; outside the range (extrapolation) a WARNING line."""
+    lo, hi = latents.min(0), latents.max(0)
+    width = np.where(hi > lo, hi - lo, 1.0)
+    far = (points < lo - width) | (points > hi + width)
+    if far.any():
+        i, k = np.argwhere(far)[0]
+        raise InputError(f"{source}: point {i} (0-based) has latent {k} = {points[i, k]:g}, far outside the "
+                         f"particles' range [{lo[k]:.3g}, {hi[k]:.3g}] (at most one range width beyond it is "
+                         "accepted); give points inside the range the particles occupy")
+    out = (points < lo) | (points > hi)
+    if out.any():
+        log(f"WARNING: {int(out.any(1).sum())} of {len(points)} points lie outside the particles' latent range "
+            f"({', '.join(f'z{k} [{lo[k]:.3g}, {hi[k]:.3g}]' for k in range(len(lo)))}): their maps are "
+            "extrapolated")
 
 
 def axis_series(latents: np.ndarray, frames: int = 41, percentile: float = 1.0) -> list[np.ndarray]:

@@ -148,8 +148,10 @@ class _Post:
         return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def _write_subset_star(src: str, all_ids: np.ndarray, ids: np.ndarray, dst: Path, extra: dict | None = None) -> None:
-    """Rows of the source STAR whose particle id is in `ids` (ids as io.ParticleSet defines them)."""
+def _write_subset_star(ps, ids: np.ndarray, dst: Path, extra: dict | None = None) -> None:
+    """Rows of the particles' source STAR whose particle id is in `ids` (ids as io.ParticleSet defines them),
+    with the absolute stack paths io.read_particles resolved, so the file works from any folder."""
+    src = ps.star_path
     blocks = starfile.read(src, always_dict=True)
     key = "particles" if "particles" in blocks else next(k for k, v in blocks.items()
                                                          if isinstance(v, pd.DataFrame) and "rlnImageName" in v)
@@ -159,6 +161,8 @@ def _write_subset_star(src: str, all_ids: np.ndarray, ids: np.ndarray, dst: Path
     sub = t.iloc[pos.loc[ids].to_numpy()].copy()
     if ID_LABEL not in sub:
         sub.insert(0, ID_LABEL, ids)
+    names = pd.Series(ps.table["rlnImageName"].to_numpy(), index=ps.ids)
+    sub["rlnImageName"] = names.loc[ids].to_numpy()
     for k, v in (extra or {}).items():
         sub[k] = v
     blocks[key] = sub
@@ -305,7 +309,7 @@ def run_display(run_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Dis
                 for f in range(cfg.frames):
                     name = f"component_{j:03d}/frame_{f:03d}_particles.star"
                     keep = w[f] > 0
-                    _write_subset_star(ps.star_path, ps.ids, ps.ids[keep], out / name,
+                    _write_subset_star(ps, ps.ids[keep], out / name,
                                        {"rlnFlex3dvaFrameWeight": w[f, keep]})
                     files.append(name)
             if cfg.skip_reconstruction:
@@ -330,7 +334,7 @@ def run_display(run_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Dis
                                for c in range(cfg.frames)]
         for c in range(cfg.frames):
             name = f"cluster_{c:03d}_particles.star"
-            _write_subset_star(ps.star_path, ps.ids, ps.ids[labels == c], out / name)
+            _write_subset_star(ps, ps.ids[labels == c], out / name)
             files.append(name)
         save_plot(pv.plot_clusters, out / "clusters.png", z, labels, centres, three_d=z.shape[1] >= 3)
         files.append("clusters.png")

@@ -24,7 +24,7 @@ import pandas as pd
 import starfile
 
 from ..atomic import atomic_path, save_npy, save_plot, to_csv
-from ..io import ID_LABEL, read_particles, read_volume, write_volume
+from ..io import ID_LABEL, read_particles, read_volume, split_image_name, write_volume
 from .em import VA3DConfig, VA3DResult, dump_json
 
 __all__ = ["write_run_outputs", "RunFolder", "load_run", "component_labels"]
@@ -37,13 +37,18 @@ def component_labels(k: int) -> list[str]:
     return [STAR_COMPONENT.format(i + 1) for i in range(k)]
 
 
-def _write_star_with_latents(src: str, dst: Path, ids: np.ndarray, z: np.ndarray, scales: np.ndarray) -> None:
+def _write_star_with_latents(src: str, dst: Path, ids: np.ndarray, z: np.ndarray, scales: np.ndarray,
+                             image_names=None) -> None:
     """The source STAR's first len(ids) rows (the particles used, in order) plus the coordinate columns;
-    rlnImageId is added when the source has none (io.ParticleSet's ids are then the 1-based rows)."""
+    rlnImageId is added when the source has none (io.ParticleSet's ids are then the 1-based rows).
+    `image_names` (io.read_particles' absolute stack paths, same rows) replace rlnImageName, so the file works
+    from any folder, not only from the input STAR's."""
     blocks = starfile.read(src, always_dict=True)
     key = "particles" if "particles" in blocks else next(k for k, v in blocks.items()
                                                          if isinstance(v, pd.DataFrame) and "rlnImageName" in v)
     t = blocks[key].iloc[:len(ids)].copy()
+    if image_names is not None:
+        t["rlnImageName"] = np.asarray(image_names)[:len(ids)]
     if ID_LABEL not in t:
         t.insert(0, ID_LABEL, ids)
     for i, lab in enumerate(component_labels(z.shape[1])):
@@ -70,7 +75,8 @@ def write_run_outputs(out: Path, ps, res: VA3DResult, consensus: np.ndarray, arg
     ids = ps.ids
     df = pd.DataFrame({ID_LABEL: ids} | {f"z{k}": res.latents[:, k] for k in range(K)} | {"scale": res.scales})
     to_csv(df, out / "latents.csv", index=False, float_format="%.7g")
-    _write_star_with_latents(ps.star_path, out / "particles_3dva.star", ids, res.latents, res.scales)
+    _write_star_with_latents(ps.star_path, out / "particles_3dva.star", ids, res.latents, res.scales,
+                             ps.table["rlnImageName"].to_numpy())
     ev = res.eigenvalues
     comps = []
     for k in range(K):
@@ -140,7 +146,42 @@ class RunFolder:
         if missing.any():
             raise InputError(f"{int(missing.sum())} particles of the run (e.g. id {self.ids[missing][0]}) are not "
                              f"in {star or self.run['particles']}")
-        return ps.subset(pos.loc[self.ids].to_numpy())
+        sub = ps.subset(pos.loc[self.ids].to_numpy())
+        if star is not None:
+            self._check_same_particles(sub, star)
+        return sub
+
+    def _check_same_particles(self, ps, star: str) -> None:
+        """Particles given in place of the run's must be the same images under the same ids: ids that overlap
+        by chance (another data set numbered from 1) would pair each coordinate with a stranger's image.
+        Compared by micrograph and picking coordinates when both files have them (stable under
+        re-extraction), else by image index and stack file name; any difference is an InputError."""
+        from ..errors import InputError
+        ref_path = self.path / self.run["files"].get("particles_star", "particles_3dva.star")
+        if not ref_path.exists():
+            return
+        blocks = starfile.read(ref_path, always_dict=True)
+        ref = blocks.get("particles", next(iter(blocks.values())))
+        if ID_LABEL not in ref or "rlnImageName" not in ref:
+            return
+        ref = ref.set_index(ref[ID_LABEL].astype(np.int64)).loc[self.ids]
+        given = ps.table.set_index(ps.ids)
+        cols = ["rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY"]
+        by_pick = all(c in ref for c in cols) and all(c in given for c in cols)
+
+        def keys(t) -> np.ndarray:
+            if by_pick:
+                return np.array([f"{os.path.basename(str(m))} ({float(x):.1f}, {float(y):.1f})"
+                                 for m, x, y in zip(t[cols[0]], t[cols[1]], t[cols[2]])])
+            return np.array([f"{int(i)}@{os.path.basename(p)}" for i, p in map(split_image_name, t["rlnImageName"])])
+        a, b = keys(ref), keys(given.loc[self.ids])
+        bad = np.nonzero(a != b)[0]
+        if len(bad):
+            i = bad[0]
+            what = "micrograph and coordinates" if by_pick else "image (index@stack)"
+            raise InputError(f"{star}: {len(bad)} of the run's {len(a)} particle ids name other particles than in the "
+                             f"run (id {self.ids[i]}: {what} {b[i]} here, {a[i]} in the run); give the particles "
+                             "the 3dva run used (or omit --particles)")
 
 
 def load_run(path: str | os.PathLike) -> RunFolder:
