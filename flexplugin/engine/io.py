@@ -4,11 +4,16 @@ Particle files follow RELION 3.1 (a `data_optics` block and a `data_particles` b
 (one table, shifts in pixels, pixel size from `rlnDetectorPixelSize`/`rlnMagnification`) are read too.
 Each particle's id is `rlnImageId` (a standard RELION label) when present, otherwise its 1-based row;
 results are written back keyed by that id. Stacks are memory-mapped: only requested images are read.
+
+Every value a command uses is checked once, here, when the file is read (COLUMN_RULES): a text, NaN or
+out-of-range cell, a row shorter than its header, a bad image number or an optics group the optics table lacks
+is an InputError naming the file, the column and the first bad row, before any command starts work.
 """
 from __future__ import annotations
 
 import os
-import warnings
+import shlex
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,13 +28,46 @@ from .ctf import CTFParams
 from .errors import InputError
 from .geometry import euler_to_matrix
 
-__all__ = ["ParticleSet", "read_particles", "write_particles_star", "read_volume", "write_volume",
-           "read_mask", "check_volume_matches", "ID_LABEL", "split_image_name"]
+__all__ = ["COLUMN_RULES", "ID_LABEL", "ParticleSet", "check_volume_matches", "read_mask", "read_particles",
+           "read_segmentation", "read_volume", "split_image_name", "write_particles_star", "write_volume"]
 
 ID_LABEL = "rlnImageId"
 POSE_LABELS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
 CTF_LABELS = ("rlnDefocusU", "rlnDefocusV")
 OPTICS_DEFAULTS = {"rlnAmplitudeContrast": 0.1, "rlnSphericalAberration": 2.7, "rlnVoltage": 300.0}
+
+# What each known STAR column must hold: (rule, what the value is). read_particles checks every such column once,
+# so a text, NaN or out-of-range cell is an InputError naming the file, table, column and first bad row before
+# any command starts work (a single NaN defocus or voltage would otherwise turn the whole map into zeros).
+COLUMN_RULES: dict[str, tuple[str, str]] = {
+    ID_LABEL: ("integer", "a particle id"),
+    "rlnOpticsGroup": ("integer", "an optics group number"),
+    "rlnAngleRot": ("finite", "an Euler angle in degrees"),
+    "rlnAngleTilt": ("finite", "an Euler angle in degrees"),
+    "rlnAnglePsi": ("finite", "an Euler angle in degrees"),
+    "rlnOriginX": ("finite", "a shift in pixels"),
+    "rlnOriginY": ("finite", "a shift in pixels"),
+    "rlnOriginXAngst": ("finite", "a shift in Å"),
+    "rlnOriginYAngst": ("finite", "a shift in Å"),
+    "rlnDefocusU": ("positive", "a defocus in Å (positive = underfocus)"),
+    "rlnDefocusV": ("positive", "a defocus in Å (positive = underfocus)"),
+    "rlnDefocusAngle": ("finite", "an astigmatism angle in degrees"),
+    "rlnPhaseShift": ("finite", "a phase shift in degrees"),
+    "rlnCtfBfactor": ("finite", "a CTF B-factor in Å²"),
+    "rlnCtfScalefactor": ("finite", "a CTF scale factor"),
+    "rlnGroupScaleCorrection": ("finite", "a scale factor"),
+    "rlnVoltage": ("positive", "the acceleration voltage in kV"),
+    "rlnSphericalAberration": ("finite", "the spherical aberration in mm"),
+    "rlnAmplitudeContrast": ("fraction", "the amplitude contrast as a fraction"),
+    "rlnImagePixelSize": ("positive", "the pixel size in Å"),
+    "rlnDetectorPixelSize": ("positive", "the detector pixel size in µm"),
+    "rlnMagnification": ("positive", "the magnification"),
+    "rlnImageSize": ("count", "the box size in pixels"),
+    "rlnRandomSubset": ("integer", "a half-set number (1 or 2)"),
+    "rlnCtfDataArePhaseFlipped": ("flag", "whether the images are phase-flipped"),
+}
+_RULE_TEXT = {"finite": "a finite number", "positive": "a positive number", "integer": "a whole number",
+              "count": "a whole number >= 1", "fraction": "a number from 0 to below 1", "flag": "0 or 1"}
 
 
 def split_image_name(name: str) -> tuple[int, str]:
@@ -38,6 +76,144 @@ def split_image_name(name: str) -> tuple[int, str]:
         return 1, name
     i, path = name.split("@", 1)
     return int(i), path
+
+
+def _warn(message: str) -> None:
+    """A `WARNING: ...` line in the job's log (stdout, in order with the progress lines)."""
+    print(f"WARNING: {message}", flush=True)
+
+
+def _missing(raw: pd.Series) -> np.ndarray:
+    """Cells without a value: NaN/NA, or an empty string (what pandas leaves in a row shorter than its header)."""
+    miss = raw.isna().to_numpy().copy()
+    if not pd.api.types.is_numeric_dtype(raw):
+        miss |= (raw.astype(str).str.strip() == "").to_numpy()
+    return miss
+
+
+def _loop_lines(path: Path) -> Iterator[tuple[str, list[str], int, str]]:
+    """(block name, column names, 1-based row, line) for each data line of each loop of a STAR file.
+
+    Read again only when something is wrong, to name a row whose number of values differs from its header."""
+    block, cols, in_loop, row = "", [], False, 0
+    with open(path, errors="replace") as fh:
+        for line in fh:
+            s = line.strip()
+            if not s or s.startswith("#"):
+                continue
+            if s.startswith("data_"):
+                block, cols, in_loop, row = s[5:], [], False, 0
+            elif s.startswith("loop_"):
+                cols, in_loop, row = [], True, 0
+            elif s.startswith("_"):
+                if in_loop and row == 0:
+                    cols.append(s.split()[0][1:])
+            elif in_loop and cols:
+                row += 1
+                yield block, cols, row, s
+
+
+def _count_values(line: str) -> int:
+    """Number of values on a STAR data line (quoted values count once, as starfile reads them)."""
+    try:
+        return len(shlex.split(line.replace("'", '"'), comments=True))
+    except ValueError:
+        return len(line.split())
+
+
+def _row_length_error(path: Path, block: str | None = None, rows: set[int] | None = None) -> str | None:
+    """A message naming the first data row (of `block`, among 1-based `rows`) whose number of values differs from
+    the number of columns of its table; None when every such row is complete."""
+    last = max(rows) if rows else None
+    for b, cols, row, line in _loop_lines(path):
+        if block is not None and b != block:
+            continue
+        if last is not None and row > last:
+            break
+        if rows is not None and row not in rows:
+            continue
+        n = _count_values(line)
+        if n != len(cols):
+            extra = n - len(cols)
+            what = (f"no value for {cols[n]}" + (f" and {-extra - 1} more" if extra < -1 else "") if extra < 0
+                    else f"{extra} more value{'s' if extra > 1 else ''} than the header names")
+            return (f"{path}: data_{b} row {row} has {n} values but the table has {len(cols)} columns ({what}); "
+                    "the line was truncated or edited: fix or remove it")
+    return None
+
+
+def _check_row_lengths(df: pd.DataFrame, path: Path, block: str) -> None:
+    """Refuse a row shorter than its header (pandas fills it with NaN or '' without a word)."""
+    if df.shape[1] == 0:
+        return
+    cand = np.flatnonzero(_missing(df.iloc[:, -1]))
+    if len(cand):
+        msg = _row_length_error(path, block, {int(i) + 1 for i in cand})
+        if msg:
+            raise InputError(msg)
+
+
+def _check_columns(df: pd.DataFrame, path: Path, block: str) -> None:
+    """Convert the COLUMN_RULES columns of `df` (table `block` of `path`) to numbers, in place; the first cell that
+    breaks its rule is an InputError naming the file, column and row (and the particle id or optics group)."""
+    label = "rlnOpticsGroup" if block == "optics" else ID_LABEL
+    names: np.ndarray | None = None
+    for col in [c for c in COLUMN_RULES if c in df.columns]:
+        kind, what = COLUMN_RULES[col]
+        raw = df[col]
+        v = pd.to_numeric(raw, errors="coerce").to_numpy(np.float64)
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(v)
+            if kind == "positive":
+                bad |= v <= 0
+            elif kind == "fraction":
+                bad |= (v < 0) | (v >= 1)
+            elif kind in ("integer", "count", "flag"):
+                bad |= v != np.round(v)
+                if kind == "count":
+                    bad |= v < 1
+                if kind == "flag":
+                    bad |= (v != 0) & (v != 1)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            cell = raw.iloc[i]
+            if isinstance(cell, str) and not cell.strip():
+                desc = "has no value"
+            elif isinstance(cell, str) and np.isnan(v[i]) and cell.strip().lower() != "nan":
+                desc = f"holds the text {cell.strip()!r}"
+            elif np.isnan(v[i]):
+                desc = "is NaN"
+            else:
+                desc = f"is {v[i]:g}"
+            where = f"data_{block} row {i + 1}"
+            if names is not None:
+                where += f" ({'optics group' if block == 'optics' else 'particle id'} {names[i]})"
+            more = int(bad.sum()) - 1
+            fix = "Fix the optics table" if block == "optics" else "Fix the value or remove the particle from the set"
+            raise InputError(f"{path}: {col} {desc} in {where}" + (f" (and {more} more rows)" if more else "")
+                             + f"; it must be {_RULE_TEXT[kind]}: {what}. {fix}.")
+        if kind in ("integer", "count", "flag"):
+            df[col] = raw.to_numpy(np.int64) if pd.api.types.is_integer_dtype(raw) else v.astype(np.int64)
+        else:
+            df[col] = v
+        if col == label:
+            names = df[col].to_numpy()
+
+
+def _check_image_names(names: pd.Series, path: Path) -> None:
+    """Each rlnImageName is `N@stack` with N a whole number >= 1 (or a bare file name: its first image)."""
+    s = names.astype(str).str.strip()
+    has_at = s.str.contains("@", regex=False)
+    index = pd.to_numeric(s.str.split("@", n=1).str[0].where(has_at, "1"), errors="coerce").to_numpy(np.float64)
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(index) | (index < 1) | (index != np.round(index)) | _missing(names)
+        bad |= (s.str.split("@", n=1).str[-1].str.strip() == "").to_numpy()
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        more = int(bad.sum()) - 1
+        raise InputError(f"{path}: rlnImageName {names.iloc[i]!r} in data_particles row {i + 1}"
+                         + (f" (and {more} more rows)" if more else "")
+                         + " is not an image: it must be N@stack.mrcs with N the image number, from 1")
 
 
 class _StackCache:
@@ -58,6 +234,7 @@ class _StackCache:
                 raise InputError(f"cannot read image stack {path}: {e}") from e
             if m.data is None:
                 raise InputError(f"cannot read image stack {path}: not an MRC file")
+            _check_real(m.data, path, "image stack")
             arr = m.data if m.data.ndim == 3 else m.data[None]
             self._open[path] = arr
         return arr
@@ -188,55 +365,93 @@ def _resolve_image_names(names: pd.Series, star_dir: Path) -> pd.Series:
 
 
 def read_particles(star_path: str | os.PathLike, apix: float | None = None) -> ParticleSet:
-    """Read a RELION 3.0/3.1+ particle STAR file (images stay on disk)."""
+    """Read a RELION 3.0/3.1+ particle STAR file (images stay on disk), every used value checked (COLUMN_RULES).
+
+    `apix` is for RELION 3.0 files that carry no pixel size; one that disagrees with the file's is an error (a
+    silent override would mis-scale the shifts in Å and the CTF)."""
     star_path = Path(star_path)
     if not star_path.exists():
         raise InputError(f"particle STAR file not found: {star_path}")
     try:
         blocks = starfile.read(star_path, always_dict=True)
     except Exception as e:  # noqa: BLE001
-        raise InputError(f"cannot parse STAR file {star_path}: {e}") from e
-    parts = blocks.get("particles")
+        raise InputError(_row_length_error(star_path) or f"cannot parse STAR file {star_path}: {e}") from e
+    parts, block = blocks.get("particles"), "particles"
     optics = blocks.get("optics")
     if parts is None:  # RELION 3.0: a single unnamed/other block
-        tables = [v for v in blocks.values() if isinstance(v, pd.DataFrame) and "rlnImageName" in v]
+        tables = [(k, v) for k, v in blocks.items() if isinstance(v, pd.DataFrame) and "rlnImageName" in v]
         if not tables:
             raise InputError(f"{star_path}: no particle table with rlnImageName")
-        parts = tables[0]
+        block, parts = tables[0]
+    if not isinstance(parts, pd.DataFrame):
+        raise InputError(f"{star_path}: data_{block} is not a table (loop_) of particles")
     parts = parts.copy()
     if len(parts) == 0:
         raise InputError(f"{star_path}: the particle table is empty")
     if "rlnImageName" not in parts:
         raise InputError(f"{star_path}: particles have no rlnImageName column")
-    if optics is None:  # legacy: build one optics group from particle columns
+    _check_row_lengths(parts, star_path, block)
+    _check_columns(parts, star_path, block)
+    _check_image_names(parts["rlnImageName"], star_path)
+    if optics is not None:
+        if not isinstance(optics, pd.DataFrame) or len(optics) == 0:
+            raise InputError(f"{star_path}: data_optics holds no optics groups (a loop_ with one row per group)")
+        if "rlnOpticsGroup" not in optics:
+            raise InputError(f"{star_path}: the optics table has no rlnOpticsGroup column")
+        optics = optics.copy()
+        _check_row_lengths(optics, star_path, "optics")
+        _check_columns(optics, star_path, "optics")
+        dup = optics["rlnOpticsGroup"].duplicated()
+        if dup.any():
+            raise InputError(f"{star_path}: optics group {optics['rlnOpticsGroup'][dup].iloc[0]} is listed more than "
+                             "once in data_optics; each group needs one row")
+    file_apix, source = None, "rlnImagePixelSize"
+    legacy = optics is None
+    if legacy:  # legacy: build one optics group from particle columns
         row = {k: float(parts[k].iloc[0]) for k in OPTICS_DEFAULTS if k in parts}
         row["rlnOpticsGroup"] = 1
-        if apix is None and "rlnDetectorPixelSize" in parts and "rlnMagnification" in parts:
-            apix = float(parts["rlnDetectorPixelSize"].iloc[0]) * 1e4 / float(parts["rlnMagnification"].iloc[0])
-        if apix is None and "rlnImagePixelSize" in parts:
-            apix = float(parts["rlnImagePixelSize"].iloc[0])
-        if apix is None:
-            raise InputError(f"{star_path}: RELION 3.0 file without pixel size; pass --apix")
-        row["rlnImagePixelSize"] = apix
+        if "rlnDetectorPixelSize" in parts and "rlnMagnification" in parts:
+            file_apix = float(parts["rlnDetectorPixelSize"].iloc[0]) * 1e4 / float(parts["rlnMagnification"].iloc[0])
+            source = "rlnDetectorPixelSize x 10^4 / rlnMagnification"
+        elif "rlnImagePixelSize" in parts:
+            file_apix = float(parts["rlnImagePixelSize"].iloc[0])
         optics = pd.DataFrame([row])
         parts["rlnOpticsGroup"] = 1
-        for ax in ("X", "Y"):
-            if f"rlnOrigin{ax}" in parts and f"rlnOrigin{ax}Angst" not in parts:
-                parts[f"rlnOrigin{ax}Angst"] = parts[f"rlnOrigin{ax}"].astype(float) * apix
-    optics = optics.copy()
-    if "rlnOpticsGroup" not in parts:
-        parts["rlnOpticsGroup"] = int(optics["rlnOpticsGroup"].iloc[0])
-    psize_col = "rlnImagePixelSize" if "rlnImagePixelSize" in optics else None
-    if apix is None:
-        if psize_col is None:
-            raise InputError(f"{star_path}: optics table has no rlnImagePixelSize; pass --apix")
-        ps = optics[psize_col].astype(float).unique()
+    elif "rlnImagePixelSize" in optics:
+        ps = optics["rlnImagePixelSize"].astype(float).unique()
         if len(ps) > 1 and not np.allclose(ps, ps[0], rtol=1e-4):
             raise InputError(f"{star_path}: optics groups have different pixel sizes {ps.tolist()}; "
                              "rescale particles to one pixel size first")
-        apix = float(ps[0])
-    if apix <= 0:
-        raise InputError(f"{star_path}: pixel size must be positive, got {apix}")
+        file_apix = float(ps[0])
+    if apix is not None:
+        if not (np.isfinite(apix) and apix > 0):
+            raise InputError(f"--apix must be a positive number of Å per pixel, got {apix}")
+        if file_apix is not None and abs(apix - file_apix) > 1e-4 * file_apix:
+            raise InputError(f"--apix {apix:g} disagrees with the pixel size {file_apix:g} Å of {star_path} "
+                             f"({source}); omit --apix (it is for RELION 3.0 files without a pixel size) or "
+                             "correct the file")
+    elif file_apix is None:
+        raise InputError(f"{star_path}: " + ("RELION 3.0 file without pixel size; pass --apix" if legacy
+                                             else "optics table has no rlnImagePixelSize; pass --apix"))
+    else:
+        apix = file_apix
+    apix = float(apix)
+    optics["rlnImagePixelSize"] = apix
+    if legacy:  # RELION 3.0 shifts are in pixels
+        for ax in ("X", "Y"):
+            if f"rlnOrigin{ax}" in parts and f"rlnOrigin{ax}Angst" not in parts:
+                parts[f"rlnOrigin{ax}Angst"] = parts[f"rlnOrigin{ax}"].astype(float) * apix
+    if "rlnOpticsGroup" not in parts:
+        parts["rlnOpticsGroup"] = int(optics["rlnOpticsGroup"].iloc[0])
+    unknown = ~parts["rlnOpticsGroup"].isin(optics["rlnOpticsGroup"]).to_numpy()
+    if unknown.any():
+        i = int(np.flatnonzero(unknown)[0])
+        pid = f" (particle id {parts[ID_LABEL].iloc[i]})" if ID_LABEL in parts else ""
+        raise InputError(f"{star_path}: rlnOpticsGroup {parts['rlnOpticsGroup'].iloc[i]} in data_particles row "
+                         f"{i + 1}{pid}" + (f" (and {int(unknown.sum()) - 1} more rows)" if unknown.sum() > 1 else "")
+                         + " is not in the optics table (groups "
+                         + ", ".join(str(g) for g in optics["rlnOpticsGroup"].tolist()[:10])
+                         + "); add the group to data_optics or fix the particle's group")
     merge_cols = [c for c in optics.columns if c not in parts.columns or c == "rlnOpticsGroup"]
     table = parts.merge(optics[merge_cols], on="rlnOpticsGroup", how="left")
     defaults_used = []
@@ -245,16 +460,18 @@ def read_particles(star_path: str | os.PathLike, apix: float | None = None) -> P
             table[k] = v
             defaults_used.append(f"{k}={v}")
     if defaults_used:  # RELION itself would assume 0/0/200 kV: say what we assumed, loudly
-        warnings.warn(f"{star_path}: no {', '.join(d.split('=')[0] for d in defaults_used)}; assuming "
-                      f"{', '.join(defaults_used)}. Add the columns to the optics table if these are wrong.",
-                      stacklevel=2)
+        _warn(f"{star_path}: no {', '.join(d.split('=')[0] for d in defaults_used)}; assuming "
+              f"{', '.join(defaults_used)}. Add the columns to the optics table if these are wrong.")
     for ax in ("X", "Y"):
         if f"rlnOrigin{ax}Angst" not in table:
             table[f"rlnOrigin{ax}Angst"] = 0.0
     if ID_LABEL not in table:
         table[ID_LABEL] = np.arange(1, len(table) + 1)
-    if table[ID_LABEL].duplicated().any():
-        raise InputError(f"{star_path}: {ID_LABEL} values are not unique")
+    dup = table[ID_LABEL].duplicated()
+    if dup.any():
+        raise InputError(f"{star_path}: {ID_LABEL} {table[ID_LABEL][dup].iloc[0]} appears more than once "
+                         f"(data_particles row {int(np.flatnonzero(dup.to_numpy())[0]) + 1}); "
+                         f"{ID_LABEL} values must be unique")
     table["rlnImageName"] = _resolve_image_names(table["rlnImageName"], star_path.parent)
     box = None
     if "rlnImageSize" in optics:
@@ -269,9 +486,15 @@ def read_particles(star_path: str | os.PathLike, apix: float | None = None) -> P
         box = stack_box
     elif box != stack_box:
         raise InputError(f"{star_path}: rlnImageSize is {box} but {first} holds {stack_box}-px images")
-    flipped = bool(int(optics["rlnCtfDataArePhaseFlipped"].iloc[0])) if "rlnCtfDataArePhaseFlipped" in optics else False
-    numeric = [c for c in table.columns if c != "rlnImageName" and table[c].dtype == object]
-    for c in numeric:
+    flipped = False
+    if "rlnCtfDataArePhaseFlipped" in optics:
+        flags = optics["rlnCtfDataArePhaseFlipped"].unique()
+        if len(flags) > 1:
+            raise InputError(f"{star_path}: some optics groups are phase-flipped (rlnCtfDataArePhaseFlipped 1) and "
+                             "some are not; process them as separate sets")
+        flipped = bool(flags[0])
+    text = [c for c in table.columns if c != "rlnImageName" and not pd.api.types.is_numeric_dtype(table[c])]
+    for c in text:  # other columns that hold numbers only (e.g. rlnClassNumber) become numbers
         conv = pd.to_numeric(table[c], errors="coerce")
         if conv.notna().all():
             table[c] = conv
@@ -287,21 +510,39 @@ def write_particles_star(path: str | os.PathLike, particles: pd.DataFrame, optic
         starfile.write({"optics": optics, "particles": parts}, tmp, overwrite=True)
 
 
+def _check_real(data: np.ndarray, path: str | os.PathLike, what: str) -> None:
+    """Refuse complex MRC data (modes 3 and 4): converting it to float would silently drop the imaginary part."""
+    if np.iscomplexobj(data):
+        raise InputError(f"{path}: the {what} holds complex values (MRC mode 4, {data.dtype}); "
+                         f"a {what} must be real: write its real-space values (e.g. an inverse FFT) instead")
+
+
 def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, float]:
-    """(volume float32 [z, y, x], pixel size Å) from an MRC file; refuses non-cubic volumes."""
+    """(volume float32 [z, y, x], pixel size Å) from an MRC file; refuses non-cubic, complex or non-finite volumes
+    and a negative or non-finite voxel size (0, i.e. unset, is returned as 0)."""
     if not os.path.exists(path):
         raise InputError(f"volume not found: {path}")
     try:
         with mrcfile.open(path, mode="r", permissive=True) as m:
+            if m.data is None:
+                raise InputError(f"cannot read volume {path}: not an MRC file")
+            _check_real(m.data, path, "volume")
             data = np.asarray(m.data, dtype=np.float32).copy()
-            apix = float(m.voxel_size.x)
+            voxel = m.voxel_size
+            sizes = [float(voxel.x), float(voxel.y), float(voxel.z)]
+    except InputError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise InputError(f"cannot read volume {path}: {e}") from e
     if data.ndim != 3 or len(set(data.shape)) != 1:
         raise InputError(f"{path}: volume must be cubic, got shape {data.shape}")
+    if not all(np.isfinite(sizes)) or min(sizes) < 0:
+        raise InputError(f"{path}: the MRC header gives the voxel size {sizes[0]:g} x {sizes[1]:g} x {sizes[2]:g} Å; "
+                         "it must be positive: fix the header (e.g. relion_image_handler --angpix, or mrcfile's "
+                         "voxel_size)")
     if not np.isfinite(data).all():
         raise InputError(f"{path}: volume contains NaN or Inf values")
-    return data, apix
+    return data, sizes[0]
 
 
 def read_mask(path: str | os.PathLike) -> tuple[np.ndarray, float]:
@@ -312,6 +553,24 @@ def read_mask(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     if m.max() <= 0:
         raise InputError(f"{path}: mask is empty")
     return np.clip(m, 0, 1), apix
+
+
+def read_segmentation(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+    """(labels int64 [z, y, x], pixel size Å) of a segmentation map: a whole number per voxel, 0 = background.
+
+    A density map given by mistake (fractional values) is refused: rounding it would invent segments."""
+    seg, apix = read_volume(path)
+    frac = np.abs(seg - np.rint(seg)) > 1e-3
+    if frac.any():
+        z, y, x = (int(c[0]) for c in np.nonzero(frac))
+        raise InputError(f"{path}: a segmentation labels each voxel with a whole number (0 = background, 1, 2, ... "
+                         f"one per segment), but this map holds {seg[z, y, x]:.4g} at voxel (x {x}, y {y}, z {z}) "
+                         f"and {int(frac.sum()) - 1} more fractional values: it looks like a density map; give the "
+                         "segmentation (e.g. from Segger or a label map) instead")
+    labels = np.rint(seg).astype(np.int64)
+    if labels.min() < 0:
+        raise InputError(f"{path}: segment labels must be 0 (background) or positive, found {int(labels.min())}")
+    return labels, apix
 
 
 def check_volume_matches(name: str, shape: tuple, vol_apix: float, box: int, apix: float) -> None:
