@@ -5,11 +5,13 @@ running `python -m flexplugin.cli <subcommand> ...`), never in the protocol's ow
 """
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import shutil
 import subprocess
 
+import numpy as np
 import pyworkflow as pw
 import pyworkflow.protocol.params as params
 from pyworkflow.protocol.constants import GPU_LIST, USE_GPU
@@ -26,6 +28,95 @@ INPUT_MASK = "inputMask"
 GPU_PLACEHOLDER = "%(GPU)s"  # replaced by Scipion with the GPU id given to the step
 CPU_FALLBACK = "allowCpuFallback"  # the form field; the engine reads it as FLEXPLUGIN_CPU_FALLBACK
 CPU_FALLBACK_ENV = "FLEXPLUGIN_CPU_FALLBACK"
+# particle attributes (set columns) whose values the engine refuses when missing, NaN, infinite or not positive
+DEFOCUS_LABELS = (("_ctfModel._defocusU", "defocus U"), ("_ctfModel._defocusV", "defocus V"))
+VOLTAGE_LABEL = "_acquisition._voltage"
+MATRIX_LABEL = "_transform._matrix"
+LISTED_IDS = 5  # particle ids named in an error
+COUNTED_IDS = 1000  # bad particles counted at most (the rest is "or more")
+
+
+def _positive(value) -> bool:
+    """A finite number above 0 (None, NaN and Inf are not)."""
+    return value is not None and math.isfinite(value) and value > 0
+
+
+def _badParticleIds(parts, where: str, test) -> list[int]:
+    """Ids of the particles matching `where` (an SQL condition over set columns, by attribute name), at most
+    COUNTED_IDS. Where the set's storage cannot run the condition, `test(particle)` decides in a loop instead."""
+    try:
+        return [int(p.getObjId()) for p in parts.iterItems(where=where, limit=COUNTED_IDS)]
+    except Exception:  # noqa: BLE001 - not an SQLite set: look at every particle
+        bad = []
+        for p in parts.iterItems():
+            if test(p):
+                bad.append(int(p.getObjId()))
+                if len(bad) == COUNTED_IDS:
+                    break
+        return bad
+
+
+def _allPositive(parts, label: str, complete: bool = True) -> bool:
+    """Whether every stored value of `label` is a positive finite number (and, with `complete`, every particle has
+    one), by SQL aggregates; False when the set cannot tell (then the caller looks at each particle)."""
+    try:
+        stats = parts.aggregate(["MIN", "MAX", "COUNT"], label)[0]
+    except Exception:  # noqa: BLE001 - no such column, or not an SQLite set
+        return False
+    if complete and stats["COUNT"] != parts.getSize():
+        return False
+    return not stats["COUNT"] or (_positive(stats["MIN"]) and _positive(stats["MAX"]))
+
+
+def _idsText(ids: list[int]) -> str:
+    """'particle 4 has', '3 particles (ids 4, 9, 12) have' or '1000 or more particles (ids 4, ...) have'."""
+    if len(ids) == 1:
+        return f"particle {ids[0]} has"
+    n = f"{len(ids)} or more" if len(ids) >= COUNTED_IDS else str(len(ids))
+    shown = ", ".join(str(i) for i in ids[:LISTED_IDS]) + (", ..." if len(ids) > LISTED_IDS else "")
+    return f"{n} particles (ids {shown}) have"
+
+
+def particleValueErrors(parts, ctf: bool = True) -> list[str]:
+    """Errors for CTF and pose values the engine refuses (flexplugin/engine/io.py COLUMN_RULES): a defocus or
+    voltage that is missing, NaN, infinite or not positive, and a pose matrix holding NaN or Inf.
+
+    SQL aggregates and conditions over the set find them in milliseconds (no loop over a million particles), so
+    such a set cannot start a run: one NaN defocus used to give an all-zero map. SQLite stores NaN as NULL, so a
+    missing value counts as bad (for the voltage, a particle without one uses the set's)."""
+    errors = []
+    if ctf:
+        for label, name in DEFOCUS_LABELS:
+            if _allPositive(parts, label):
+                continue
+            getter = "getDefocusU" if label.endswith("U") else "getDefocusV"
+            ids = _badParticleIds(parts, f"{label}<=0 OR {label}>1e308 OR {label} IS NULL",
+                                  lambda p, g=getter: p.getCTF() is None or not _positive(getattr(p.getCTF(), g)()))
+            if ids:
+                errors.append(f"The input {_idsText(ids)} a {name} that is missing, NaN, infinite or not positive: the "
+                              "CTF needs a positive defocus in Å. Re-estimate the CTF or remove these particles "
+                              "(e.g. with a subset).")
+        if not _allPositive(parts, VOLTAGE_LABEL, complete=False):
+            ids = _badParticleIds(parts, f"{VOLTAGE_LABEL}<=0 OR {VOLTAGE_LABEL}>1e308",
+                                  lambda p: p.getAcquisition() is not None and p.getAcquisition().getVoltage()
+                                  is not None and not _positive(p.getAcquisition().getVoltage()))
+            if ids:
+                errors.append(f"The input {_idsText(ids)} a voltage that is not a positive number of kV: fix the "
+                              "acquisition of these particles.")
+        setAcq = parts.getAcquisition()
+        voltage = setAcq.getVoltage() if setAcq is not None else None
+        if not _positive(voltage) and not _allPositive(parts, VOLTAGE_LABEL):  # particles without one use the set's
+            errors.append(f"The particles' acquisition has no valid voltage ({voltage}): set it to the microscope's "
+                          "voltage in kV.")
+    if parts.hasAlignmentProj():
+        ids = _badParticleIds(parts, f"{MATRIX_LABEL}>'' AND ({MATRIX_LABEL} LIKE '%nan%' OR "
+                                     f"{MATRIX_LABEL} LIKE '%inf%')",
+                              lambda p: p.getTransform() is not None
+                              and not np.isfinite(p.getTransform().getMatrix()).all())
+        if ids:
+            errors.append(f"The input {_idsText(ids)} an alignment (pose) with NaN or infinite values: refine them "
+                          "again or remove these particles (e.g. with a subset).")
+    return errors
 
 
 def _nvidiaPresent() -> bool:
@@ -202,7 +293,8 @@ class FlexPluginProtBase(EMProtocol):
         return errors
 
     def _validateParticles(self, parts) -> list[str]:
-        """Errors for a particle set the engine cannot use."""
+        """Errors for a particle set the engine cannot use: empty, without 3D alignment, CTF or sampling rate, or
+        with CTF or pose values the engine refuses (particleValueErrors)."""
         errors = []
         if parts.getSize() == 0:
             errors.append("The input particle set is empty.")
@@ -214,6 +306,8 @@ class FlexPluginProtBase(EMProtocol):
         apix = parts.getSamplingRate()
         if not apix or apix <= 0:
             errors.append("The input particles have no sampling rate.")
+        if not errors:
+            errors += particleValueErrors(parts, ctf=self._requiresCTF)
         return errors
 
     def _validateMatchesParticles(self, obj, parts, name: str) -> list[str]:
