@@ -1,10 +1,16 @@
-"""CTF-weighted Fourier backprojection with Wiener-style regularisation, two half maps and their FSC.
+"""CTF-weighted Fourier backprojection with Wiener-style weights, two half maps and their FSC.
 
-For each half set h the spectra Σ CTF·Y and Σ CTF² are inserted into an oversampled (pad·N)³ grid with
-torch-fourier-slice (trilinear gridding); images are shifted back by their origin first. The map is
-    V_h(k) = Σ CTF·Y / (Σ CTF² + reg_h(|k|)),   reg_h = <Σ CTF²>_shell / SSNR_h(|k|),
-with SSNR_h = FSC/(1−FSC) estimated from a first, barely regularised pass (RELION's tau² scheme); the
-full map uses both halves and twice the SSNR. A sinc² division in real space undoes the gridding kernel.
+For each half set h the sums Σ CTF·Y and Σ CTF² are accumulated on a pad× oversampled (pad·N)³ centred-rfft
+grid by :func:`flexplugin.engine.insertion.insert_slices` (trilinear, frequencies up to Nyquist), each
+image's own N-pixel spectrum placed at pad× its spacing, after re-centring by +origin (RELION's
+backprojector does the same). Per voxel the map is
+    V_h(k) = Σ CTF·Y / (Σ CTF² + reg_h(|k|)) · (w̄_h + reg_h) / w̄_h,   reg_h = w̄_h / SSNR_h(|k|),
+w̄_h the shell's mean Σ CTF² and SSNR_h = FSC/(1−FSC) of the unregularised half maps (RELION's tau² scheme,
+:func:`shell_regulariser`); the full map uses both halves' sums and twice the SSNR. The factor
+(w̄ + reg)/w̄ keeps each shell's mean gain at 1: the Wiener term only reweights voxels within a shell (by
+their sampling), it does not low-pass the map. Every map is cut to N³ in real space (no gridding
+correction) and multiplied by a soft sphere of radius N/2, as relion_reconstruct does. docs/reconstruction.md
+gives the measurements behind each of these choices.
 """
 from __future__ import annotations
 
@@ -12,19 +18,40 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch_fourier_slice import insert_central_slices_rfft_3d_multichannel
-from torch_fourier_slice.volume_utils import separable_sinc2_correction
 
 from .ctf import CTFParams, compute_ctf
-from .fourier import crop_center, fsc, fsc_resolution, irfft3c, pad_images, radius_3d, rfft2c, shift_phase_2d
+from .fourier import crop_center, fsc, fsc_resolution, irfft3c, radius_3d, rfft2c, shift_phase_2d
+from .insertion import insert_slices
 from .progress import Progress
 
-__all__ = ["BackprojectionAccumulator", "Reconstruction", "finalize_halves", "reconstruct_particles",
-           "shell_regulariser"]
+__all__ = ["BackprojectionAccumulator", "Reconstruction", "backprojection_terms", "finalize_halves",
+           "reconstruct_particles", "shell_regulariser", "soft_sphere"]
+
+NYQUIST = 0.5  # inserted frequencies |k| ≤ 0.5 cycles/px of the images (RELION's r_max = N/2)
+MASK_EDGE_PX = 3.0  # raised-cosine edge of the spherical mask beyond radius N/2 (RELION's softMaskOutsideMap)
+
+
+def backprojection_terms(images: torch.Tensor, rotations: torch.Tensor, shifts_px: torch.Tensor | None,
+                         ctf: CTFParams | None, apix: float, phase_flipped: bool = False,
+                         device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What one batch inserts: CTF·Y (B, N, N//2+1) complex, CTF² (B, N, N//2+1) and the insertion matrices Aᵀ.
+
+    Y is the centred rfft of each N-pixel image re-centred by +origin (RELION's convention); the spectra are
+    not zero-padded: they are placed on the pad× oversampled grid at pad× their spacing (docs/reconstruction.md)."""
+    imgs = images.to(device, torch.float32)
+    n = imgs.shape[-1]
+    ft = rfft2c(imgs)
+    if shifts_px is not None:
+        ft = ft * shift_phase_2d(n, shifts_px.to(device, torch.float32))  # re-centre: +origin
+    if ctf is not None:
+        c = compute_ctf(ctf.to(device), n, apix, phase_flipped)
+    else:
+        c = torch.ones(len(imgs), n, n // 2 + 1, device=device)
+    return ft * c, c * c, rotations.to(device, torch.float32).transpose(-1, -2)
 
 
 class BackprojectionAccumulator:
-    """Running sums Σ CTF·Y and Σ CTF² on the oversampled half-spectrum grid of one map."""
+    """Running sums Σ CTF·Y and Σ CTF² on the oversampled (pad·N)³ half-spectrum grid of one map."""
 
     def __init__(self, box: int, apix: float, pad: int = 2, device: torch.device | str = "cpu"):
         self.box, self.apix, self.pad, self.m = box, apix, pad, pad * box
@@ -37,26 +64,13 @@ class BackprojectionAccumulator:
     def add(self, images: torch.Tensor, rotations: torch.Tensor, shifts_px: torch.Tensor | None,
             ctf: CTFParams | None, phase_flipped: bool = False, weights: torch.Tensor | None = None) -> None:
         """Insert a batch: images (B, N, N), RELION matrices (B, 3, 3), origins (B, 2) px, optional per-image weights."""
-        m = self.m
-        imgs = images.to(self.device, torch.float32)
-        ft = rfft2c(pad_images(imgs, m) if m != self.box else imgs)
-        if shifts_px is not None:
-            ft = ft * shift_phase_2d(m, shifts_px.to(self.device, torch.float32))  # re-centre: +origin
-        if ctf is not None:
-            c = compute_ctf(ctf.to(self.device), m, self.apix, phase_flipped)
-        else:
-            c = torch.ones(1, m, m // 2 + 1, device=self.device).expand(len(imgs), -1, -1)
-        w = c * c
-        data = ft * c
+        data, w, R = backprojection_terms(images, rotations, shifts_px, ctf, self.apix, phase_flipped, self.device)
         if weights is not None:
             wt = weights.to(self.device, torch.float32)[:, None, None]
             data, w = data * wt, w * wt
-        stacked = torch.stack([data, w.to(torch.complex64)], 1)  # (B, 2, m, m//2+1)
-        R = rotations.to(self.device, torch.float32).transpose(-1, -2)
-        dft, _ = insert_central_slices_rfft_3d_multichannel(stacked, (m, m, m), R)
-        self.num += dft[0]
-        self.den += dft[1].real
-        self.count += len(imgs)
+        insert_slices(w[:, None], data[:, None], R, self.m, NYQUIST, out_real=self.den[None],
+                      out_cplx=self.num[None])
+        self.count += len(images)
 
 
 @dataclass
@@ -106,14 +120,38 @@ def _shell_index(m: int, box: int, device) -> torch.Tensor:
     return torch.where(r <= box / 2, idx, torch.full_like(idx, -1))
 
 
-def _solve(acc_num: torch.Tensor, acc_den: torch.Tensor, reg_shell: torch.Tensor, shells: torch.Tensor,
-           box: int) -> torch.Tensor:
+def soft_sphere(box: int, radius: float | None = None, edge: float = MASK_EDGE_PX, device=None) -> torch.Tensor:
+    """(N, N, N) mask: 1 inside `radius` (default N/2) px of the centre, raised-cosine to 0 over `edge` px.
+
+    Every map and half map is multiplied by it, as relion_reconstruct does: the box corners hold only noise."""
+    g = torch.arange(box, device=device, dtype=torch.float32) - box // 2
+    r = (g[:, None, None] ** 2 + g[None, :, None] ** 2 + g[None, None, :] ** 2).sqrt()
+    rad = box / 2 if radius is None else radius
+    ramp = 0.5 + 0.5 * torch.cos(torch.pi * (r - rad) / edge)
+    return torch.where(r <= rad, torch.ones_like(r), torch.where(r >= rad + edge, torch.zeros_like(r), ramp))
+
+
+def _solve(acc_num: torch.Tensor, acc_den: torch.Tensor, reg_shell: torch.Tensor | None, den_mean: torch.Tensor,
+           shells: torch.Tensor, box: int, sphere: torch.Tensor) -> torch.Tensor:
+    """Map of one accumulator: V = Σ CTF·Y / (Σ CTF² + reg) · (w̄ + reg) / w̄ per voxel, on the padded grid.
+
+    The factor (w̄ + reg)/w̄ (w̄ the shell's mean weight) gives each shell unit mean gain, so only the
+    Wiener weighting *within* a shell remains; reg None → the plain ratio. No gridding correction: the
+    ratio of two trilinear sums is already normalised (dividing by sinc² amplifies the box edges' noise)."""
     m = acc_num.shape[0]
-    reg = torch.where(shells >= 0, reg_shell[shells.clamp(min=0)], torch.zeros_like(acc_den))
+    inside = shells >= 0
+    idx = shells.clamp(min=0)
+    wbar = torch.where(inside, den_mean[idx], torch.ones_like(acc_den))
+    if reg_shell is None:
+        reg = 1e-3 * wbar  # keeps voxels that only a corner of one sample reached finite
+        gain = torch.ones_like(acc_den)
+    else:
+        reg = torch.where(inside, reg_shell[idx], torch.zeros_like(acc_den))
+        gain = (wbar + reg) / wbar.clamp(min=1e-30)
     denom = acc_den + reg
-    ft = torch.where((shells >= 0) & (denom > 0), acc_num / denom.clamp(min=1e-30), torch.zeros_like(acc_num))
-    vol = irfft3c(ft, m) / separable_sinc2_correction((m, m, m), device=ft.device)
-    return crop_center(vol, box, 3) if m != box else vol
+    ft = torch.where(inside & (denom > 0), acc_num * (gain / denom.clamp(min=1e-30)), torch.zeros_like(acc_num))
+    vol = irfft3c(ft, m)
+    return (crop_center(vol, box, 3) if m != box else vol) * sphere
 
 
 def _shell_mean(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:
@@ -125,19 +163,19 @@ def _shell_mean(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> to
 
 def finalize_halves(a1: BackprojectionAccumulator, a2: BackprojectionAccumulator,
                     mask: torch.Tensor | None = None) -> Reconstruction:
-    """Wiener-regularised half maps and full map from two accumulators (see module docstring)."""
+    """Half maps and full map from two accumulators (see module docstring); `mask` only enters the FSC."""
     box, m, dev = a1.box, a1.m, a1.device
     shells = _shell_index(m, box, dev)
     n_sh = box // 2 + 1
-    den_mean = [_shell_mean(a.den, shells, n_sh) for a in (a1, a2)]
-    tiny = [1e-3 * d.mean().clamp(min=1e-12) * torch.ones(n_sh, device=dev) for d in den_mean]
-    v1 = _solve(a1.num, a1.den, tiny[0], shells, box)
-    v2 = _solve(a2.num, a2.den, tiny[1], shells, box)
-    curve = torch.as_tensor(fsc(v1, v2, mask), dtype=torch.float32, device=dev)
-    h1 = _solve(a1.num, a1.den, shell_regulariser(curve, den_mean[0]), shells, box)
-    h2 = _solve(a2.num, a2.den, shell_regulariser(curve, den_mean[1]), shells, box)
-    full = _solve(a1.num + a2.num, a1.den + a2.den, shell_regulariser(curve, den_mean[0] + den_mean[1], whole=True),
-                  shells, box)
+    sphere = soft_sphere(box, device=dev)
+    dm1, dm2 = (_shell_mean(a.den, shells, n_sh) for a in (a1, a2))
+    u1 = _solve(a1.num, a1.den, None, dm1, shells, box, sphere)
+    u2 = _solve(a2.num, a2.den, None, dm2, shells, box, sphere)
+    curve = torch.as_tensor(fsc(u1, u2, mask), dtype=torch.float32, device=dev)
+    h1 = _solve(a1.num, a1.den, shell_regulariser(curve, dm1), dm1, shells, box, sphere)
+    h2 = _solve(a2.num, a2.den, shell_regulariser(curve, dm2), dm2, shells, box, sphere)
+    full = _solve(a1.num + a2.num, a1.den + a2.den, shell_regulariser(curve, dm1 + dm2, whole=True), dm1 + dm2,
+                  shells, box, sphere)
     final_fsc = fsc(h1, h2, mask)
     return Reconstruction(full.cpu().numpy(), h1.cpu().numpy(), h2.cpu().numpy(), final_fsc, a1.apix,
                           fsc_resolution(final_fsc, a1.apix, 0.143), fsc_resolution(final_fsc, a1.apix, 0.5),

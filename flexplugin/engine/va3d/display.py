@@ -33,17 +33,16 @@ import starfile
 import torch
 
 from ..errors import InputError
-from ..ctf import compute_ctf
 from ..fourier import (butterworth_highpass, butterworth_lowpass, crop_center, fourier_crop_2d, fourier_crop_3d,
-                       irfft3c, pad_images, radius_3d, rfft2c, rfft3c, shift_phase_2d)
+                       irfft3c, radius_3d, rfft3c)
 from ..atomic import atomic_path, save_plot, to_csv
 from ..cluster import kmeans
 from ..io import ID_LABEL, read_mask, write_volume
 from ..progress import Progress
-from ..reconstruct import BackprojectionAccumulator, finalize_halves
+from ..insertion import insert_slices
+from ..reconstruct import NYQUIST, BackprojectionAccumulator, backprojection_terms, finalize_halves
 from .em import dump_json, fourier_resize_3d
 from .outputs import RunFolder
-from .slicing import insert_slices
 
 __all__ = ["DisplayConfig", "run_display", "frame_weights", "kmeans", "parse_components", "insert_weighted"]
 
@@ -126,6 +125,11 @@ class _Post:
         if cfg.filter_res is not None and cfg.filter_res < 2 * self.rapix - 1e-6:
             raise InputError(f"--filter-res {cfg.filter_res} Å is finer than Nyquist of the output "
                              f"({2 * self.rapix:.3f} Å)")
+        coarsest = box * apix / 4  # 3dva's own limit: the Nyquist of an 8-px box
+        if cfg.filter_res is not None and cfg.filter_res > coarsest + 1e-6:
+            raise InputError(f"--filter-res {cfg.filter_res:g} Å is coarser than {coarsest:.1f} Å (a quarter of the "
+                             f"{box * apix:.0f} Å box): the maps would keep only the lowest few Fourier shells; "
+                             "use a value near the resolution of the variability")
 
     def __call__(self, vol: np.ndarray | torch.Tensor, already_at_rbox: bool = False) -> np.ndarray:
         v = torch.as_tensor(np.asarray(vol), dtype=torch.float32)
@@ -175,25 +179,17 @@ def insert_weighted(accs: list[BackprojectionAccumulator], images: torch.Tensor,
     """Add one batch to several accumulators at once, accumulator g with per-image weights weights[g].
 
     Equals ``accs[g].add(images, rotations, shifts_px, ctf, phase_flipped, weights[g])`` for every g (same
-    padding, re-centring, CTF, and the same trilinear insertion, see slicing.insert_slices; a test pins
+    padding, re-centring, CTF, and the same trilinear insertion, engine/insertion.py; a test pins
     this), but inserts all maps as channels of one call, so a particle shared by several frames is
     gridded once.
     """
     a0 = accs[0]
     m, dev = a0.m, a0.device
-    imgs = images.to(dev, torch.float32)
-    ft = rfft2c(pad_images(imgs, m) if m != a0.box else imgs)
-    if shifts_px is not None:
-        ft = ft * shift_phase_2d(m, shifts_px.to(dev, torch.float32))  # re-centre: +origin, as reconstruct.py
-    if ctf is not None:
-        c = compute_ctf(ctf.to(dev), m, a0.apix, phase_flipped)
-    else:
-        c = torch.ones(len(imgs), m, m // 2 + 1, device=dev)
+    c_y, c2, R = backprojection_terms(images, rotations, shifts_px, ctf, a0.apix, phase_flipped, dev)
     w = weights.to(dev, torch.float32)  # (G, B)
-    data = (ft * c)[:, None] * w.T[:, :, None, None]  # (B, G, m, m//2+1)
-    den = (c * c)[:, None] * w.T[:, :, None, None]
-    R = rotations.to(dev, torch.float32).transpose(-1, -2)
-    out_r, out_c = insert_slices(den, data, R, m)
+    data = c_y[:, None] * w.T[:, :, None, None]  # (B, G, N, N//2+1)
+    den = c2[:, None] * w.T[:, :, None, None]
+    out_r, out_c = insert_slices(den, data, R, m, NYQUIST)
     for g, a in enumerate(accs):
         a.num += out_c[g]
         a.den += out_r[g]
