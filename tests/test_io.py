@@ -6,8 +6,8 @@ import pytest
 import starfile
 
 from flexplugin.engine.errors import InputError
-from flexplugin.engine.io import (check_volume_matches, read_mask, read_particles, read_volume,
-                                  write_particles_star, write_volume)
+from flexplugin.engine.io import (ID_LABEL, check_volume_matches, read_mask, read_particles, read_segmentation,
+                                  read_volume, write_particles_star, write_volume)
 
 
 def _tables(star):
@@ -146,3 +146,108 @@ def test_volumes(tmp_path):
     write_volume(tmp_path / "inf.mrc", v, 1.5)
     with pytest.raises(InputError, match="NaN or Inf"):
         read_volume(tmp_path / "inf.mrc")
+
+
+# ------------------------------------------------------------------------- values checked at read time (issue 13)
+def test_every_rule_column_is_checked(small_flex_data, tmp_path):
+    """Each column the engine uses refuses NaN, naming the column, the row and the particle id (or optics group)."""
+    from flexplugin.engine.io import COLUMN_RULES
+    used = ["rlnImageId", "rlnOpticsGroup", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginX", "rlnOriginY",
+            "rlnOriginXAngst", "rlnOriginYAngst", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift",
+            "rlnCtfBfactor", "rlnCtfScalefactor", "rlnGroupScaleCorrection", "rlnVoltage", "rlnSphericalAberration",
+            "rlnAmplitudeContrast", "rlnImagePixelSize", "rlnDetectorPixelSize", "rlnMagnification", "rlnImageSize",
+            "rlnRandomSubset", "rlnCtfDataArePhaseFlipped"]
+    assert set(used) <= set(COLUMN_RULES)
+    parts, optics = _tables(small_flex_data / "particles.star")
+    ok = {"rlnOriginX": 0.0, "rlnOriginY": 0.0, "rlnCtfScalefactor": 1.0, "rlnGroupScaleCorrection": 1.0,
+          "rlnDetectorPixelSize": 4.0, "rlnMagnification": 10000.0}
+    for col in used:
+        a, o = parts.copy(), optics.copy()
+        for c, v in ok.items():  # columns the simulated file lacks
+            a[c] = v
+        if col in ("rlnDetectorPixelSize", "rlnMagnification") or col not in o:  # checked as particle columns
+            a[col] = a[col] if col in a else o[col].iloc[0]
+            o = o.drop(columns=[col]) if col in o else o
+            a[col] = a[col].astype(float)
+            a.loc[4, col] = np.nan
+            where = "data_particles row 5 (particle id 5)" if col != "rlnImageId" else "data_particles row 5;"
+        else:
+            o[col] = o[col].astype(float)
+            o.loc[0, col] = np.nan
+            where = "data_optics row 1" + (" (optics group 1)" if col != "rlnOpticsGroup" else ";")
+        a["rlnImageName"] = [f"{n.split('@')[0]}@{small_flex_data}/{n.split('@')[1]}" for n in a["rlnImageName"]]
+        write_particles_star(tmp_path / "v.star", a, o)
+        with pytest.raises(InputError) as e:
+            read_particles(tmp_path / "v.star")
+        assert f"{col} is NaN in {where}" in str(e.value), (col, str(e.value))
+
+
+def test_valid_values_pass_and_become_numbers(small_flex_data, tmp_path, capsys):
+    """Unknown columns may hold NaN or text; known integer columns become int64; a missing optics value is a
+    WARNING line; an --apix equal to the file's is accepted."""
+    def mutate(a, o):
+        a["rlnClassNumber"] = 1.0
+        a.loc[3, "rlnClassNumber"] = np.nan  # the last column, NaN: not a row cut short
+        a["rlnMicrographName"] = "mic.mrc"
+        return a, o.drop(columns=["rlnSphericalAberration"])
+    p = _variant(small_flex_data, tmp_path, mutate)
+    ps = read_particles(p, apix=4.0)
+    assert ps.table[ID_LABEL].dtype == np.int64 and ps.table["rlnOpticsGroup"].dtype == np.int64
+    assert ps.table["rlnDefocusU"].dtype == np.float64 and np.isnan(ps.table["rlnClassNumber"].iloc[3])
+    assert "WARNING: " in capsys.readouterr().out
+    with pytest.raises(InputError, match=r"--apix 4.1 disagrees with the pixel size 4 Å"):
+        read_particles(p, apix=4.1)
+
+
+def test_relion30_apix_from_magnification(small_flex_data, tmp_path):
+    parts, _ = _tables(small_flex_data / "particles.star")
+    parts["rlnImageName"] = [f"{n.split('@')[0]}@{small_flex_data}/{n.split('@')[1]}" for n in parts["rlnImageName"]]
+    parts = parts.drop(columns=["rlnOpticsGroup"]).assign(rlnVoltage=300.0, rlnDetectorPixelSize=5.0,
+                                                          rlnMagnification=12500.0)
+    starfile.write(parts, tmp_path / "r30.star", overwrite=True)
+    assert read_particles(tmp_path / "r30.star").apix == pytest.approx(4.0)
+    assert read_particles(tmp_path / "r30.star", apix=4.0).apix == pytest.approx(4.0)
+    with pytest.raises(InputError, match="rlnDetectorPixelSize x 10\\^4 / rlnMagnification"):
+        read_particles(tmp_path / "r30.star", apix=2.0)
+
+
+def test_volume_header_and_mode(tmp_path):
+    v = np.random.default_rng(0).random((8, 8, 8)).astype(np.float32)
+    with mrcfile.new(tmp_path / "neg.mrc") as m:
+        m.set_data(v)
+        m.header.cella = (-12.0, -12.0, -12.0)
+    with pytest.raises(InputError, match="voxel size -1.5 x -1.5 x -1.5"):
+        read_volume(tmp_path / "neg.mrc")
+    with mrcfile.new(tmp_path / "zero.mrc") as m:  # an unset voxel size (0) stays allowed: it means unknown
+        m.set_data(v)
+    assert read_volume(tmp_path / "zero.mrc")[1] == 0.0
+    with mrcfile.new(tmp_path / "c.mrc") as m:
+        m.set_data((v + 1j * v).astype(np.complex64))
+    with pytest.raises(InputError, match="complex values"):
+        read_volume(tmp_path / "c.mrc")
+
+
+def test_complex_stack(small_flex_data, tmp_path):
+    with mrcfile.new(tmp_path / "c.mrcs") as m:
+        m.set_data(np.ones((3, 32, 32), np.complex64))
+    parts, optics = _tables(small_flex_data / "particles.star")
+    parts = parts.iloc[:3].copy()
+    parts["rlnImageName"] = [f"{i}@{tmp_path}/c.mrcs" for i in (1, 2, 3)]
+    write_particles_star(tmp_path / "c.star", parts, optics)
+    with pytest.raises(InputError, match="image stack holds complex values"):
+        read_particles(tmp_path / "c.star")
+
+
+def test_read_segmentation(tmp_path):
+    labels = np.zeros((8, 8, 8), np.float32)
+    labels[2:5, 2:5, 2:5], labels[5:7, 5:7, 5:7] = 1, 2
+    write_volume(tmp_path / "seg.mrc", labels, 2.0)
+    seg, apix = read_segmentation(tmp_path / "seg.mrc")
+    assert seg.dtype == np.int64 and sorted(np.unique(seg).tolist()) == [0, 1, 2] and apix == pytest.approx(2.0)
+    density = labels * 0.37
+    write_volume(tmp_path / "density.mrc", density, 2.0)
+    with pytest.raises(InputError, match=r"holds 0.37 at voxel \(x 2, y 2, z 2\).*density map"):
+        read_segmentation(tmp_path / "density.mrc")
+    write_volume(tmp_path / "negative.mrc", -labels, 2.0)
+    with pytest.raises(InputError, match="found -2"):
+        read_segmentation(tmp_path / "negative.mrc")
