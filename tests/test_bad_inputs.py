@@ -84,6 +84,8 @@ CASES = [
     ("init-latents-csv-constant", ["--init-latents", "{constant_csv}"], ["constant.csv", "column c0", "constant"]),
     ("init-latents-csv-repeated-id", ["--init-latents", "{dup_csv}"], ["dup.csv", "more than once"]),
     ("init-latents-csv-one-column", ["--init-latents", "{one_col_csv}"], ["one_col.csv", "--k 2"]),
+    ("init-latents-3dva-scale-k3", ["--k", "3", "--init-latents", "{va3d_csv}"],
+     ["va3d.csv", "2 coordinate column", "--k 3"]),  # 3DVA's scale column never seeds a latent
     ("init-latents-star-nan", ["--init-latents", "{nan_star}"],
      ["nan.star", "rlnFlexLatent2", "particle id {nan_id}"]),
     ("init-latents-star-garbage", ["--init-latents", "{garbage_star}"], ["garbage.star", "cannot read"]),
@@ -173,7 +175,8 @@ def files(small_flex_data, tmp_path_factory) -> dict:
     good = pd.DataFrame({"rlnImageId": ids, "c0": z[:, 0], "c1": z[:, 1]})
     tables = {"good_csv": good, "dup_csv": pd.concat([good, good.iloc[:1]]), "one_col_csv": good[["rlnImageId", "c0"]],
               "text_csv": good.astype({"c1": object}), "empty_csv": good.copy(), "inf_csv": good.copy(),
-              "constant_csv": good.assign(c0=0.25)}
+              "constant_csv": good.assign(c0=0.25),
+              "va3d_csv": pd.DataFrame({"rlnImageId": ids, "z0": z[:, 0], "z1": z[:, 1], "scale": 1 + z[:, 0] / 10})}
     tables["text_csv"].loc[NAN_ROW, "c1"] = "abc"
     tables["empty_csv"].loc[NAN_ROW, "c0"] = np.nan
     tables["inf_csv"].loc[NAN_ROW, "c1"] = -np.inf
@@ -286,6 +289,14 @@ def test_read_init_latents_names_file_column_and_particle(tmp_path):
     df.to_csv(tmp_path / "z.csv", index=False)
     z, names = read_init_latents(str(tmp_path / "z.csv"), ids)  # NaN only for particle 99, which is not used
     assert names == ["c0", "c1"] and z.tolist() == [[0.4, 4.0], [0.3, 3.0], [0.2, 2.0], [0.1, 1.0]]
+    # 3DVA's latents.csv and particles_3dva.star: the per-particle scale is not a coordinate
+    df = pd.DataFrame({"rlnImageId": ids, "z0": [1.0, 2, 3, 4], "scale": [0.9, 1.1, 1.0, 1.2]})
+    df.to_csv(tmp_path / "latents.csv", index=False)
+    assert read_init_latents(str(tmp_path / "latents.csv"), ids)[1] == ["z0"]
+    import starfile
+    starfile.write({"particles": pd.DataFrame({"rlnImageId": ids, "rlnFlex3dvaComponent1": [1.0, 2, 3, 4],
+                                               "rlnFlex3dvaScale": [0.9, 1.1, 1.0, 1.2]})}, tmp_path / "p.star")
+    assert read_init_latents(str(tmp_path / "p.star"), ids)[1] == ["rlnFlex3dvaComponent1"]
 
 
 # ----------------------------------------------------------------------------------------- defect 2: K and the plot

@@ -67,8 +67,9 @@ def check_writable_folder(path: str | os.PathLike, option: str = "--out") -> lis
         raise InputError(f"cannot create the output folder {option} {p}: {_why(e)}; choose a folder you can "
                          "write to") from None
     if not os.access(p, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write into the output folder {option} {p}: permission denied; choose a folder "
-                         "you can write to")
+        why = "the filesystem is read-only" if os.statvfs(p).f_flag & os.ST_RDONLY else "permission denied"
+        raise InputError(f"cannot write into the output folder {option} {p}: {why}; choose a folder you can "
+                         "write to")
     return created
 
 

@@ -155,7 +155,8 @@ class RunFolder:
         """Particles given in place of the run's must be the same images under the same ids: ids that overlap
         by chance (another data set numbered from 1) would pair each coordinate with a stranger's image.
         Compared by micrograph and picking coordinates when both files have them (stable under
-        re-extraction), else by image index and stack file name; any difference is an InputError."""
+        re-extraction), else by image index and stack file name, and by defocus (a change of more than 10 %);
+        any difference is an InputError."""
         from ..errors import InputError
         ref_path = self.path / self.run["files"].get("particles_star", "particles_3dva.star")
         if not ref_path.exists():
@@ -175,10 +176,17 @@ class RunFolder:
                                  for m, x, y in zip(t[cols[0]], t[cols[1]], t[cols[2]])])
             return np.array([f"{int(i)}@{os.path.basename(p)}" for i, p in map(split_image_name, t["rlnImageName"])])
         a, b = keys(ref), keys(given.loc[self.ids])
+        what = "micrograph and coordinates" if by_pick else "image (index@stack)"
+        if "rlnDefocusU" in ref and "rlnDefocusU" in given:  # same stack names in two data sets: the CTF differs
+            da = pd.to_numeric(ref["rlnDefocusU"], errors="coerce").to_numpy(np.float64)
+            db = pd.to_numeric(given.loc[self.ids, "rlnDefocusU"], errors="coerce").to_numpy(np.float64)
+            other = np.abs(da - db) > 0.1 * np.abs(da)  # more than CTF refinement moves a particle's defocus
+            a = np.where(other, [f"{x} (defocus {d:.0f} Å)" for x, d in zip(a, da)], a)
+            b = np.where(other, [f"{x} (defocus {d:.0f} Å)" for x, d in zip(b, db)], b)
+            what += " and defocus"
         bad = np.nonzero(a != b)[0]
         if len(bad):
             i = bad[0]
-            what = "micrograph and coordinates" if by_pick else "image (index@stack)"
             raise InputError(f"{star}: {len(bad)} of the run's {len(a)} particle ids name other particles than in the "
                              f"run (id {self.ids[i]}: {what} {b[i]} here, {a[i]} in the run); give the particles "
                              "the 3dva run used (or omit --particles)")
