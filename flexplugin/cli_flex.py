@@ -116,7 +116,7 @@ def add_prep_parser(sub) -> None:
 def cmd_flex_mesh(a: argparse.Namespace) -> None:
     from .engine.errors import InputError
     from .engine.flex.mesh import build_mesh, save_mesh, write_mesh_pdb
-    from .engine.io import read_mask, read_volume, write_volume
+    from .engine.io import read_mask, read_segmentation, read_volume, write_volume
     from .plots_flex import plot_mesh
     _option_ints(a.rigid, "--rigid", "2,4")
     _check_fuse_syntax(a.fuse)
@@ -129,7 +129,7 @@ def cmd_flex_mesh(a: argparse.Namespace) -> None:
             raise InputError(f"mask ({mask.shape[0]} px, {mapix:.3f} Å) does not match the volume "
                              f"({vol.shape[0]} px, {apix:.3f} Å)")
     if a.segmentation:
-        seg, sapix = read_volume(a.segmentation)
+        seg, sapix = read_segmentation(a.segmentation)  # whole-number labels: a density map is refused
         if seg.shape != vol.shape:
             raise InputError(f"segmentation box {seg.shape[0]} differs from the volume box {vol.shape[0]}")
     elif a.fuse or a.rigid:
