@@ -3,7 +3,8 @@
 Mirrors cryoSPARC's "3D Flex Reconstruction" (ALGORITHMS.md §2.5) through `flexplugin flex-reconstruct`: with the
 latents and the flow generator of a 3D flex training frozen, each half map at the crop box is solved by L-BFGS;
 a rigid ("noflex") reconstruction with the same solver is the baseline. Outputs both maps with their half maps
-and the two half-map FSCs.
+and the two half-map FSCs, the masked FSCs corrected by phase randomisation, local-resolution maps of both and the
+local resolution gain (noflex − flex, Å), the view of where undoing the motion helped (docs/resolution.md).
 """
 from __future__ import annotations
 
@@ -28,11 +29,17 @@ __all__ = ["FlexPluginProtReconstruct"]
 MAP_FILES = {"flex": ("flex_map.mrc", "flex_half_A.mrc", "flex_half_B.mrc"),
              "noflex": ("noflex_map.mrc", "noflex_half_A.mrc", "noflex_half_B.mrc")}
 FSC_LABELS = {"flex": "3D flex", "noflex": "noflex (rigid)"}
+CORRECTED_LABEL = "{} (masked, corrected by phase randomisation)"
+# what engine/resolution.write_resolution_outputs writes there
+LOCRES_FILES = {"flex": "locres_flex.mrc", "noflex": "locres_noflex.mrc", "gain": "locres_gain.mrc"}
 
 
 # output names (two outputs share a class, so the possible outputs are a dict, not an Enum)
 OUTPUT_FLEX, OUTPUT_NOFLEX, OUTPUT_FSCS = "outputVolumeFlex", "outputVolumeNoflex", "outputFSCs"
 OUTPUT_MAPS = {"flex": OUTPUT_FLEX, "noflex": OUTPUT_NOFLEX}
+OUTPUT_LOCRES_FLEX, OUTPUT_LOCRES_NOFLEX, OUTPUT_GAIN = ("outputLocalResolutionFlex", "outputLocalResolutionNoflex",
+                                                         "outputLocalResolutionGain")
+OUTPUT_LOCRES = {"flex": OUTPUT_LOCRES_FLEX, "noflex": OUTPUT_LOCRES_NOFLEX, "gain": OUTPUT_GAIN}
 
 
 class FlexPluginProtReconstruct(FlexPluginProtBase, FlexModelInput):
@@ -40,10 +47,13 @@ class FlexPluginProtReconstruct(FlexPluginProtBase, FlexModelInput):
     particle's motion: with the trained latents and flow generator fixed, each half map is the least-squares fit
     of the deformed, projected map to its half of the particles (L-BFGS from its Wiener map). A rigid
     reconstruction with the same solver (noflex) shows what modelling the motion gained. Outputs the flex and
-    noflex maps with their half maps, and both half-map FSCs."""
+    noflex maps with their half maps, both half-map FSCs (with a mask also corrected by phase randomisation, as
+    RELION's post-processing), local-resolution maps of both (Å) and the local resolution gain, noflex − flex (Å):
+    positive where undoing the motion sharpened the map."""
 
     _label = "3D flex reconstruction"
-    _possibleOutputs = {OUTPUT_FLEX: Volume, OUTPUT_NOFLEX: Volume, OUTPUT_FSCS: SetOfFSCs}
+    _possibleOutputs = {OUTPUT_FLEX: Volume, OUTPUT_NOFLEX: Volume, OUTPUT_FSCS: SetOfFSCs,
+                        OUTPUT_LOCRES_FLEX: Volume, OUTPUT_LOCRES_NOFLEX: Volume, OUTPUT_GAIN: Volume}
 
     # --------------------------- DEFINE param functions ----------------------
     def _defineParams(self, form: params.Form) -> None:
@@ -60,7 +70,11 @@ class FlexPluginProtReconstruct(FlexPluginProtBase, FlexModelInput):
         self._defineMaskParam(form, label="Mask for the FSC (optional)",
                               help="A soft mask (values in [0, 1]) applied to both half maps before the FSC, at the "
                                    "particles' box or at the training's crop box, with the particles' pixel size. "
-                                   "Empty: unmasked FSC.")
+                                   "The masked FSC is corrected by phase randomisation (RELION's post-processing), "
+                                   "and the local resolution and its gain are measured where the mask is > 0.5: a "
+                                   "mask around the moving region shows what the motion correction gained there. "
+                                   "Empty: unmasked FSC, local resolution inside an automatic mask around the "
+                                   "density.")
 
         form.addSection(label="Reconstruction")
         form.addParam("iterations", params.IntParam, default=20,
@@ -128,7 +142,16 @@ class FlexPluginProtReconstruct(FlexPluginProtBase, FlexModelInput):
             fsc = FSC(objLabel=FSC_LABELS[kind])
             fsc.setData(freq.tolist(), values.tolist())
             fscs.append(fsc)
+        for kind, (freq, values) in self.getCorrectedFscCurves().items():
+            fsc = FSC(objLabel=CORRECTED_LABEL.format(FSC_LABELS[kind]))
+            fsc.setData(freq.tolist(), values.tolist())
+            fscs.append(fsc)
         outs[OUTPUT_FSCS] = fscs
+        for kind, path in self.getLocalResolutionFiles().items():
+            vol = Volume(objLabel=f"local resolution {'gain (noflex - flex)' if kind == 'gain' else kind} (Å)")
+            vol.setFileName(path)
+            vol.setSamplingRate(apix)
+            outs[OUTPUT_LOCRES[kind]] = vol
 
         self._defineOutputs(**outs)
         chosen = getattr(self, INPUT_PARTICLES).get() is not None
@@ -191,8 +214,31 @@ class FlexPluginProtReconstruct(FlexPluginProtBase, FlexModelInput):
         lines = [f"Flex map: {_resolution(info.get('resolution_flex_A'))} ({fscKind} half-map FSC = 0.143)."]
         if info.get("resolution_noflex_A") is not None:
             lines.append(f"Noflex map: {_resolution(info['resolution_noflex_A'])}.")
+        lines += self._resolutionSummary()
         lines.append(f"{info['particles']} particles at the crop box {info['crop']} px ({info['apix']:.3f} Å/px), "
                      f"{info['iterations']} L-BFGS iterations per half map, {info['seconds'] / 60:.1f} min.")
+        return lines
+
+    def _resolutionSummary(self) -> list[str]:
+        """Summary lines from resolution.json: the corrected masked FSCs and the median local resolution gain."""
+        res = self.getResolutionInfo()
+        if res is None:
+            return []
+        fsc = res.get("fsc", {})
+        kind = ("masked FSC corrected by phase randomisation" if res.get("masked")
+                else "unmasked FSC (no mask given)")
+        lines = [f"Half-map {kind} (0.143): " + ", ".join(f"{k} {_resolution(v.get('resolution_A'))}"
+                                                          for k, v in fsc.items()) + "."]
+        for k, v in fsc.items():
+            lines += [f"WARNING ({k}): {w}." for w in v.get("warnings", [])]
+        gain = res.get("gain")
+        loc = res.get("locres", {})
+        where = "inside the mask" if res.get("masked") else "inside an automatic mask around the density"
+        if gain and gain.get("median_A") is not None:
+            medians = ", ".join(f"{k} {_resolution(v.get('median_in_region_A'))}" for k, v in loc.items())
+            lines.append(f"Local resolution gain (noflex − flex): median {gain['median_A']:+.2f} Å {where}, "
+                         f"{100 * gain['fraction_improved']:.0f} % of its voxels sharper with flex "
+                         f"(median local resolution: {medians}).")
         return lines
 
     def _methods(self) -> list[str]:
@@ -269,8 +315,32 @@ class FlexPluginProtReconstruct(FlexPluginProtBase, FlexModelInput):
         return {k: tuple(self._getReconstructDir(f) for f in MAP_FILES[k]) for k in kinds}
 
     def getPlotFiles(self) -> dict[str, str]:
-        """The engine's figures: 'fsc' (both FSC curves) and 'maps' (central slices of the maps)."""
-        return {"fsc": self._getReconstructDir("fsc.png"), "maps": self._getReconstructDir("maps.png")}
+        """The engine's figures: 'fsc' (both FSC curves), 'maps' (central slices of the maps), 'fscMasked' (the
+        masked FSCs with their phase-randomised and corrected curves) and 'gain' (local resolution and its gain)."""
+        return {"fsc": self._getReconstructDir("fsc.png"), "maps": self._getReconstructDir("maps.png"),
+                "fscMasked": self._getReconstructDir("fsc_masked.png"), "gain": self._getReconstructDir("locres_gain.png")}
+
+    def getResolutionInfo(self) -> dict | None:
+        """resolution.json of engine/resolution.write_resolution_outputs (fsc, locres, gain), None before it exists."""
+        path = self._getReconstructDir("resolution.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as fh:
+            return json.load(fh)
+
+    def getCorrectedFscCurves(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{'flex': (frequency 1/Å, FSC_true), 'noflex': ...}: the masked FSCs corrected by phase randomisation (empty
+        without a mask)."""
+        res = self.getResolutionInfo() or {}
+        if not res.get("masked"):
+            return {}
+        return {k: (np.asarray(v["frequency"]), np.asarray(v["corrected"])) for k, v in res.get("fsc", {}).items()
+                if v.get("corrected") is not None}
+
+    def getLocalResolutionFiles(self) -> dict[str, str]:
+        """{'flex': locres_flex.mrc, 'noflex': ..., 'gain': locres_gain.mrc}: those that exist."""
+        files = {k: self._getReconstructDir(f) for k, f in LOCRES_FILES.items()}
+        return {k: f for k, f in files.items() if os.path.exists(f)}
 
 
 def _resolution(value) -> str:

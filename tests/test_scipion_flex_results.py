@@ -299,7 +299,14 @@ class TestFlexResultsProtocols(scipion_project.ProjectRuns, unittest.TestCase):
         self.assertIsInstance(fscs, SetOfFSCs)
         table = np.loadtxt(prot._getReconstructDir("fsc.txt"))
         items = [f.clone() for f in fscs.iterItems(orderBy="id")]  # iterItems reuses one object
-        self.assertEqual([f.getObjLabel() for f in items], ["3D flex", "noflex (rigid)"])
+        corrected = "{} (masked, corrected by phase randomisation)"
+        self.assertEqual([f.getObjLabel() for f in items], ["3D flex", "noflex (rigid)", corrected.format("3D flex"),
+                                                            corrected.format("noflex (rigid)")])
+        res = prot.getResolutionInfo()
+        for fsc, kind in zip(items[2:], ("flex", "noflex")):
+            freq, values = fsc.getData()
+            np.testing.assert_allclose([float(v) for v in values], res["fsc"][kind]["corrected"], atol=1e-6)
+            np.testing.assert_allclose([float(f) for f in freq], np.arange(BOX // 2 + 1) / (BOX * APIX), rtol=1e-9)
         for fsc, column in zip(items, (1, 2)):
             self.assertIsInstance(fsc, FSC)
             freq, values = fsc.getData()
@@ -310,6 +317,7 @@ class TestFlexResultsProtocols(scipion_project.ProjectRuns, unittest.TestCase):
         summary = prot.summary()
         self.assertEqual(summary[0], f"Flex map: {info['resolution_flex_A']:.2f} Å (masked half-map FSC = 0.143).")
         self.assertEqual(summary[1], f"Noflex map: {info['resolution_noflex_A']:.2f} Å.")
+        self.checkLocalResolution(prot, summary)
         self.assertTrue(prot.methods())
         self.assertEqual(prot._citations(), ["Punjani2023"])
         self.assertEqual(prot.validate(), [])
@@ -320,6 +328,43 @@ class TestFlexResultsProtocols(scipion_project.ProjectRuns, unittest.TestCase):
         from flexplugin.engine.io import read_particles
         self.assertEqual(sorted(read_particles(prot._getInputStarFile()).ids.tolist()),
                          sorted(self.train.outputParticles.getIdSet()))
+
+    def checkLocalResolution(self, prot: FlexPluginProtReconstruct, summary: list[str]) -> None:
+        """Local-resolution outputs: Volumes at the map's box and pixel size, values within [Nyquist, window] inside
+        the FSC mask and 0 outside, the gain = noflex − flex voxel by voxel, and its median (computed here from
+        the files) in the summary."""
+        res = prot.getResolutionInfo()
+        with mrcfile.open(self.sim.outputMask.getFileName()) as m:
+            inside = np.array(m.data) > 0.5
+        maps = {}
+        for kind, name in (("flex", "outputLocalResolutionFlex"), ("noflex", "outputLocalResolutionNoflex"),
+                           ("gain", "outputLocalResolutionGain")):
+            vol = getattr(prot, name)
+            self.assertIsInstance(vol, Volume)
+            self.assertEqual(vol.getFileName(), prot._getReconstructDir(f"locres_{kind}.mrc"))
+            self.assertAlmostEqual(vol.getSamplingRate(), APIX)
+            self.assertEqual(vol.getDim(), (BOX,) * 3)
+            with mrcfile.open(vol.getFileName()) as m:
+                self.assertAlmostEqual(float(m.voxel_size.x), APIX, places=4)
+                maps[kind] = np.array(m.data)
+        window_A = res["locres"]["flex"]["window_px"] * APIX
+        for kind in ("flex", "noflex"):
+            self.assertTrue(np.all(maps[kind][~inside] == 0), kind)
+            covered = maps[kind][inside & (maps[kind] > 0)]
+            self.assertGreater(covered.size, 0.9 * inside.sum())
+            self.assertTrue(np.all((covered >= 2 * APIX - 1e-4) & (covered <= window_A + 1e-4)), kind)
+        both = inside & (maps["flex"] > 0) & (maps["noflex"] > 0)
+        np.testing.assert_allclose(maps["gain"][both], (maps["noflex"] - maps["flex"])[both], atol=1e-4)
+        median = float(np.median(maps["gain"][both]))
+        self.assertAlmostEqual(res["gain"]["median_A"], median, places=4)
+        line = [s for s in summary if s.startswith("Local resolution gain (noflex − flex):")]
+        self.assertEqual(len(line), 1, summary)
+        self.assertIn(f"median {median:+.2f} Å inside the mask", line[0])
+        fscLine = [s for s in summary if s.startswith("Half-map masked FSC corrected by phase randomisation")]
+        self.assertEqual(len(fscLine), 1, summary)
+        self.assertIn(f"flex {res['fsc']['flex']['resolution_A']:.2f} Å", fscLine[0])
+        for name in ("fsc_masked_flex.star", "fsc_masked_noflex.star"):
+            self.assertTrue(os.path.exists(prot._getReconstructDir(name)), name)
 
     def test_reconstruct_validation(self):
         empty = self.project.newProtocol(FlexPluginProtReconstruct)
@@ -448,6 +493,17 @@ class TestFlexResultsProtocols(scipion_project.ProjectRuns, unittest.TestCase):
         plots = self.recon.getPlotFiles()
         self._checkPngs(show["showFsc"]("showFsc"), [plots["fsc"]])
         self._checkPngs(show["showSlices"]("showSlices"), [plots["maps"]])
+        self._checkPngs(show["showFscMasked"]("showFscMasked"), [plots["fscMasked"]])
+        self._checkPngs(show["showGain"]("showGain"), [plots["gain"]])
+        views = show["showGainChimera"]("showGainChimera")
+        script = _read(self.recon._getExtraPath("chimerax_gain.cxc"))
+        self.assertIn(f'open "{os.path.abspath(self.recon.getMapFiles()["flex"][0])}"', script)
+        self.assertIn(f'open "{os.path.abspath(self.recon.getLocalResolutionFiles()["gain"])}"', script)
+        self.assertIn("color sample #1 map #2 palette blue:white:red", script)
+        if chimerax:
+            self.assertNotIsInstance(views[0], MessageView)
+        else:
+            self._checkPngs(views, [plots["gain"]])
         views = show["showChimera"]("showChimera")
         script = _read(self.recon._getExtraPath("chimerax_maps.cxc"))
         for kind in ("flex", "noflex"):

@@ -13,7 +13,7 @@ from flexplugin.protocols import FlexPluginProtGenerate, FlexPluginProtReconstru
 from .viewer_flex import _FlexViewerMixin, chimeraxProgram
 
 __all__ = ["FlexPluginGenerateViewer", "FlexPluginReconstructViewer", "writeSeriesChimeraScript",
-           "writeMapsChimeraScript"]
+           "writeMapsChimeraScript", "writeGainChimeraScript"]
 
 
 def _quoted(path: str) -> str:
@@ -46,6 +46,15 @@ def writeMapsChimeraScript(scriptPath: str, maps: list[str]) -> str:
     if len(maps) > 1:
         lines.append("tile")
     lines.append("view")
+    return _writeScript(scriptPath, lines)
+
+
+def writeGainChimeraScript(scriptPath: str, mapFile: str, gainFile: str, span: float) -> str:
+    """A ChimeraX script showing the map's surface coloured by the local resolution gain (blue −span … white 0 …
+    red +span Å: red where the flex map is sharper)."""
+    span = max(float(span), 0.1)
+    lines = [f"open {_quoted(mapFile)}", f"open {_quoted(gainFile)}", "volume #2 hide",
+             f"color sample #1 map #2 palette blue:white:red range {-span:g},{span:g}", "view"]
     return _writeScript(scriptPath, lines)
 
 
@@ -112,7 +121,8 @@ class FlexPluginGenerateViewer(_ChimeraOrPngMixin, EmProtocolViewer):
 
 
 class FlexPluginReconstructViewer(_ChimeraOrPngMixin, EmProtocolViewer):
-    """Reconstruction results: flex vs noflex FSC, slices of the maps, and the maps in ChimeraX."""
+    """Reconstruction results: flex vs noflex FSC (also masked and corrected), slices of the maps, the local
+    resolution gain, and the maps in ChimeraX."""
 
     _label = "3D flex reconstruction viewer"
     _targets = [FlexPluginProtReconstruct]
@@ -129,9 +139,45 @@ class FlexPluginReconstructViewer(_ChimeraOrPngMixin, EmProtocolViewer):
                       help="Opens the flex and noflex maps side by side in ChimeraX when it is configured in "
                            "Scipion; otherwise shows the map slices. The script is written to "
                            "extra/chimerax_maps.cxc either way.")
+        form.addParam("showFscMasked", params.LabelParam, label="Masked FSC, corrected",
+                      help="Per map: the unmasked, masked and phase-randomised masked half-map FSCs and the masked "
+                           "FSC corrected by phase randomisation (RELION's post-processing), with the 0.143 "
+                           "threshold. Without a mask only the unmasked FSCs are drawn.")
+        form.addParam("showGain", params.LabelParam, label="Local resolution gain",
+                      help="Local resolution (Å) of the noflex and flex maps and their difference, noflex − flex "
+                           "(Å; red: the flex map is sharper there), on slices through the mask's centre.")
+        form.addParam("showGainChimera", params.LabelParam, label="Gain on the map in ChimeraX",
+                      help="The flex map's surface coloured by the local resolution gain (blue: worse, white: equal, "
+                           "red: sharper with flex) when ChimeraX is configured in Scipion; otherwise the gain "
+                           "slices. The script is written to extra/chimerax_gain.cxc either way.")
 
     def _getVisualizeDict(self) -> dict:
-        return {"showFsc": self._showFsc, "showSlices": self._showSlices, "showChimera": self._showChimera}
+        return {"showFsc": self._showFsc, "showSlices": self._showSlices, "showChimera": self._showChimera,
+                "showFscMasked": self._showFscMasked, "showGain": self._showGain,
+                "showGainChimera": self._showGainChimera}
+
+    def _showFscMasked(self, paramName: str | None = None) -> list[View]:
+        """fsc_masked.png."""
+        return self._pngViews(self.protocol.getPlotFiles()["fscMasked"],
+                              "3D flex reconstruction: masked FSC, corrected by phase randomisation")
+
+    def _showGain(self, paramName: str | None = None) -> list[View]:
+        """locres_gain.png."""
+        return self._pngViews(self.protocol.getPlotFiles()["gain"], "3D flex reconstruction: local resolution gain")
+
+    def _showGainChimera(self, paramName: str | None = None) -> list[View]:
+        """The flex map coloured by the gain in ChimeraX, or the gain slices when ChimeraX is absent."""
+        files = self.protocol.getLocalResolutionFiles()
+        maps = self.protocol.getMapFiles()
+        if "gain" not in files or not os.path.exists(maps["flex"][0]):
+            return [self.errorMessage("No local resolution gain: has the run finished, with the noflex "
+                                      "reconstruction?", "Gain in ChimeraX")]
+        gain = (self.protocol.getResolutionInfo() or {}).get("gain", {})
+        span = max(abs(gain.get("min_A") or 0.0), abs(gain.get("max_A") or 0.0))
+        script = writeGainChimeraScript(self.protocol._getExtraPath("chimerax_gain.cxc"), maps["flex"][0],
+                                        files["gain"], span)
+        return self._chimeraOrPngViews(script, [(self.protocol.getPlotFiles()["gain"],
+                                                 "3D flex reconstruction: local resolution gain")])
 
     def _showFsc(self, paramName: str | None = None) -> list[View]:
         """fsc.png (both curves)."""
