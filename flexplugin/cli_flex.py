@@ -320,6 +320,8 @@ def _write_outputs(trainer, ps, out: Path, mesh_path: str) -> dict:
     state = trainer.state()
     with open(mesh_path, "rb") as fh:
         state["mesh_pickle"] = fh.read()
+    from .engine.identity import particle_record
+    state["particles"] = particle_record(ps.table)  # lets flex-reconstruct tell another data set's particles apart
     for k in ("opt_flow", "opt_density", "opt_latent"):
         state.pop(k)
     torch_save(state, out / "model.pt")

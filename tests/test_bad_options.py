@@ -427,3 +427,17 @@ def test_star_outputs_resolve_from_any_folder(good, tmp_path, monkeypatch):
         assert names and all(Path(n.split("@", 1)[1]).is_absolute() for n in names), names[:3]
         ps = read_particles(star)
         assert np.isfinite(ps.images(np.arange(2))).all()
+
+
+def test_model_knows_its_particles(good):
+    """model.pt records its particles (image, defocus): the same STAR passes, another data set numbered alike
+    (same ids, same stack names, other defoci) is refused; a 3DVA run does the same through 3dva-display."""
+    from flexplugin.engine.errors import InputError
+    from flexplugin.engine.flex.generate import check_model_particles, load_model
+    from flexplugin.engine.io import read_particles
+    model = load_model(good["good"] / "train")
+    assert model.particles is not None and len(model.particles["image"]) == len(model.ids)
+    check_model_particles(model, read_particles(Path(good["names"]["sim"]) / "particles.star"), "same.star")
+    other = read_particles(good["t"] / "other" / "particles.star")
+    with pytest.raises(InputError, match=r"other\.star: 120 of 120 particle ids name other particles .*defocus"):
+        check_model_particles(model, other, "other.star")

@@ -17,12 +17,14 @@ import torch
 
 from ..errors import InputError
 from ..fourier import irfft3c, rfft3c
+from ..identity import check_same_particles
 from ..torchfile import describe, load_torch_file
 from .mesh import Mesh, mesh_from_dict
 from .model import FlowGenerator, MeshRaster, warp_volume
 
-__all__ = ["FlexModel", "available_bytes", "axis_series", "check_generation_memory", "check_points_range",
-           "estimate_generation_bytes", "fourier_pad_3d", "load_model", "points_from_particles", "read_points"]
+__all__ = ["FlexModel", "available_bytes", "axis_series", "check_generation_memory", "check_model_particles",
+           "check_points_range", "estimate_generation_bytes", "fourier_pad_3d", "load_model", "points_from_particles",
+           "read_points"]
 
 
 def fourier_pad_3d(vol: torch.Tensor, m: int) -> torch.Tensor:
@@ -53,6 +55,7 @@ class FlexModel:
     ids: np.ndarray
     config: dict
     device: torch.device
+    particles: dict | None = None  # identity.particle_record of the training particles (models since 2026-11)
 
     @property
     def k(self) -> int:
@@ -138,11 +141,19 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> F
         spec = d["spec"]
         canonical = (d["density"] * d["mask"] * d["v_scale"]).to(dev)
         return FlexModel(gen, mesh, canonical, spec["apix"] * spec["crop"] / spec["train"], spec["train"],
-                         spec["crop"], spec["box"], spec["apix"], d["latents"].numpy(), d["ids"].numpy(), cfg, dev)
+                         spec["crop"], spec["box"], spec["apix"], d["latents"].numpy(), d["ids"].numpy(), cfg, dev,
+                         d.get("particles"))
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001  (missing entries, tensors of the wrong size: a damaged model)
         raise InputError(f"{p} is a damaged 3D Flex model ({type(e).__name__}: {str(e)[:200]}); {hint}") from None
+
+
+def check_model_particles(model: FlexModel, ps, source: str) -> None:
+    """Particles given with a model (flex-reconstruct) must be the training's own under each shared id, not
+    another data set numbered alike: InputError otherwise (engine/identity.py). Older models lack the record."""
+    if model.particles is not None:
+        check_same_particles(model.ids, model.particles, ps, source, "the model's training particles")
 
 
 def estimate_generation_bytes(model: FlexModel, m: int, volumes: int, batch: int = 4) -> int:

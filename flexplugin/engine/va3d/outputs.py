@@ -24,7 +24,8 @@ import pandas as pd
 import starfile
 
 from ..atomic import atomic_path, save_npy, save_plot, to_csv
-from ..io import ID_LABEL, read_particles, read_volume, split_image_name, write_volume
+from ..identity import check_same_particles, particle_record
+from ..io import ID_LABEL, read_particles, read_volume, write_volume
 from .em import VA3DConfig, VA3DResult, dump_json
 
 __all__ = ["write_run_outputs", "RunFolder", "load_run", "component_labels"]
@@ -152,12 +153,9 @@ class RunFolder:
         return sub
 
     def _check_same_particles(self, ps, star: str) -> None:
-        """Particles given in place of the run's must be the same images under the same ids: ids that overlap
-        by chance (another data set numbered from 1) would pair each coordinate with a stranger's image.
-        Compared by micrograph and picking coordinates when both files have them (stable under
-        re-extraction), else by image index and stack file name, and by defocus (a change of more than 10 %);
-        any difference is an InputError."""
-        from ..errors import InputError
+        """Particles given in place of the run's must be the same particles under the same ids: ids that overlap
+        by chance (another data set numbered from 1) would pair each coordinate with a stranger's image. The
+        run's particles_3dva.star is the record (image and defocus; engine/identity.py)."""
         ref_path = self.path / self.run["files"].get("particles_star", "particles_3dva.star")
         if not ref_path.exists():
             return
@@ -165,31 +163,8 @@ class RunFolder:
         ref = blocks.get("particles", next(iter(blocks.values())))
         if ID_LABEL not in ref or "rlnImageName" not in ref:
             return
-        ref = ref.set_index(ref[ID_LABEL].astype(np.int64)).loc[self.ids]
-        given = ps.table.set_index(ps.ids)
-        cols = ["rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY"]
-        by_pick = all(c in ref for c in cols) and all(c in given for c in cols)
-
-        def keys(t) -> np.ndarray:
-            if by_pick:
-                return np.array([f"{os.path.basename(str(m))} ({float(x):.1f}, {float(y):.1f})"
-                                 for m, x, y in zip(t[cols[0]], t[cols[1]], t[cols[2]])])
-            return np.array([f"{int(i)}@{os.path.basename(p)}" for i, p in map(split_image_name, t["rlnImageName"])])
-        a, b = keys(ref), keys(given.loc[self.ids])
-        what = "micrograph and coordinates" if by_pick else "image (index@stack)"
-        if "rlnDefocusU" in ref and "rlnDefocusU" in given:  # same stack names in two data sets: the CTF differs
-            da = pd.to_numeric(ref["rlnDefocusU"], errors="coerce").to_numpy(np.float64)
-            db = pd.to_numeric(given.loc[self.ids, "rlnDefocusU"], errors="coerce").to_numpy(np.float64)
-            other = np.abs(da - db) > 0.1 * np.abs(da)  # more than CTF refinement moves a particle's defocus
-            a = np.where(other, [f"{x} (defocus {d:.0f} Å)" for x, d in zip(a, da)], a)
-            b = np.where(other, [f"{x} (defocus {d:.0f} Å)" for x, d in zip(b, db)], b)
-            what += " and defocus"
-        bad = np.nonzero(a != b)[0]
-        if len(bad):
-            i = bad[0]
-            raise InputError(f"{star}: {len(bad)} of the run's {len(a)} particle ids name other particles than in the "
-                             f"run (id {self.ids[i]}: {what} {b[i]} here, {a[i]} in the run); give the particles "
-                             "the 3dva run used (or omit --particles)")
+        ref = ref.set_index(pd.to_numeric(ref[ID_LABEL], errors="coerce").astype(np.int64)).loc[self.ids]
+        check_same_particles(self.ids, particle_record(ref), ps, star, f"the 3dva run {self.path}")
 
 
 def load_run(path: str | os.PathLike) -> RunFolder:
