@@ -29,9 +29,24 @@ def prepare_volume_ft(vol: torch.Tensor, pad: int = 2) -> torch.Tensor:
         raise ValueError(f"volume must be cubic, got shape {tuple(vol.shape)}")
     if pad < 1:
         raise ValueError("pad must be >= 1")
-    v = pad_volume(vol, pad * n) if pad > 1 else vol
-    v = v / separable_sinc2_correction(tuple(v.shape[-3:]), device=v.device)
-    return rfft3c(v)
+    big = pad * n
+    if big % 2:
+        v = pad_volume(vol, big) if pad > 1 else vol
+        return rfft3c(v / separable_sinc2_correction(tuple(v.shape[-3:]), device=v.device))
+    # the same result without forming the padded volume twice: the correction is applied where the volume
+    # lies (zeros elsewhere), its octants go straight to their ifftshifted places, and the centring of the
+    # output's first two axes is a (−1)^(i+j) sign on the input (an fftshift by M/2 of an even-size DFT)
+    lo = big // 2 - n // 2
+    corr = separable_sinc2_correction((big,) * 3, device=vol.device)[lo:lo + n, lo:lo + n, lo:lo + n]
+    idx = torch.cat([torch.arange(big // 2, big // 2 + n - n // 2), torch.arange(big // 2 - n // 2, big // 2)])
+    src = torch.fft.ifftshift(vol / corr, dim=(-3, -2, -1))  # src[..., i] belongs at padded-ifftshifted index dst[i]
+    dst = (idx - big // 2) % big
+    sign = 1.0 - 2.0 * (dst % 2).to(vol.dtype)
+    src = src * sign.to(vol.device)[:, None, None] * sign.to(vol.device)[None, :, None]
+    d = dst.to(vol.device)
+    out = vol.new_zeros(*vol.shape[:-3], big, big, big)
+    out[..., d[:, None, None], d[None, :, None], d[None, None, :]] = src
+    return torch.fft.rfftn(out, dim=(-3, -2, -1))
 
 
 def slice_volume_ft(vol_ft: torch.Tensor, rotations: torch.Tensor,
