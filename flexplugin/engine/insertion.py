@@ -94,36 +94,41 @@ def insert_slices(real_vals: torch.Tensor | None, cplx_vals: torch.Tensor | None
         cz, cy, cx, conj, vals = cz[inside], cy[inside], cx[inside], conj[inside], vals[:, inside]
     if cc:
         vals[cr + cc:] = torch.where(conj, -vals[cr + cc:], vals[cr + cc:])
-    flip = torch.ones(C, 1, device=dev)
-    flip[cr + cc:] = -1.0  # the Friedel mate's imaginary parts
-    acc = torch.zeros(C, M * M * W, device=dev, dtype=torch.float32)
-
-    def add(zi: torch.Tensor, yi: torch.Tensor, xi: torch.Tensor, w: torch.Tensor | None) -> None:
-        v = vals if w is None else vals * w
-        flat = (zi * M + yi) * W + xi
-        for c in range(C):
-            acc[c].index_add_(0, flat, v[c])
-        # a corner on the x = 0 plane also receives the Friedel mate (−z, −y, 0) of its value (not the origin)
-        sel = torch.nonzero((xi == 0) & ~((zi == M // 2) & (yi == M // 2))).squeeze(1)
-        if sel.numel():
-            mflat = (((M - zi[sel]) % M) * M + (M - yi[sel]) % M) * W
-            vm = v[:, sel] * flip
-            for c in range(C):
-                acc[c].index_add_(0, mflat, vm[c])
-
+    # the accumulator has one spare plane after the last z, y and x: corners that fall there carry weight 0
+    # (a coordinate exactly on the grid's last plane), so no clamping is needed; it is cut off at the end
+    Mp, Wp = M + 1, W + 1
+    acc = torch.zeros(C, Mp * Mp * Wp, device=dev, dtype=torch.float32)
     if interpolation == "nearest":
-        add(cz.long(), cy.long(), cx.long(), None)
+        z, y, x = cz.long(), cy.long(), cx.long()
+        flat, v = (z * Mp + y) * Wp + x, vals
+        mirror = torch.nonzero(x == 0).squeeze(1)
+        mz, my, mv = z[mirror], y[mirror], vals[:, mirror]
     else:
         z0, y0, x0 = cz.floor(), cy.floor(), cx.floor()
         tz, ty, tx = cz - z0, cy - y0, cx - x0
         z0, y0, x0 = z0.long(), y0.long(), x0.long()
-        z1, y1, x1 = cz.ceil().long(), cy.ceil().long(), cx.ceil().long()
-        for zi, wz in ((z0, 1 - tz), (z1, tz)):
-            for yi, wy in ((y0, 1 - ty), (y1, ty)):
-                wzy = wz * wy
-                for xi, wx in ((x0, 1 - tx), (x1, tx)):
-                    add(zi, yi, xi, wzy * wx)
-    acc = acc.reshape(C, M, M, W)
+        # the 8 corners of each point, point-major so that one point's voxels stay together in memory
+        wzy = (torch.stack([1 - tz, tz], 1)[:, :, None] * torch.stack([1 - ty, ty], 1)[:, None, :]).reshape(-1, 4)
+        w8 = (wzy[:, :, None] * torch.stack([1 - tx, tx], 1)[:, None, :]).reshape(-1, 8)
+        offsets = torch.tensor([dz * Mp * Wp + dy * Wp + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)],
+                               device=dev)
+        flat = (((z0 * Mp + y0) * Wp + x0)[:, None] + offsets).reshape(-1)
+        v = (vals[:, :, None] * w8).reshape(C, -1)
+        # corners on the x = 0 plane (dx = 0 of points with x0 = 0) also get the Friedel mate of their value
+        sel = torch.nonzero(x0 == 0).squeeze(1)
+        o = torch.tensor([0, 1], device=dev)
+        mz = (z0[sel][:, None, None] + o[None, :, None]).expand(-1, 2, 2).reshape(-1)
+        my = (y0[sel][:, None, None] + o[None, None, :]).expand(-1, 2, 2).reshape(-1)
+        mv = (vals[:, sel, None] * wzy[sel][None] * (1 - tx[sel])[None, :, None]).reshape(C, -1)
+    for c in range(C):
+        acc[c].index_add_(0, flat, v[c])
+    keep = ~((mz == M // 2) & (my == M // 2)) & (mz < M) & (my < M)  # the origin is its own mate
+    if bool(keep.any()):
+        mflat = (((M - mz[keep]) % M) * Mp + (M - my[keep]) % M) * Wp
+        mv = mv[:, keep]
+        for c in range(C):
+            acc[c].index_add_(0, mflat, -mv[c] if c >= cr + cc else mv[c])
+    acc = acc.reshape(C, Mp, Mp, Wp)[:, :M, :M, :W]
     if cr:
         out_real = acc[:cr] if out_real is None else out_real.add_(acc[:cr])
     if cc:

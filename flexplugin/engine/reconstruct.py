@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from .ctf import CTFParams, compute_ctf
-from .fourier import crop_center, fsc, fsc_resolution, irfft3c, radius_3d, rfft2c, shift_phase_2d
+from .fourier import crop_center, fsc_resolution, irfft3c, radius_3d, rfft2c, shift_phase_2d
 from .insertion import insert_slices
 from .progress import Progress
 
 __all__ = ["BackprojectionAccumulator", "Reconstruction", "backprojection_terms", "finalize_halves",
-           "reconstruct_particles", "shell_regulariser", "soft_sphere"]
+           "reconstruct_particles", "shell_fsc", "shell_regulariser", "soft_sphere"]
 
 NYQUIST = 0.5  # inserted frequencies |k| ≤ 0.5 cycles/px of the images (RELION's r_max = N/2)
 MASK_EDGE_PX = 3.0  # raised-cosine edge of the spherical mask beyond radius N/2 (RELION's softMaskOutsideMap)
@@ -154,6 +154,31 @@ def _solve(acc_num: torch.Tensor, acc_den: torch.Tensor, reg_shell: torch.Tensor
     return (crop_center(vol, box, 3) if m != box else vol) * sphere
 
 
+def shell_fsc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> np.ndarray:
+    """FSC of two (N, N, N) maps (optionally both times `mask`) in shells round(|k|·N) = 0..N/2, as RELION bins.
+
+    Hard shells, so that a per-shell factor (the Wiener gain) cannot leak into a neighbour's value, and
+    ~40× cheaper than fourier.fsc (soft, interpolated bins) at N = 64; the two differ by ≤ 0.01 per shell."""
+    n = a.shape[-1]
+    if mask is not None:
+        a, b = a * mask, b * mask
+    fa, fb = torch.fft.rfftn(a.float()), torch.fft.rfftn(b.float())
+    r = torch.fft.ifftshift(torch.round(radius_3d(n, a.device) * n).long(), dim=(0, 1))
+    mult = torch.full(fa.shape, 2.0, device=a.device)
+    mult[..., 0] = 1.0
+    if n % 2 == 0:
+        mult[..., -1] = 1.0
+    keep = r <= n // 2
+    idx, w = r[keep], mult[keep]
+
+    def total(x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(n // 2 + 1, dtype=torch.float64, device=a.device).index_add_(0, idx, (x[keep] * w).double())
+
+    num = total((fa * fb.conj()).real)
+    den = (total(fa.abs().square()) * total(fb.abs().square())).sqrt()
+    return torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num)).cpu().numpy()
+
+
 def _shell_mean(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:
     valid = shells >= 0
     s = torch.zeros(n_shells, device=values.device).index_add_(0, shells[valid], values[valid])
@@ -171,12 +196,12 @@ def finalize_halves(a1: BackprojectionAccumulator, a2: BackprojectionAccumulator
     dm1, dm2 = (_shell_mean(a.den, shells, n_sh) for a in (a1, a2))
     u1 = _solve(a1.num, a1.den, None, dm1, shells, box, sphere)
     u2 = _solve(a2.num, a2.den, None, dm2, shells, box, sphere)
-    curve = torch.as_tensor(fsc(u1, u2, mask), dtype=torch.float32, device=dev)
+    curve = torch.as_tensor(shell_fsc(u1, u2, mask), dtype=torch.float32, device=dev)
     h1 = _solve(a1.num, a1.den, shell_regulariser(curve, dm1), dm1, shells, box, sphere)
     h2 = _solve(a2.num, a2.den, shell_regulariser(curve, dm2), dm2, shells, box, sphere)
     full = _solve(a1.num + a2.num, a1.den + a2.den, shell_regulariser(curve, dm1 + dm2, whole=True), dm1 + dm2,
                   shells, box, sphere)
-    final_fsc = fsc(h1, h2, mask)
+    final_fsc = shell_fsc(h1, h2, mask)
     return Reconstruction(full.cpu().numpy(), h1.cpu().numpy(), h2.cpu().numpy(), final_fsc, a1.apix,
                           fsc_resolution(final_fsc, a1.apix, 0.143), fsc_resolution(final_fsc, a1.apix, 0.5),
                           (a1.count, a2.count))
