@@ -354,7 +354,8 @@ def cmd_flex_train(a: argparse.Namespace) -> None:
                       lr_density=a.lr_density, lr_latent=a.lr_latent, rigidity=a.rigidity,
                       latent_noise=a.latent_noise, latent_prior=a.latent_prior, latent_prior_pow=a.latent_prior_pow,
                       seed=a.seed, rigidity_cells=a.rigidity_cells, search_start=a.search_start,
-                      search_every=a.search_every, search_points=a.search_points, final_search=not a.no_final_search)
+                      search_every=a.search_every, search_points=a.search_points, final_search=not a.no_final_search,
+                      search_kmax=a.search_kmax)
     cfg.validate()
     idxs = _check_train_args(a)
     ps = read_particles(a.particles)
@@ -407,6 +408,10 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--search-points", type=int, default=d.search_points,
                    help="grid points per latent axis of a search (default: 15 for K=1, 9 for K≥2; K≥3 uses points² "
                         "quasi-random points); the final search uses about twice as many")
+    p.add_argument("--search-kmax", type=float, default=d.search_kmax,
+                   help="band of the latent searches during training, as a fraction of the training Nyquist, capped "
+                        f"by the epoch's band (default {d.search_kmax}); the final search uses the final band. "
+                        "Telling the grid's maps apart needs the motion's scale, and the band sets the search's cost")
     p.add_argument("--no-final-search", action="store_true",
                    help="skip the finer latent search after the last epoch (the latents written out)")
     p.add_argument("--rigidity-cells", type=int, default=d.rigidity_cells,

@@ -39,6 +39,10 @@ class TrainConfig:
     search_every: int = 1  # epochs between latent searches (0: never during training)
     search_points: int = 0  # grid points per latent axis (K ≤ 2; K ≥ 3 draws points²); 0: 15 for K=1, 9 otherwise
     final_search: bool = True  # a finer search after the last epoch (the latents written out)
+    # band of the searches during training, as a fraction of training Nyquist (capped by the epoch's k_max); the
+    # final search uses the final band. Telling grid points apart needs the motion's scale, not the last shell,
+    # and the band sets the search's cost (decoded box³ and slice area): docs/flex_training.md has the figures
+    search_kmax: float = 0.5
 
     def validate(self) -> None:
         """Refuse meaningless settings before any heavy work, naming the CLI option and value (NaN/Inf too)."""
@@ -75,6 +79,8 @@ class TrainConfig:
                 raise InputError(f"{name} must be >= 0; got {value}")
         if self.search_points == 1 or self.search_points > 64:
             raise InputError(f"--search-points must be 0 (automatic) or from 2 to 64; got {self.search_points}")
+        if not (math.isfinite(self.search_kmax) and 0 < self.search_kmax <= 1):
+            raise InputError(f"--search-kmax must be a fraction of Nyquist in (0, 1]; got {self.search_kmax}")
         if self.rigidity_cells < 1:
             raise InputError(f"--rigidity-cells must be >= 1; got {self.rigidity_cells}")
         if not 0 < self.kmax_start <= self.kmax_final <= 1:

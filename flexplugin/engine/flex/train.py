@@ -426,7 +426,8 @@ class FlexTrainer:
         for gr in self.opt_flow.param_groups:
             gr["lr"] = self._lr_flow(e)
         if c.search_every and e >= c.search_start and (e - c.search_start) % c.search_every == 0:
-            self.search(m, kmax_px, progress=progress)
+            sfrac = min(frac, c.search_kmax)
+            self.search(working_box(t, sfrac), sfrac * t / 2, progress=progress)
         order = np.random.default_rng([c.seed, e]).permutation(len(self.p))
         self._noise_seed = (c.seed * 1000003 + e) * 100003
         sums = np.zeros(3)
