@@ -273,9 +273,16 @@ def _last_above(curve: np.ndarray, threshold: float = FSC_THRESHOLD) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ local resolution
+WINDOW_SIZES = (16, 20, 24, 32, 40, 48)  # default window sides: even, with FFT-friendly factors (2, 3, 5)
+
+
 def _window_defaults(n: int, window_px: int | None, step_px: int | None) -> tuple[int, int]:
-    """Window side (even, ≤ n) and grid step: a third of the box (16..48 px) and an eighth of the window."""
-    w = window_px if window_px is not None else int(min(48, max(16, 2 * round(n / 6))))
+    """Window side (even, ≤ n) and grid step: the largest of WINDOW_SIZES not above a third of the box (16 at
+    least), and an eighth of the window."""
+    if window_px is None:
+        w = max([c for c in WINDOW_SIZES if c <= n / 3] or [WINDOW_SIZES[0]])
+    else:
+        w = window_px
     w = min(w + (w % 2), n - (n % 2))
     s = step_px if step_px is not None else max(1, w // 8)
     return w, s
@@ -317,7 +324,6 @@ def local_resolution(half1: np.ndarray, half2: np.ndarray, apix: float, mask: np
     sel = torch.as_tensor(np.argwhere(keep), device=h1.device)
     cubes1 = h1[c0:, c0:, c0:].unfold(0, w, step).unfold(1, w, step).unfold(2, w, step)  # (g, g, g, w, w, w) view
     cubes2 = h2[c0:, c0:, c0:].unfold(0, w, step).unfold(1, w, step).unfold(2, w, step)
-    inv = torch.zeros((g, g, g), dtype=torch.float32, device=h1.device)
     res_all = np.zeros(len(sel))
     for s in range(0, len(sel), batch):
         j = sel[s:s + batch]
@@ -325,27 +331,28 @@ def local_resolution(half1: np.ndarray, half2: np.ndarray, apix: float, mask: np
         b = cubes2[j[:, 0], j[:, 1], j[:, 2]] * win
         res = np.clip(resolutions_at(fsc_batch(a, b).cpu().numpy(), w, apix, threshold), 2.0 * apix, w * apix)
         res_all[s:s + len(j)] = res
-        inv[j[:, 0], j[:, 1], j[:, 2]] = torch.as_tensor(1.0 / res, dtype=torch.float32, device=h1.device)
-    # each voxel: window-weighted mean of 1/resolution over the windows covering it (a transposed convolution)
-    import torch.nn.functional as F
-    kept = torch.as_tensor(keep, dtype=torch.float32, device=h1.device)
-    num = F.conv_transpose3d(inv[None, None], win[None, None], stride=step)[0, 0]
-    den = F.conv_transpose3d(kept[None, None], win[None, None], stride=step)[0, 0]
-    span = num.shape[-1]
-    full_num = torch.zeros_like(h1)
-    full_den = torch.zeros_like(h1)
-    full_num[c0:c0 + span, c0:c0 + span, c0:c0 + span] = num
-    full_den[c0:c0 + span, c0:c0 + span, c0:c0 + span] = den
-    covered = (full_den > 1e-4) & (full_num > 0)
+    # each voxel: window-weighted mean of 1/resolution over the windows covering it. With the values as deltas at
+    # the window centres, both sums are circular convolutions with the window (no wrap: every window is inside)
+    ctr = torch.as_tensor(centres, device=h1.device)
+    at = (ctr[sel[:, 0]], ctr[sel[:, 1]], ctr[sel[:, 2]])
+    deltas = torch.zeros((2, n, n, n), dtype=torch.float64, device=h1.device)
+    deltas[0][at] = torch.as_tensor(1.0 / res_all, dtype=torch.float64, device=h1.device)
+    deltas[1][at] = 1.0
+    kernel = torch.zeros((n, n, n), dtype=torch.float64, device=h1.device)
+    kernel[:w, :w, :w] = win.double()
+    kernel = torch.roll(kernel, shifts=(-(w // 2),) * 3, dims=(0, 1, 2))
+    sums = torch.fft.irfftn(torch.fft.rfftn(deltas, dim=(-3, -2, -1)) * torch.fft.rfftn(kernel), s=(n, n, n),
+                            dim=(-3, -2, -1))
+    full_num, full_den = sums[0], sums[1]
+    covered = (full_den > 1e-3) & (full_num > 1e-9)
     out = torch.where(covered, full_den / torch.where(covered, full_num, torch.ones_like(full_num)),
                       torch.zeros_like(full_num)).cpu().numpy()
     if m is not None:
         out = np.where(m > 0.5, out, 0.0)
     out = out.astype(np.float32)
-    all_res = res_all
     info = {"window_px": w, "window_A": w * apix, "sphere_radius_px": w / 2 - edge, "edge_px": edge,
-            "step_px": step, "threshold": threshold, "windows": len(all_res),
-            "median_A": float(np.median(all_res)) if len(all_res) else None}
+            "step_px": step, "threshold": threshold, "windows": len(res_all),
+            "median_A": float(np.median(res_all)) if len(res_all) else None}
     return out, info
 
 
