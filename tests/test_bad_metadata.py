@@ -257,9 +257,6 @@ CASES = [
      ["segmentation labels each voxel with a whole number", "density map"]),
 ]
 EXTRA = {"apix-disagrees": ["--apix", "2"], "apix-negative": ["--apix=-4"]}
-# flex-mesh reads --segmentation with read_volume until cmd_flex_mesh calls io.read_segmentation (a one-line change
-# in flexplugin/cli_flex.py): this case then passes and the mark must go (strict)
-PENDING = {("segmentation-density-map", "flex-mesh"): "cmd_flex_mesh does not call io.read_segmentation yet"}
 
 RUNS = [(case, cmd) for case, slot, _, _ in CASES for cmd in SLOTS[slot]]
 
@@ -334,9 +331,7 @@ def _check(code: int, stderr: str, words: list[str]) -> None:
         assert w in errors, (w, stderr)
 
 
-@pytest.mark.parametrize("case, cmd", [pytest.param(*run, marks=pytest.mark.xfail(reason=PENDING[run], strict=True))
-                                       if run in PENDING else run for run in RUNS],
-                         ids=[f"{case}-{cmd}" for case, cmd in RUNS])
+@pytest.mark.parametrize("case, cmd", RUNS, ids=[f"{case}-{cmd}" for case, cmd in RUNS])
 def test_bad_input_file(results, case, cmd):
     """A clear error naming the problem; the earlier outputs in --out are byte-identical."""
     r = results[(case, cmd)]

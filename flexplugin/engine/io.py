@@ -200,22 +200,6 @@ def _check_columns(df: pd.DataFrame, path: Path, block: str) -> None:
             names = df[col].to_numpy()
 
 
-def _check_image_names(names: pd.Series, path: Path) -> None:
-    """Each rlnImageName is `N@stack` with N a whole number >= 1 (or a bare file name: its first image)."""
-    s = names.astype(str).str.strip()
-    has_at = s.str.contains("@", regex=False)
-    index = pd.to_numeric(s.str.split("@", n=1).str[0].where(has_at, "1"), errors="coerce").to_numpy(np.float64)
-    with np.errstate(invalid="ignore"):
-        bad = ~np.isfinite(index) | (index < 1) | (index != np.round(index)) | _missing(names)
-        bad |= (s.str.split("@", n=1).str[-1].str.strip() == "").to_numpy()
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        more = int(bad.sum()) - 1
-        raise InputError(f"{path}: rlnImageName {names.iloc[i]!r} in data_particles row {i + 1}"
-                         + (f" (and {more} more rows)" if more else "")
-                         + " is not an image: it must be N@stack.mrcs with N the image number, from 1")
-
-
 class _StackCache:
     """Opens each MRC stack once, memory-mapped, and keeps it open."""
 
@@ -230,7 +214,7 @@ class _StackCache:
                                  "relative to the STAR file's folder or to the current directory)")
             try:
                 m = mrcfile.mmap(path, mode="r", permissive=True)
-            except Exception as e:  # noqa: BLE001 - any read failure is a bad input
+            except Exception as e:
                 raise InputError(f"cannot read image stack {path}: {e}") from e
             if m.data is None:
                 raise InputError(f"cannot read image stack {path}: not an MRC file")
@@ -346,22 +330,29 @@ class ParticleSet:
         h[rng.permutation(len(self))[: len(self) // 2]] = 2
         return h
 
-    def subset(self, rows: np.ndarray) -> "ParticleSet":
+    def subset(self, rows: np.ndarray) -> ParticleSet:
         return ParticleSet(self.table.iloc[rows].reset_index(drop=True), self.optics, self.apix, self.box,
                            self.star_path, self.phase_flipped, self._stacks)
 
 
-def _resolve_image_names(names: pd.Series, star_dir: Path) -> pd.Series:
-    """Make stack paths absolute: relative to the STAR folder if they exist there, else to the cwd."""
+def _resolve_image_names(names: pd.Series, star_path: Path) -> pd.Series:
+    """Make stack paths absolute: relative to the STAR folder if they exist there, else to the cwd. A name that is
+    not `N@stack` with N a whole number >= 1 (or a bare file name: its first image) is an InputError naming its row."""
     cache: dict[str, str] = {}
-
-    def fix(s: str) -> str:
-        i, p = split_image_name(s)
+    out = []
+    for row, s in enumerate(names.tolist()):
+        try:
+            i, p = split_image_name(s)
+        except (TypeError, ValueError):  # not text, or no number before '@'
+            i, p = 0, ""
+        if i < 1 or not p.strip():
+            raise InputError(f"{star_path}: rlnImageName {s!r} in data_particles row {row + 1} is not an image: it "
+                             "must be N@stack.mrcs with N the image number, from 1")
         if p not in cache:
-            cand = star_dir / p
+            cand = star_path.parent / p
             cache[p] = str(cand.resolve()) if cand.exists() or not os.path.exists(p) else str(Path(p).resolve())
-        return f"{i}@{cache[p]}"
-    return names.astype(str).map(fix)
+        out.append(f"{i}@{cache[p]}")
+    return pd.Series(out, index=names.index, dtype=object)
 
 
 def read_particles(star_path: str | os.PathLike, apix: float | None = None) -> ParticleSet:
@@ -374,7 +365,7 @@ def read_particles(star_path: str | os.PathLike, apix: float | None = None) -> P
         raise InputError(f"particle STAR file not found: {star_path}")
     try:
         blocks = starfile.read(star_path, always_dict=True)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise InputError(_row_length_error(star_path) or f"cannot parse STAR file {star_path}: {e}") from e
     parts, block = blocks.get("particles"), "particles"
     optics = blocks.get("optics")
@@ -392,7 +383,6 @@ def read_particles(star_path: str | os.PathLike, apix: float | None = None) -> P
         raise InputError(f"{star_path}: particles have no rlnImageName column")
     _check_row_lengths(parts, star_path, block)
     _check_columns(parts, star_path, block)
-    _check_image_names(parts["rlnImageName"], star_path)
     if optics is not None:
         if not isinstance(optics, pd.DataFrame) or len(optics) == 0:
             raise InputError(f"{star_path}: data_optics holds no optics groups (a loop_ with one row per group)")
@@ -472,7 +462,7 @@ def read_particles(star_path: str | os.PathLike, apix: float | None = None) -> P
         raise InputError(f"{star_path}: {ID_LABEL} {table[ID_LABEL][dup].iloc[0]} appears more than once "
                          f"(data_particles row {int(np.flatnonzero(dup.to_numpy())[0]) + 1}); "
                          f"{ID_LABEL} values must be unique")
-    table["rlnImageName"] = _resolve_image_names(table["rlnImageName"], star_path.parent)
+    table["rlnImageName"] = _resolve_image_names(table["rlnImageName"], star_path)
     box = None
     if "rlnImageSize" in optics:
         sizes = optics["rlnImageSize"].astype(int).unique()
@@ -532,7 +522,7 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, float]:
             sizes = [float(voxel.x), float(voxel.y), float(voxel.z)]
     except InputError:
         raise
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise InputError(f"cannot read volume {path}: {e}") from e
     if data.ndim != 3 or len(set(data.shape)) != 1:
         raise InputError(f"{path}: volume must be cubic, got shape {data.shape}")
