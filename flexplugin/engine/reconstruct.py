@@ -114,7 +114,8 @@ def shell_regulariser(fsc_half: torch.Tensor | np.ndarray, weight_mean: torch.Te
 
 
 def _shell_index(m: int, box: int, device) -> torch.Tensor:
-    """For each voxel of the (m, m, m//2+1) grid, its FSC shell at the N-box sampling (−1 beyond Nyquist)."""
+    """For each voxel of the (m, m, m//2+1) grid, its shell round(|k|·N) at the N-box sampling, −1 beyond
+    Nyquist (|k|·N > N/2, where relion_reconstruct also zeroes the map)."""
     r = radius_3d(m, device) * box  # shell units of the N box
     idx = torch.round(r).long()
     return torch.where(r <= box / 2, idx, torch.full_like(idx, -1))
