@@ -25,7 +25,12 @@ import torch
 
 from flexplugin.engine.ctf import CTFParams, compute_ctf
 from flexplugin.engine.fourier import fsc, irfft2c, rfft2c
-from flexplugin.engine.io import read_particles, read_volume, write_particles_star, write_volume
+from flexplugin.engine.io import (
+    read_particles,
+    read_volume,
+    write_particles_star,
+    write_volume,
+)
 from flexplugin.engine.projector import project
 from flexplugin.engine.reconstruct import reconstruct_particles
 from flexplugin.engine.simulate import SimConfig, simulate_dataset
@@ -140,7 +145,7 @@ def test_ctf_matches_relion_pixel_by_pixel(projections):
     assert e < 5e-3, e  # measured 5.2e-4 (RELION writes float32 images)
     # the DC term is +A (amplitude contrast), as in RELION
     assert ratio.real[:, BOX // 2, 0] == pytest.approx(0.1, abs=1e-3)
-    shifted = lambda **kw: CTFParams(**{**params.__dict__, **kw})  # noqa: E731
+    shifted = lambda **kw: CTFParams(**{**params.__dict__, **kw})
     assert err(params, -1.0) > 0.5  # each wrong convention: measured ~2.0
     assert err(shifted(defocus_angle=params.defocus_angle + 90)) > 0.5  # angle from y / U, V swapped
     assert err(shifted(defocus_angle=-params.defocus_angle)) > 0.5  # clockwise angle
