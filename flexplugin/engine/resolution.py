@@ -65,25 +65,21 @@ def fsc_batch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     Re Σ A·B* / sqrt(Σ|A|² Σ|B|²) over the full spectrum; a shell whose power is zero in either map gets 0."""
     n = a.shape[-1]
     dt = torch.float64 if a.dtype == torch.float64 else torch.float32
-    A = torch.fft.rfftn(a.to(dt), dim=(-3, -2, -1)).reshape(a.shape[0], -1)
-    Bf = torch.fft.rfftn(b.to(dt), dim=(-3, -2, -1)).reshape(b.shape[0], -1)
-    onehot = _shell_matrix(n, a.device, dt)  # (voxels, shells) with the Friedel weights
-    cross = (A.real * Bf.real + A.imag * Bf.imag) @ onehot
-    pa = (A.real ** 2 + A.imag ** 2) @ onehot
-    pb = (Bf.real ** 2 + Bf.imag ** 2) @ onehot
-    den = torch.sqrt(pa * pb)
+    A = torch.fft.rfftn(a.to(dt), dim=(-3, -2, -1))
+    Bf = torch.fft.rfftn(b.to(dt), dim=(-3, -2, -1))
+    idx = shell_index(n, a.device)
+    keep = (idx <= n // 2).reshape(-1)
+    shells = idx.reshape(-1)[keep]
+    w = _rfft_weights(n, a.device).to(dt).expand(idx.shape).reshape(-1)[keep]  # Friedel weights
+
+    def per_shell(x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], n // 2 + 1, dtype=dt, device=a.device)
+        return out.index_add_(1, shells, x.reshape(x.shape[0], -1)[:, keep] * w)
+
+    cross = per_shell(A.real * Bf.real + A.imag * Bf.imag)
+    den = torch.sqrt(per_shell(A.real ** 2 + A.imag ** 2) * per_shell(Bf.real ** 2 + Bf.imag ** 2))
     ok = den > 0
     return torch.where(ok, cross / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(den))
-
-
-def _shell_matrix(n: int, device, dtype) -> torch.Tensor:
-    """(n·n·(n//2+1), n//2+1): entry [v, i] is the Friedel weight of rfft voxel v when it lies in shell i, else 0."""
-    idx = shell_index(n, device).reshape(-1)
-    w = _rfft_weights(n, device).expand(n, n, n // 2 + 1).reshape(-1).to(dtype)
-    mat = torch.zeros(idx.numel(), n // 2 + 1, dtype=dtype, device=device)
-    keep = idx <= n // 2
-    mat[torch.nonzero(keep)[:, 0], idx[keep]] = w[keep]
-    return mat
 
 
 def fsc_curve(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -290,7 +286,7 @@ def _window_defaults(n: int, window_px: int | None, step_px: int | None) -> tupl
 
 def local_resolution(half1: np.ndarray, half2: np.ndarray, apix: float, mask: np.ndarray | None = None,
                      window_px: int | None = None, step_px: int | None = None,
-                     threshold: float = LOCRES_THRESHOLD, batch: int = 512,
+                     threshold: float = LOCRES_THRESHOLD, batch: int | None = None,
                      device: torch.device | str | None = None) -> tuple[np.ndarray, dict]:
     """Local resolution map (Å, same box as the half maps) from windowed half-map FSCs.
 
@@ -298,7 +294,8 @@ def local_resolution(half1: np.ndarray, half2: np.ndarray, apix: float, mask: np
     window/8 wide; its centres lie on a grid of `step_px` pixels, kept where `mask` > 0.5 (or everywhere). Each
     window's resolution is where its FSC first drops below `threshold`, clipped to [Nyquist, window·apix]; a voxel
     gets the window-weighted mean of 1/resolution of the windows that cover it. Voxels no window reaches (or with
-    mask ≤ 0.5) are 0. Returns the map and the settings used."""
+    mask ≤ 0.5) are 0. `batch` windows go through the FFT at once (default: about 2·10⁷ voxels). Returns the map and
+    the settings used."""
     h1 = torch.as_tensor(np.asarray(half1), dtype=torch.float32, device=device)
     h2 = torch.as_tensor(np.asarray(half2), dtype=torch.float32, device=device)
     n = h1.shape[-1]
@@ -325,6 +322,7 @@ def local_resolution(half1: np.ndarray, half2: np.ndarray, apix: float, mask: np
     cubes1 = h1[c0:, c0:, c0:].unfold(0, w, step).unfold(1, w, step).unfold(2, w, step)  # (g, g, g, w, w, w) view
     cubes2 = h2[c0:, c0:, c0:].unfold(0, w, step).unfold(1, w, step).unfold(2, w, step)
     res_all = np.zeros(len(sel))
+    batch = batch or max(16, int(2e7 // w ** 3))
     for s in range(0, len(sel), batch):
         j = sel[s:s + batch]
         a = cubes1[j[:, 0], j[:, 1], j[:, 2]] * win
