@@ -309,6 +309,22 @@ class TestOutputs(unittest.TestCase):
         self.assertEqual(calls[0][1]["labels"], ("noflex", "flex"))
         self.assertLess(info["locres"]["flex"]["median_in_region_A"], info["locres"]["noflex"]["median_in_region_A"])
 
+    def test_one_map_without_mask_has_no_gain(self):
+        """A single pair (e.g. `flexplugin reconstruct`, or flex-reconstruct --no-noflex): FSC and local resolution
+        only, measured in the automatic mask; no gain file, no gain entry."""
+        rng = np.random.default_rng(12)
+        n = 32
+        s = 4 * _sphere(n, 7, 2) + rng.standard_normal((n, n, n)) * _sphere(n, 7, 2)
+        with tempfile.TemporaryDirectory() as out:
+            info = R.write_resolution_outputs(out, {"map": (s + rng.standard_normal(s.shape),
+                                                            s + rng.standard_normal(s.shape))}, None, 2.0)
+            self.assertEqual(sorted(os.listdir(out)), ["fsc_masked_map.star", "locres_map.mrc", "resolution.json"])
+        self.assertNotIn("gain", info)
+        self.assertFalse(info["masked"])
+        self.assertIsNone(info["fsc"]["map"]["corrected"])
+        self.assertGreater(info["region_voxels"], 0)
+        self.assertLess(info["region_voxels"], n ** 3 / 2)
+
     def test_bad_inputs_are_input_errors(self):
         a = np.zeros((16, 16, 16), np.float32)
         with tempfile.TemporaryDirectory() as out:
