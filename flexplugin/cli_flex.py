@@ -623,11 +623,12 @@ def add_generate_parser(sub) -> None:
 
 # ----------------------------------------------------------------------------------------- flex-reconstruct
 def cmd_flex_reconstruct(a: argparse.Namespace) -> None:
+    from .engine.errors import InputError
     from .engine.flex.generate import load_model
-    from .engine.flex.reconstruct import flex_reconstruct
+    from .engine.flex.reconstruct import check_options, flex_reconstruct
     from .engine.io import read_mask, read_particles, write_volume
     from .plots import plot_fsc, plot_slices
-    from .engine.errors import InputError
+    check_options(a.iterations, a.batch_size, a.reg, a.tol, a.bins, a.flow_tol, a.max_bins)
     dev = _device(a.device)
     model = load_model(a.model, dev)
     ps = read_particles(a.particles)
@@ -644,11 +645,13 @@ def cmd_flex_reconstruct(a: argparse.Namespace) -> None:
             mask = crop_center(torch.as_tensor(mask), model.crop, 3).numpy()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"flex-reconstruct: {len(ps)} particles at the crop box {model.crop} ({ps.apix:.3f} Å/px), "
-          f"{a.iterations} L-BFGS iterations per half map, device {dev}", flush=True)
+    print(f"flex-reconstruct: {len(ps)} particles at the crop box {model.crop} ({ps.apix:.3f} Å/px), latent-binned "
+          f"preconditioned CG (at most {a.iterations} iterations per half map, tolerance {a.tol:g}), device {dev}",
+          flush=True)
     t0 = time.time()
-    r = flex_reconstruct(model, ps, iterations=a.iterations, batch_size=a.batch_size, lam=a.reg,
-                         do_noflex=not a.no_noflex, mask=mask, seed=a.seed, device=dev)
+    r = flex_reconstruct(model, ps, iterations=a.iterations, batch_size=a.batch_size, reg_scale=a.reg, tol=a.tol,
+                         do_noflex=not a.no_noflex, mask=mask, seed=a.seed, bins=a.bins, flow_tol=a.flow_tol,
+                         max_bins=a.max_bins, device=dev)
     files = {"flex_map.mrc": r.flex_map, "flex_half_A.mrc": r.flex_half1, "flex_half_B.mrc": r.flex_half2}
     if not a.no_noflex:
         files.update({"noflex_map.mrc": r.noflex_map, "noflex_half_A.mrc": r.noflex_half1,
@@ -664,7 +667,8 @@ def cmd_flex_reconstruct(a: argparse.Namespace) -> None:
     save_plot(plot_fsc, out / "fsc.png", curves, ps.apix, title="3D Flex reconstruction: half-map FSC"
              + (" (masked)" if mask is not None else ""))
     save_plot(plot_slices, out / "maps.png", {"flex": r.flex_map, **({"noflex": r.noflex_map} if not a.no_noflex else {})})
-    info = {"particles": len(ps), "crop": model.crop, "apix": ps.apix, "iterations": a.iterations,
+    info = {"particles": len(ps), "crop": model.crop, "apix": ps.apix, "iterations": a.iterations, "tol": a.tol,
+            "reg_scale": a.reg, "bins": r.bins, "flow_spread_vox": r.flow_spread, "stopped": r.iterations,
             "resolution_flex_A": r.res_flex, "resolution_noflex_A": None if a.no_noflex else r.res_noflex,
             "masked_fsc": mask is not None, "seconds": time.time() - t0,
             "objective_first_last": {k: [v[0], v[-1]] for k, v in r.objective.items()}}
@@ -689,11 +693,26 @@ def add_reconstruct_parser(sub) -> None:
     p.add_argument("--model", required=True, help="model.pt from flex-train, or its folder")
     p.add_argument("--particles", required=True, help="the particles of the training (or a subset), RELION STAR")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--iterations", type=int, default=20, help="L-BFGS iterations per half map (flex_bfgs_num_iters; 20)")
-    p.add_argument("--reg", type=float, help="L2 regularisation λ (default: 1e-3 of the data term's mean weight)")
+    p.add_argument("--iterations", type=int, default=20,
+                   help="most conjugate-gradient iterations per half map (cf. flex_bfgs_num_iters; default 20; the "
+                        "solver usually stops earlier at --tol)")
+    p.add_argument("--tol", type=float, default=0.01,
+                   help="stop when the preconditioned residual is below this fraction of the right-hand side's "
+                        "(default 0.01)")
+    p.add_argument("--reg", type=float, default=1.0,
+                   help="scale of the per-shell regularisation derived from the half-map FSC, as in the Wiener map "
+                        "(default 1; > 1 smooths more)")
+    p.add_argument("--bins", type=int,
+                   help="number of latent bins (default: chosen from --flow-tol; more bins = more exact, slower)")
+    p.add_argument("--flow-tol", type=float, default=0.25,
+                   help="largest flow spread within a latent bin, voxels of the crop box, for 95 %% of the "
+                        "particles (default 0.25)")
+    p.add_argument("--max-bins", type=int, default=64,
+                   help="cap on the number of latent bins when chosen from --flow-tol (default 64; memory: two "
+                        "Fourier accumulators per bin and half set)")
     p.add_argument("--no-noflex", action="store_true", help="skip the rigid baseline (flex_do_noflex_recon)")
     p.add_argument("--mask", help="mask for the FSC (particle box or crop box)")
-    p.add_argument("--batch-size", type=int, default=128, help="particles per batch (default 128)")
+    p.add_argument("--batch-size", type=int, default=128, help="particles per insertion batch (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of the half-set split when rlnRandomSubset is absent")
     _add_device(p)
     p.set_defaults(func=cmd_flex_reconstruct)

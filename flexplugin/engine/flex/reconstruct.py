@@ -1,34 +1,56 @@
-"""3D Flex high-resolution reconstruction: the canonical map with the learned motion undone.
+"""3D Flex high-resolution reconstruction: the canonical map with the learned motion undone, by latent bins.
 
-Latents and the flow generator are frozen. For each half set the canonical map V at the crop box solves
-    min_V  ½ Σ_i Σ_k |Y_i(k) − C_i(k)·S_i(k)·F[P_i D_{u_i} V](k)|² / σ²(k)  +  ½ λ ‖V‖²
-by L-BFGS (strong-Wolfe line search), where D_u is the convection (backward warp) by particle i's flow,
-re-rasterised from the mesh on the crop box, P_i the projection at its pose and S_i its origin shift.
-The objective is linear least squares in V, so autograd's gradient is exactly the adjoint chain
-(adjoint convection ∘ backprojection). The "noflex" baseline solves the same problem with u = 0.
+Latents and the flow generator are frozen. Particle i's image is modelled as the CTF-weighted central slice
+of the deformed map D_{u_i} V (backward warp W(x) = V(x + u(x)), model.py). With the Fourier-slice theorem
+and the same diagonal approximation of the normal operator that the Wiener map makes (engine/reconstruct.py:
+Σ_i slice_iᵀ CTF_i² slice_i ≈ the inserted CTF² weights), the least-squares data term of a group of
+particles that share one deformation D_g reduces to two Fourier accumulators on the 2c grid,
+    b_g = Σ_{i∈g} insert(CTF_i·Y_i),   K_g = Σ_{i∈g} insert(CTF_i²),
+    f_g(V) = ½ Σ_k K_g(k)|X_g(k)|² − Re Σ_k b̄_g(k) X_g(k),   X_g = F[D_g V],
+with V on the padded (2c)³ box and k inside the c box's Nyquist sphere. Particles are grouped into G latent
+bins (binning.py) whose deformations differ from their members' by less than a fraction of a voxel; the
+accumulators are filled once, O(N·D²), and every evaluation then costs G warps (on the mesh's voxels only) and
+G FFTs of the padded box, O(G·D³), whatever N is.
 
-Each half starts from its own Wiener reconstruction (engine/reconstruct.py), which is the noflex
-solution up to regularisation, so the iterations spend their effort on what the motion changes; the
-halves never see each other's particles. σ²(k) is estimated per shell from the residuals of that start.
-Particles are streamed in batches on every pass, so memory does not grow with their number.
+The regulariser is the Wiener map's: ½ Σ_k τ(|k|)|X₀(k)|², τ = engine/reconstruct.shell_regulariser of the
+FSC of barely regularised half maps, so that with D = I the minimiser is the Wiener map (before its
+per-shell gain γ = (w̄ + τ)/w̄, applied to the solution as the Wiener map applies it) and nothing is fitted
+past where the halves stop agreeing. The quadratic is solved by conjugate gradients preconditioned with the inverse Wiener
+denominator 1/(ΣK + τ) applied in Fourier space (the exact inverse when D = I), started from the half's Wiener
+map, and stopped when the preconditioned residual falls below `tol` of the right-hand side's (or after
+`iterations`). Maps are returned as the Wiener map is: the central c³ box times its soft sphere. The
+"noflex" maps solve the same problem with D = I.
+
+`labels` may be given to choose the bins; one bin per particle (labels = 0..N−1) is the exact per-particle
+operator, the reference the binned map converges to as G grows (tests). See docs/flex_reconstruction.md.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from ..ctf import compute_ctf
-from ..fourier import crop_center, freq_grid_2d, fsc, fsc_resolution, rfft2c, shift_phase_2d
+from ..errors import InputError
+from ..fourier import crop_center, fsc_resolution, irfft3c, radius_3d, rfft3c
+from ..insertion import insert_slices
 from ..io import ParticleSet
 from ..progress import Progress
-from ..reconstruct import BackprojectionAccumulator, finalize_halves
+from ..reconstruct import (
+    NYQUIST,
+    backprojection_terms,
+    shell_fsc,
+    shell_regulariser,
+    soft_sphere,
+)
+from .binning import LatentBins, bins_from_labels, choose_bins, vertex_displacements
 from .generate import FlexModel
-from .model import project_positions, ray_positions
 
-__all__ = ["HighresResult", "flex_reconstruct"]
+_ssnr_fsc = shell_fsc  # the FSC the Wiener map takes its SSNR from (hard shells)
+
+__all__ = ["BinnedHalf", "HighresResult", "Sphere", "check_options", "flex_reconstruct", "pcg"]
 
 
 @dataclass
@@ -43,6 +65,11 @@ class HighresResult:
     res_flex: float
     res_noflex: float
     objective: dict
+    start_half1: np.ndarray | None = None
+    start_half2: np.ndarray | None = None
+    bins: int = 0
+    flow_spread: float = 0.0
+    iterations: dict = field(default_factory=dict)
 
     @property
     def flex_map(self) -> np.ndarray:
@@ -53,185 +80,334 @@ class HighresResult:
         return 0.5 * (self.noflex_half1 + self.noflex_half2)
 
 
-class _HalfProblem:
-    """The least-squares objective of one half set, evaluated by streaming its particles."""
+@dataclass
+class Sphere:
+    """Voxels of the centred rfft of the 2c-padded box that lie within the c box's Nyquist sphere.
 
-    def __init__(self, model: FlexModel, ps: ParticleSet, rows: np.ndarray, crop: int, batch_size: int,
-                 device: torch.device):
-        self.model, self.ps, self.rows, self.c, self.bs, self.dev = model, ps, rows, crop, batch_size, device
-        self.apix = ps.apix
-        g = freq_grid_2d(crop, device) * crop
-        r = g.norm(dim=-1)
-        self.shell = torch.round(r).long().clamp(max=crop // 2)
-        mult = torch.full_like(r, 2.0)
-        mult[:, 0] = 1.0
-        mult[:, -1] = 1.0
-        self.mult = mult * (r <= crop // 2)
-        self.noise = torch.ones(crop // 2 + 1, device=device)
-        self.z = torch.as_tensor(model.latents[self._model_rows(rows)], dtype=torch.float32, device=device)
-        self.radius = None
-        # poses, flows and CTFs are frozen: each batch's ray positions, filter (shift × CTF) and image
-        # spectra are computed once and kept while they fit in `cache_mb`
-        self.cache: dict = {}
-        self.cache_bytes = 0
-        self.cache_mb = 2048.0
+    The unknown map lives on the padded (2c)³ box, like the Wiener map before its final crop, so that the
+    Wiener map is exactly the D = I minimiser; the central c³ box, times the Wiener map's soft sphere, is
+    returned."""
 
-    def _model_rows(self, rows: np.ndarray) -> np.ndarray:
-        index = {int(i): r for r, i in enumerate(self.model.ids)}
-        ids = self.ps.ids[rows]
-        missing = [int(i) for i in ids if int(i) not in index]
-        if missing:
-            from ..errors import InputError
-            raise InputError(f"{len(missing)} particles (e.g. id {missing[0]}) have no latent in the model; "
-                             "reconstruct with the particles the model was trained on (or a subset)")
-        return np.array([index[int(i)] for i in ids])
+    c: int
+    index: torch.Tensor  # (P,) flat index into (M, M, M//2+1)
+    shell: torch.Tensor  # (P,) FSC shell of the c box, 0..c//2
+    mult: torch.Tensor  # (P,) 1 on the kx = 0 plane, else 2 (each stored coefficient stands for itself and its mate)
+    mask: torch.Tensor  # (c, c, c) the soft sphere every Wiener map is multiplied by
 
-    def batches(self):
-        for s in range(0, len(self.rows), self.bs):
-            yield s, self.rows[s:s + self.bs]
+    @property
+    def m(self) -> int:
+        return 2 * self.c
 
-    def _batch(self, rows: np.ndarray, zb: torch.Tensor | None) -> tuple:
-        """(ray positions, filter, image spectra) of a batch, from the cache when possible."""
-        key = (int(rows[0]), len(rows), zb is not None)
-        hit = self.cache.get(key)
-        if hit is not None:
-            return hit
-        with torch.no_grad():
-            u = self.model.flow(zb, self.c) if zb is not None else None
-            pos = ray_positions(self.c, self.ps.rotations(rows, self.dev), u, self.radius)
-            filt = shift_phase_2d(self.c, -self.ps.shifts_px(rows, self.dev)) * compute_ctf(
-                self.ps.ctf_params(rows, self.dev), self.c, self.apix, self.ps.phase_flipped)
-            imgs = torch.from_numpy(self.ps.images(rows)).to(self.dev)
-            y = rfft2c(crop_center(imgs, self.c, 2) if imgs.shape[-1] != self.c else imgs)
-        item = (pos, filt, y)
-        size = sum(t.numel() * t.element_size() for t in item)
-        if self.cache_bytes + size <= self.cache_mb * 2 ** 20:
-            self.cache[key] = item
-            self.cache_bytes += size
-        return item
+    @staticmethod
+    def make(c: int, device) -> Sphere:
+        """The sphere of box c on the 2c grid (the Wiener map's shells: round(|k|·c), |k|·c ≤ c/2)."""
+        m = 2 * c
+        r = radius_3d(m, device) * c
+        keep = (r <= c / 2).reshape(-1)
+        idx = torch.nonzero(keep).squeeze(1)
+        shell = torch.round(r.reshape(-1)[idx]).long()
+        kx0 = (torch.arange(m // 2 + 1, device=device) == 0).expand(m, m, -1).reshape(-1)[idx]
+        mult = torch.where(kx0, 1.0, 2.0)
+        return Sphere(c, idx, shell, mult, soft_sphere(c, device=device))
 
-    def model_ft(self, V: torch.Tensor, rows: np.ndarray, zb: torch.Tensor | None) -> torch.Tensor:
-        pos, filt, _ = self._batch(rows, zb)
-        return rfft2c(project_positions(V, pos)) * filt
+    def spectrum(self, vol: torch.Tensor) -> torch.Tensor:
+        """X = F[vol] at the sphere: (..., M, M, M) → (..., P)."""
+        ft = rfft3c(vol)
+        return ft.reshape(*ft.shape[:-3], -1)[..., self.index]
 
-    def images_ft(self, rows: np.ndarray, zb: torch.Tensor | None = None) -> torch.Tensor:
-        return self._batch(rows, zb)[2]
+    def volume(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`spectrum` on the sphere: (P,) → (M, M, M)."""
+        m = self.m
+        full = torch.zeros(m * m * (m // 2 + 1), dtype=torch.complex64, device=x.device)
+        full[self.index] = x
+        return irfft3c(full.view(m, m, m // 2 + 1), m)
 
-    @torch.no_grad()
-    def estimate_noise(self, V: torch.Tensor, flex: bool, max_particles: int = 1000) -> None:
-        pw = torch.zeros(self.c // 2 + 1, device=self.dev)
-        cnt = torch.zeros_like(pw)
-        for s, rows in self.batches():
-            if s >= max_particles:
-                break
-            zb = self.z[s:s + len(rows)] if flex else None
-            r2 = (self.images_ft(rows, zb) - self.model_ft(V, rows, zb)).abs().square() * (self.mult > 0)
-            pw.index_add_(0, self.shell.flatten(), r2.sum(0).flatten())
-            cnt.index_add_(0, self.shell.flatten(), (self.mult > 0).flatten().float() * len(rows))
-        self.noise = (pw / cnt.clamp(min=1)).clamp(min=1e-12)
+    def crop(self, vol: torch.Tensor) -> torch.Tensor:
+        """The map as the Wiener map is written: central c³ box times the soft sphere."""
+        return crop_center(vol, self.c, 3) * self.mask
 
-    def objective(self, V: torch.Tensor, flex: bool, lam: float) -> torch.Tensor:
-        """Loss with its gradient accumulated in V.grad (one streamed pass)."""
-        w = self.mult / self.noise[self.shell]
-        total = 0.0
-        for s, rows in self.batches():
-            zb = self.z[s:s + len(rows)] if flex else None
-            loss = 0.5 * ((self.images_ft(rows, zb) - self.model_ft(V, rows, zb)).abs().square() * w).sum()
-            loss.backward()
-            total += float(loss.detach())
-        reg = 0.5 * lam * V.square().sum()
-        reg.backward()
-        return torch.tensor(total + float(reg.detach()))
+    def shell_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean of values (P,) per shell (c//2 + 1,)."""
+        n = self.c // 2 + 1
+        s = torch.zeros(n, device=values.device).index_add_(0, self.shell, values)
+        k = torch.zeros(n, device=values.device).index_add_(0, self.shell, torch.ones_like(values))
+        return s / k.clamp(min=1)
 
 
-def _solve(problem: _HalfProblem, V0: torch.Tensor, flex: bool, iterations: int, lam: float,
-           label: str, progress) -> tuple[torch.Tensor, list[float]]:
-    V = V0.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([V], lr=1.0, max_iter=iterations, history_size=10, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-12, tolerance_change=1e-12)
-    history: list[float] = []
-    prog = Progress(iterations, label, every=0, stream=progress)
+class BinnedHalf:
+    """The binned least-squares problem of one half set: Fourier accumulators per bin and the bins' flows."""
 
-    def closure():
-        opt.zero_grad(set_to_none=False)
-        if V.grad is None:
-            V.grad = torch.zeros_like(V)
-        f = problem.objective(V, flex, lam)
-        history.append(float(f))
-        return f
-    # LBFGS counts function evaluations; report per iteration through its state
-    state_iter = [0]
+    def __init__(self, sphere: Sphere, n_bins: int, device: torch.device):
+        self.sp, self.dev = sphere, device
+        p = sphere.index.numel()
+        self.num = torch.zeros(n_bins, p, dtype=torch.complex64, device=device)
+        self.den = torch.zeros(n_bins, p, dtype=torch.float32, device=device)
+        self.counts = np.zeros(n_bins, dtype=np.int64)
+        self.grid: torch.Tensor | None = None  # (G, nvox, 3) grid_sample coordinates of the support voxels
+        self.vox: torch.Tensor | None = None  # (nvox,) flat voxel index of the support
+        self.reg = torch.zeros(p, device=device)  # τ per sphere voxel
+        self.gain = torch.ones(p, device=device)  # the Wiener map's unit shell gain (w̄ + τ)/w̄, applied at the end
 
-    def closure_with_progress():
-        f = closure()
-        it = opt.state[opt._params[0]].get("n_iter", 0) if opt.state else 0
-        if it > state_iter[0]:
-            state_iter[0] = it
-            prog.step(min(it, iterations), f"objective {f:.6g}")
-        return f
-    opt.step(closure_with_progress)
-    state = opt.state[opt._params[0]]
-    done, budget = state.get("n_iter", 0), opt.defaults["max_eval"]
-    # torch's L-BFGS also stops at max_eval (1.25 × max_iter) function evaluations: say so rather than claim
-    # all iterations ran (seen at box 64: 18 of 20 iterations in 25 evaluations)
-    stop = ""
-    if done < iterations:
-        why = f"evaluation budget {budget}" if state.get("func_evals", 0) >= budget else "converged"
-        stop = f" (stopped at iteration {done}: {why})"
-    prog.step(iterations, f"objective {history[-1]:.6g} after {len(history)} evaluations{stop}", force=True)
-    return V.detach(), history
+    # ---- accumulation, once ----
+    def insert(self, images: torch.Tensor, rotations: torch.Tensor, shifts_px: torch.Tensor, ctf, phase_flipped: bool,
+               apix: float, labels: np.ndarray) -> None:
+        """Insert a batch of images (B, c, c) into the accumulators of their bins (labels (B,)), as the Wiener map
+        inserts them (engine/reconstruct.backprojection_terms, the image's own spectrum on the 2c grid)."""
+        m, sp = self.sp.m, self.sp
+        data, w, R = backprojection_terms(images, rotations, shifts_px, ctf, apix, phase_flipped, self.dev)
+        for g in np.unique(labels):
+            sel = torch.as_tensor(np.nonzero(labels == g)[0], device=self.dev)
+            den, num = insert_slices(w[sel][:, None], data[sel][:, None], R[sel], m, NYQUIST)
+            self.den[g] += den[0].reshape(-1)[sp.index]
+            self.num[g] += num[0].reshape(-1)[sp.index]
+            self.counts[g] += len(sel)
+
+    def set_flows(self, model: FlexModel, displacements: torch.Tensor) -> None:
+        """Each bin's flow at the box c from its mean vertex displacements (G, V, 3) Å."""
+        c, m = self.sp.c, self.sp.m
+        raster = model.raster(c)
+        u = raster.flow_vox(displacements.to(model.device), model.apix_at(c)).to(self.dev)  # (G, nvox, 3)
+        vox = raster.vox.to(self.dev)
+        lo = m // 2 - c // 2  # the c box sits at the centre of the padded box
+        z, y, x = vox // (c * c) + lo, (vox // c) % c + lo, vox % c + lo
+        self.vox = (z * m + y) * m + x
+        pos = raster.pos.to(self.dev)
+        self.grid = (pos[None] + u + m // 2) * (2.0 / (m - 1)) - 1.0
+
+    # ---- the operator ----
+    def warp(self, V: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """D_g V for bins g (B,): V resampled at x + u_g(x) on the mesh's voxels, unchanged elsewhere."""
+        m = self.sp.m
+        b = len(g)
+        if self.grid is None:
+            return V[None].expand(b, -1, -1, -1)
+        grid = self.grid[g]
+        s = F.grid_sample(V[None, None], grid.view(1, b, -1, 1, 3), mode="bilinear", padding_mode="zeros",
+                          align_corners=True).view(b, -1)
+        W = V.reshape(1, -1).repeat(b, 1)
+        W[:, self.vox] = s
+        return W.view(b, m, m, m)
+
+    def _chunks(self, chunk: int):
+        live = np.nonzero(self.counts > 0)[0]
+        for s in range(0, len(live), chunk):
+            yield torch.as_tensor(live[s:s + chunk], device=self.dev)
+
+    def rhs(self, V_like: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+        """Right-hand side Σ_g D_gᵀ Aᵀ b_g (A: the sphere spectrum), by autograd of the linear term."""
+        V = torch.zeros_like(V_like, requires_grad=True)
+        out = torch.zeros_like(V_like)
+        for g in self._chunks(chunk):
+            X = self.sp.spectrum(self.warp(V, g))
+            lin = (self.sp.mult * (self.num[g].conj() * X).real).sum()
+            out += torch.autograd.grad(lin, V)[0]
+        return out
+
+    def hess(self, p: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor, None]:
+        """H p = Σ_g D_gᵀ Aᵀ K_g A D_g p + Aᵀ τ A p, by autograd of the quadratic form."""
+        V = p.detach().requires_grad_(True)
+        out = torch.zeros_like(p)
+        for g in self._chunks(chunk):
+            X = self.sp.spectrum(self.warp(V, g))
+            q = 0.5 * (self.sp.mult * self.den[g] * X.real.square() + self.sp.mult * self.den[g] * X.imag.square()).sum()
+            out += torch.autograd.grad(q, V)[0]
+        X0 = self.sp.spectrum(V)
+        q = 0.5 * (self.sp.mult * self.reg * X0.abs().square()).sum()
+        out += torch.autograd.grad(q, V)[0]
+        return out
+
+    def total_den(self) -> torch.Tensor:
+        return self.den.sum(0)
+
+    def total_num(self) -> torch.Tensor:
+        return self.num.sum(0)
+
+    def precondition(self, r: torch.Tensor) -> torch.Tensor:
+        """z = F⁻¹[(F r) / (ΣK + τ)]: the inverse Wiener denominator in Fourier space (SPD)."""
+        sp = self.sp
+        X = sp.spectrum(r)
+        return sp.volume(X / (self.total_den() + self.reg).clamp(min=1e-30))
+
+    def wiener(self, reg: torch.Tensor) -> torch.Tensor:
+        """Σb / (ΣK + τ) on the padded box: with :meth:`finish`, the half's Wiener map (engine/reconstruct.py)."""
+        return self.sp.volume(self.total_num() / (self.total_den() + reg).clamp(min=1e-30))
+
+    def finish(self, V: torch.Tensor) -> np.ndarray:
+        """The map as the Wiener map is written: each shell times its gain (w̄ + τ)/w̄, cut to c³, soft sphere.
+
+        The gain is a per-shell factor, so it leaves every FSC as it is; it is applied after the solve because a
+        warp mixes shells, and gains of up to 1/SSNR inside the solve would carry noise into resolved shells."""
+        return self.sp.crop(self.sp.volume(self.gain * self.sp.spectrum(V))).cpu().numpy()
 
 
-def flex_reconstruct(model: FlexModel, ps: ParticleSet, iterations: int = 20, batch_size: int = 128,
-                     lam: float | None = None, do_noflex: bool = True, mask: np.ndarray | None = None,
-                     seed: int = 0, device: torch.device | str = "cpu", progress=None) -> HighresResult:
-    """Flex and noflex half maps at the crop box by L-BFGS, their FSCs and resolutions (see module docstring)."""
-    from ..errors import InputError
-    dev = torch.device(device)
-    ps.require(poses=True, ctf=True)
+def pcg(hess, rhs: torch.Tensor, x0: torch.Tensor, precond, iterations: int, tol: float,
+        report=None) -> tuple[torch.Tensor, list[float], str]:
+    """Preconditioned conjugate gradients for H x = rhs from x0. Stops when the preconditioned residual
+    √(rᵀM r / rhsᵀM rhs) ≤ tol, or after `iterations`. Returns x, the objective ½xᵀHx − rhsᵀx per
+    iteration (from x0), and why it stopped."""
+    x = x0.clone()
+    r = rhs - hess(x)
+    z = precond(r)
+    p = z.clone()
+    rz = float((r * z).sum())
+    b_norm = float((rhs * precond(rhs)).sum())
+    hist = [-0.5 * float((x * (rhs + r)).sum())]
+    why = f"iteration limit {iterations}"
+    rel = math.sqrt(max(rz, 0.0) / max(b_norm, 1e-300))
+    if rel <= tol:
+        return x, hist, f"converged at start (residual {rel:.2e})"
+    for it in range(1, iterations + 1):
+        q = hess(p)
+        pq = float((p * q).sum())
+        if pq <= 0:
+            why = f"stopped at iteration {it}: curvature {pq:.3g} not positive"
+            break
+        alpha = rz / pq
+        x += alpha * p
+        r -= alpha * q
+        z = precond(r)
+        rz_new = float((r * z).sum())
+        hist.append(-0.5 * float((x * (rhs + r)).sum()))
+        rel = math.sqrt(max(rz_new, 0.0) / max(b_norm, 1e-300))
+        if report is not None:
+            report(it, hist[-1], rel)
+        if rel <= tol:
+            why = f"converged at iteration {it} (residual {rel:.2e} ≤ {tol:g})"
+            break
+        p = z + (rz_new / rz) * p
+        rz = rz_new
+    return x, hist, why
+
+
+def check_options(iterations: int = 20, batch_size: int = 128, reg_scale: float = 1.0, tol: float = 1e-2,
+                  bins: int | None = None, flow_tol: float = 0.25, max_bins: int = 64) -> None:
+    """Raise InputError naming the option for values the solver cannot use (called before any heavy work)."""
+    checks = [(iterations >= 1, f"--iterations must be >= 1, got {iterations}"),
+              (batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}"),
+              (math.isfinite(reg_scale) and reg_scale > 0, f"--reg must be a number > 0, got {reg_scale}"),
+              (math.isfinite(tol) and 0 < tol < 1, f"--tol must be in (0, 1), got {tol}"),
+              (bins is None or bins >= 1, f"--bins must be >= 1, got {bins}"),
+              (math.isfinite(flow_tol) and flow_tol > 0, f"--flow-tol must be a number > 0 (voxels), got {flow_tol}"),
+              (max_bins >= 1, f"--max-bins must be >= 1, got {max_bins}")]
+    for ok, msg in checks:
+        if not ok:
+            raise InputError(msg)
+
+
+def _check_inputs(model: FlexModel, ps: ParticleSet, half: np.ndarray) -> None:
     if ps.box != model.box or abs(ps.apix - model.apix) > 1e-3 * model.apix:
         raise InputError(f"particles ({ps.box} px, {ps.apix:.4f} Å) differ from the training input "
                          f"({model.box} px, {model.apix:.4f} Å)")
-    if iterations < 1:
-        raise InputError("--iterations must be >= 1")
-    c = model.crop
+    n1, n2 = int((half == 1).sum()), int((half == 2).sum())
+    if n1 == 0 or n2 == 0:
+        raise InputError(f"{ps.star_path or 'particles'}: both half sets need particles (half 1 has {n1}, half 2 "
+                         f"has {n2}); give at least 2 particles, and rlnRandomSubset values 1 and 2 if present")
+
+
+def _model_rows(model: FlexModel, ps: ParticleSet) -> np.ndarray:
+    index = {int(i): r for r, i in enumerate(model.ids)}
+    ids = ps.ids
+    missing = [int(i) for i in ids if int(i) not in index]
+    if missing:
+        raise InputError(f"{len(missing)} particles (e.g. id {missing[0]}) have no latent in the model; "
+                         "reconstruct with the particles the model was trained on (or a subset)")
+    return np.array([index[int(i)] for i in ids], dtype=np.int64)
+
+
+def flex_reconstruct(model: FlexModel, ps: ParticleSet, iterations: int = 20, batch_size: int = 128,
+                     reg_scale: float = 1.0, tol: float = 1e-2, do_noflex: bool = True,
+                     mask: np.ndarray | None = None, seed: int = 0, bins: int | None = None, flow_tol: float = 0.25,
+                     max_bins: int = 64, labels: np.ndarray | None = None, device: torch.device | str = "cpu",
+                     progress=None) -> HighresResult:
+    """Flex and noflex half maps at the crop box by latent-binned, preconditioned CG (see module docstring).
+
+    `bins` fixes G; otherwise G is the smallest power of two (≤ `max_bins`) whose flow spread (95 % of the
+    particles) is ≤ `flow_tol` voxels. `labels` (N,) overrides the binning (0..G−1); `reg_scale` scales the
+    FSC-derived regulariser (1: the Wiener map's)."""
+    dev = torch.device(device)
+    ps.require(poses=True, ctf=True)
     half = ps.half_sets(seed)
-    out: dict = {}
+    check_options(iterations, batch_size, reg_scale, tol, bins, flow_tol, max_bins)
+    _check_inputs(model, ps, half)
+    emit = Progress(1, "flex-reconstruct", stream=progress).emit
+    c = model.crop
+    sp = Sphere.make(c, dev)
+    z = model.latents[_model_rows(model, ps)]
+    d = vertex_displacements(model.gen, z)
+    apix_c = model.apix_at(c)
+    if labels is not None:
+        lb: LatentBins = bins_from_labels(d, np.asarray(labels, dtype=np.int64), apix_c)
+    elif bins is not None:
+        lb = choose_bins(z, d, apix_c, tol_vox=0.0, max_bins=min(bins, len(z)), seed=seed) if bins > 1 else \
+            bins_from_labels(d, np.zeros(len(z), dtype=np.int64), apix_c)
+    else:
+        lb = choose_bins(z, d, apix_c, flow_tol, max_bins, seed=seed)
+    G = lb.count
+    emit(f"flex-reconstruct: {G} latent bins, flow spread {lb.spread_at():.3f} voxels (95 % of particles; "
+         f"tolerance {flow_tol:g}), largest {lb.spread.max() if len(lb.spread) else 0:.3f}")
+    if labels is None and bins is None and lb.spread_at() > flow_tol:
+        emit(f"WARNING: --max-bins {max_bins} leaves a flow spread of {lb.spread_at():.3f} voxels within bins, above "
+             f"--flow-tol {flow_tol:g}; raise --max-bins for a more exact flex map")
+    halves = {h: BinnedHalf(sp, G, dev) for h in (1, 2)}
+    prog = Progress(len(ps), "flex-reconstruct: insertion", stream=progress)
+    order = np.argsort(lb.labels, kind="stable")  # a batch touches few bins
+    for s in range(0, len(ps), batch_size):
+        rows = order[s:s + batch_size]
+        imgs = torch.from_numpy(ps.images(rows))
+        imgs = crop_center(imgs, c, 2) if imgs.shape[-1] != c else imgs
+        rots, sh, ctf = ps.rotations(rows), ps.shifts_px(rows), ps.ctf_params(rows)
+        for h in (1, 2):
+            sel = np.nonzero(half[rows] == h)[0]
+            if len(sel):
+                halves[h].insert(imgs[sel], rots[sel], sh[sel], ctf[sel], ps.phase_flipped, ps.apix,
+                                 lb.labels[rows[sel]])
+        prog.step(min(s + batch_size, len(ps)))
+    for h in (1, 2):
+        halves[h].set_flows(model, lb.displacements)
+    m_t = torch.as_tensor(mask, dtype=torch.float32, device=dev) if mask is not None else None
+    # the Wiener map's regulariser and shell gain: SSNR from the FSC of barely regularised half maps
+    wbar = {h: sp.shell_mean(halves[h].total_den()) for h in (1, 2)}
+    rough = {h: sp.crop(halves[h].wiener(1e-3 * wbar[h][sp.shell])) for h in (1, 2)}
+    curve = torch.as_tensor(_ssnr_fsc(rough[1], rough[2], m_t), dtype=torch.float32, device=dev)
+    for h in (1, 2):
+        reg = reg_scale * shell_regulariser(curve, wbar[h])
+        halves[h].reg = reg[sp.shell]
+        halves[h].gain = ((wbar[h] + reg) / wbar[h].clamp(min=1e-30))[sp.shell]
+    starts = {h: halves[h].wiener(halves[h].reg) for h in (1, 2)}
+    maps: dict = {}
     objectives: dict = {}
+    whys: dict = {}
+    full: dict = {}
+
+    def solve(name: str, h: int, op: BinnedHalf, start: torch.Tensor, label: str) -> None:
+        step = Progress(iterations, label, every=0, stream=progress)
+
+        def report(it: int, f: float, rel: float) -> None:
+            step.step(it, f"objective {f:.6g}, residual {rel:.2e}")
+        V, hist, why = pcg(op.hess, op.rhs(start), start, op.precondition, iterations, tol, report)
+        step.emit(f"{label}: {why}; objective {hist[0]:.6g} → {hist[-1]:.6g}")
+        full[(name, h)] = V
+        maps[(name, h)] = op.finish(V)
+        objectives[f"{name}_half{h}"] = hist
+        whys[f"{name}_half{h}"] = why
+
     for h in (1, 2):
-        rows = np.nonzero(half == h)[0]
-        prob = _HalfProblem(model, ps, rows, c, batch_size, dev)
-        prob.radius = model.support_radius(c)
-        # the half's own Wiener map is the starting point (and the noflex solution up to regularisation)
-        acc = BackprojectionAccumulator(c, ps.apix, 2, dev)
-        for s, r in prob.batches():
-            imgs = torch.from_numpy(ps.images(r))
-            imgs = crop_center(imgs, c, 2) if imgs.shape[-1] != c else imgs
-            acc.add(imgs, ps.rotations(r), ps.shifts_px(r), ps.ctf_params(r), ps.phase_flipped)
-        out[f"acc{h}"] = acc
-        out[f"prob{h}"] = prob
-    rec = finalize_halves(out["acc1"], out["acc2"])
-    starts = {1: torch.as_tensor(rec.half1, device=dev), 2: torch.as_tensor(rec.half2, device=dev)}
-    del rec, out["acc1"], out["acc2"]
-    maps = {}
-    for h in (1, 2):
-        prob = out[f"prob{h}"]
-        V0 = starts[h]
-        prob.estimate_noise(V0, flex=False)
-        lam_h = lam if lam is not None else 1e-3 * float((prob.mult / prob.noise[prob.shell]).mean()) * len(prob.rows)
-        modes = [("flex", True)] + ([("noflex", False)] if do_noflex else [])
-        for name, flex in modes:
-            V, hist = _solve(prob, V0, flex, iterations, lam_h, f"flex-reconstruct {name} half {h}", progress)
-            maps[(name, h)] = V.cpu().numpy()
-            objectives[f"{name}_half{h}"] = hist
-    m = torch.as_tensor(mask, dtype=torch.float32) if mask is not None else None
-    f_flex = fsc(torch.as_tensor(maps[("flex", 1)]), torch.as_tensor(maps[("flex", 2)]), m)
+        solve("flex", h, halves[h], starts[h], f"flex-reconstruct flex half {h}")
     if do_noflex:
-        f_nf = fsc(torch.as_tensor(maps[("noflex", 1)]), torch.as_tensor(maps[("noflex", 2)]), m)
+        for h in (1, 2):  # D = I: one bin holding all the particles, the Wiener map's regulariser
+            hp = halves[h]
+            op = BinnedHalf(sp, 1, dev)
+            op.num, op.den, op.counts = hp.total_num()[None], hp.total_den()[None], np.array([hp.counts.sum()])
+            op.reg, op.gain = hp.reg, hp.gain
+            solve("noflex", h, op, starts[h], f"flex-reconstruct noflex half {h}")
+    f_flex = _ssnr_fsc(torch.as_tensor(maps[("flex", 1)]), torch.as_tensor(maps[("flex", 2)]), m_t)
+    if do_noflex:
+        f_nf = _ssnr_fsc(torch.as_tensor(maps[("noflex", 1)]), torch.as_tensor(maps[("noflex", 2)]), m_t)
     else:
         f_nf = np.full_like(f_flex, np.nan)
     nf1 = maps.get(("noflex", 1), np.zeros_like(maps[("flex", 1)]))
     nf2 = maps.get(("noflex", 2), np.zeros_like(maps[("flex", 2)]))
     return HighresResult(maps[("flex", 1)], maps[("flex", 2)], nf1, nf2, f_flex, f_nf, ps.apix,
-                         fsc_resolution(f_flex, ps.apix), fsc_resolution(f_nf, ps.apix) if do_noflex else float("nan"),
-                         objectives)
+                         fsc_resolution(f_flex, ps.apix),
+                         fsc_resolution(f_nf, ps.apix) if do_noflex else float("nan"), objectives,
+                         halves[1].finish(starts[1]), halves[2].finish(starts[2]), G, lb.spread_at(), whys)

@@ -1,0 +1,130 @@
+"""Units of the latent-binned 3D Flex reconstruction that need no trained model: the CG solver against a dense
+solve, the binned operator against analytic cases (zero flow = the Wiener formula, an integer shift = the
+shifted Wiener map), and the choice of latent bins against the flow spread it promises.
+
+The data-driven checks (noflex = the library's Wiener map, flex beats noflex where things move, binned →
+per-particle as G grows, bad inputs) are in tests/test_flex_generate_reconstruct.py, on its trained model."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from flexplugin.engine.errors import InputError
+from flexplugin.engine.flex.binning import bins_from_labels, choose_bins
+from flexplugin.engine.flex.reconstruct import BinnedHalf, Sphere, check_options, pcg
+from flexplugin.engine.fourier import rfft3c
+
+
+def test_pcg_solves_a_dense_spd_system_and_says_why_it_stopped():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(40, 30, generator=g)
+    H = A.T @ A + 0.1 * torch.eye(30)
+    b = torch.randn(30, generator=g)
+    d = torch.diagonal(H)
+    x, hist, why = pcg(lambda p: H @ p, b, torch.zeros(30), lambda r: r / d, 200, 1e-6)
+    np.testing.assert_allclose(x.numpy(), torch.linalg.solve(H, b).numpy(), rtol=1e-3, atol=1e-4)
+    assert "converged" in why
+    assert all(b2 <= b1 + 1e-6 for b1, b2 in itertools.pairwise(hist))  # CG decreases the quadratic every step
+    _, _, why2 = pcg(lambda p: H @ p, b, torch.zeros(30), lambda r: r / d, 2, 1e-12)
+    assert why2 == "iteration limit 2"
+    # the exact inverse as preconditioner: one step
+    _, h1, why1 = pcg(lambda p: H @ p, b, torch.zeros(30), lambda r: torch.linalg.solve(H, r), 5, 1e-5)
+    assert "iteration 1" in why1 and len(h1) == 2
+
+
+def _half(c: int = 16, seed: int = 0, flow_everywhere: bool = False) -> tuple[BinnedHalf, torch.Tensor]:
+    """A one-bin problem with synthetic accumulators: K > 0 with the Friedel symmetry of real data, b = K·X(target)."""
+    sp = Sphere.make(c, "cpu")
+    m = sp.m
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(m, m, m, generator=g)
+    k = rfft3c(noise).abs().square().reshape(-1)[sp.index]
+    den = 1.0 + 0.5 * k / k.max()
+    zz, yy, xx = torch.meshgrid(*[torch.arange(m, dtype=torch.float32) - m // 2] * 3, indexing="ij")
+    target = torch.exp(-((xx - 1) ** 2 + (yy + 2) ** 2 + zz ** 2) / 8.0) + 0.5 * torch.exp(-((xx + 3) ** 2 + yy ** 2 + (zz - 2) ** 2) / 4.0)
+    half = BinnedHalf(sp, 1, torch.device("cpu"))
+    half.den[0] = den
+    half.num[0] = den * sp.spectrum(target)
+    half.counts[0] = 1
+    half.reg = torch.full_like(den, 0.05)
+    return half, target
+
+
+def _set_flow(half: BinnedHalf, shift_xyz: tuple[float, float, float]) -> None:
+    """One flow for the whole padded box: a constant shift (voxels, xyz)."""
+    m = half.sp.m
+    zz, yy, xx = torch.meshgrid(*[torch.arange(m, dtype=torch.float32) - m // 2] * 3, indexing="ij")
+    pos = torch.stack([xx, yy, zz], -1).view(-1, 3)
+    half.vox = torch.arange(m ** 3)
+    half.grid = ((pos + torch.tensor(shift_xyz) + m // 2) * (2.0 / (m - 1)) - 1.0)[None]
+
+
+def test_zero_flow_gives_the_wiener_formula():
+    half, _ = _half()
+    _set_flow(half, (0.0, 0.0, 0.0))  # through the warp path, with u = 0
+    wiener = half.wiener(half.reg)
+    x, _, why = pcg(half.hess, half.rhs(wiener), torch.zeros_like(wiener), half.precondition, 10, 1e-4)
+    assert "iteration 1 " in why  # the preconditioner is the exact inverse when D = I
+    np.testing.assert_allclose(x.numpy(), wiener.numpy(), atol=1e-4 * float(wiener.abs().max()))
+
+
+def test_integer_shift_flow_gives_the_shifted_wiener_map():
+    """W(x) = V(x + t) with t integer: the minimiser is the Wiener map moved by +t (away from the box edge)."""
+    half, _ = _half()
+    wiener = half.wiener(half.reg)
+    t = (2, -1, 3)  # x, y, z voxels
+    _set_flow(half, tuple(float(v) for v in t))
+    x, _, _ = pcg(half.hess, half.rhs(wiener), torch.zeros_like(wiener), half.precondition, 30, 1e-6)
+    expect = torch.roll(wiener, shifts=(t[2], t[1], t[0]), dims=(0, 1, 2))
+    c = half.sp.m // 2
+    inner = (slice(c - 8, c + 8),) * 3  # the object; the edges of the padded box lose what the shift pushes out
+    err = (x - expect)[inner].abs().max() / expect[inner].abs().max()
+    assert err < 0.02, float(err)
+    assert (x - wiener)[inner].abs().max() / wiener[inner].abs().max() > 0.3  # the shift did move it
+
+
+def test_hessian_is_symmetric_with_a_smooth_flow():
+    half, _ = _half(seed=1)
+    m = half.sp.m
+    zz, yy, xx = torch.meshgrid(*[torch.arange(m, dtype=torch.float32) - m // 2] * 3, indexing="ij")
+    pos = torch.stack([xx, yy, zz], -1).view(-1, 3)
+    u = 0.7 * torch.stack([torch.sin(pos[:, 1] / 5), torch.cos(pos[:, 2] / 4), 0.3 * pos[:, 0] / m], -1)
+    half.vox = torch.arange(m ** 3)
+    half.grid = ((pos + u + m // 2) * (2.0 / (m - 1)) - 1.0)[None]
+    g = torch.Generator().manual_seed(3)
+    p, q = torch.randn(m, m, m, generator=g), torch.randn(m, m, m, generator=g)
+    a, b = float((half.hess(p) * q).sum()), float((p * half.hess(q)).sum())
+    assert abs(a - b) < 1e-4 * abs(a), (a, b)
+    assert float((half.hess(p) * p).sum()) > 0
+
+
+def test_bins_hold_the_flow_spread_they_promise():
+    rng = np.random.default_rng(0)
+    z = rng.uniform(0, 1, size=(2000, 1))
+    # one vertex moves 8 voxels along x over the latent range, another 2 voxels along y (apix 1)
+    d = torch.zeros(2000, 3, 3)
+    d[:, 0, 0] = torch.as_tensor(8 * z[:, 0], dtype=torch.float32)
+    d[:, 2, 1] = torch.as_tensor(2 * z[:, 0], dtype=torch.float32)
+    b = choose_bins(z, d, 1.0, tol_vox=0.25, max_bins=64)
+    assert b.spread_at() <= 0.25
+    # equal bins of a uniform 1-D latent: spread ≤ 8/(2G), reached at the bin edges; 95 % of the particles are
+    # within 0.95 of that, so G = 16 is the first power of 2 to hold 0.25 voxels (G = 8 leaves about 0.48)
+    assert b.count == 16, b.count
+    assert b.spread.max() == pytest.approx(8 / 32, rel=0.2)
+    # the bin's displacement is its members' mean
+    sel = b.labels == b.labels[0]
+    np.testing.assert_allclose(b.displacements[b.labels[0]].numpy(), d[sel].mean(0).numpy(), atol=1e-5)
+    capped = choose_bins(z, d, 1.0, tol_vox=0.25, max_bins=8)
+    assert capped.count == 8 and capped.spread_at() > 0.25
+    one = bins_from_labels(d, np.zeros(2000, dtype=np.int64), 1.0)
+    assert one.count == 1 and one.spread.max() == pytest.approx(4.0, rel=0.05)  # 8 voxels of motion, mean in the middle
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"iterations": 0}, "--iterations"), ({"batch_size": 0}, "--batch-size"), ({"reg_scale": -1.0}, "--reg"),
+    ({"reg_scale": float("nan")}, "--reg"), ({"tol": 0.0}, "--tol"), ({"tol": 1.5}, "--tol"), ({"bins": 0}, "--bins"),
+    ({"flow_tol": 0.0}, "--flow-tol"), ({"flow_tol": float("inf")}, "--flow-tol"), ({"max_bins": 0}, "--max-bins")])
+def test_bad_options_are_named(kw, words):
+    with pytest.raises(InputError, match=words):
+        check_options(**kw)
