@@ -24,6 +24,7 @@ from .fourier import freq_grid_2d
 __all__ = ["insert_slices", "slice_points"]
 
 _POINTS_CACHE: dict = {}
+ROWS_FROM = 4  # above this many float channels, scatter voxel rows instead of one channel at a time
 
 
 def slice_points(n: int, fftfreq_max: float | None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +98,9 @@ def insert_slices(real_vals: torch.Tensor | None, cplx_vals: torch.Tensor | None
     # the accumulator has one spare plane after the last z, y and x: corners that fall there carry weight 0
     # (a coordinate exactly on the grid's last plane), so no clamping is needed; it is cut off at the end
     Mp, Wp = M + 1, W + 1
-    acc = torch.zeros(C, Mp * Mp * Wp, device=dev, dtype=torch.float32)
+    acc = torch.zeros(C if C <= ROWS_FROM else 0, Mp * Mp * Wp, device=dev, dtype=torch.float32)
+    flip = torch.ones(C, 1, device=dev)
+    flip[cr + cc:] = -1.0  # the Friedel mate's imaginary parts
     if interpolation == "nearest":
         z, y, x = cz.long(), cy.long(), cx.long()
         flat, v = (z * Mp + y) * Wp + x, vals
@@ -120,15 +123,19 @@ def insert_slices(real_vals: torch.Tensor | None, cplx_vals: torch.Tensor | None
         mz = (z0[sel][:, None, None] + o[None, :, None]).expand(-1, 2, 2).reshape(-1)
         my = (y0[sel][:, None, None] + o[None, None, :]).expand(-1, 2, 2).reshape(-1)
         mv = (vals[:, sel, None] * wzy[sel][None] * (1 - tx[sel])[None, :, None]).reshape(C, -1)
-    for c in range(C):
-        acc[c].index_add_(0, flat, v[c])
     keep = ~((mz == M // 2) & (my == M // 2)) & (mz < M) & (my < M)  # the origin is its own mate
-    if bool(keep.any()):
-        mflat = (((M - mz[keep]) % M) * Mp + (M - my[keep]) % M) * Wp
-        mv = mv[:, keep]
+    mflat = (((M - mz[keep]) % M) * Mp + (M - my[keep]) % M) * Wp
+    mv = mv[:, keep] * flip
+    if C <= ROWS_FROM:  # few channels: one flat scatter per channel
         for c in range(C):
-            acc[c].index_add_(0, mflat, -mv[c] if c >= cr + cc else mv[c])
-    acc = acc.reshape(C, Mp, Mp, Wp)[:, :M, :M, :W]
+            acc[c].index_add_(0, flat, v[c])
+            acc[c].index_add_(0, mflat, mv[c])
+        acc = acc.reshape(C, Mp, Mp, Wp)[:, :M, :M, :W]
+    else:  # many channels (3DVA's M-step): voxels as rows of C values, one scatter of rows
+        rows = torch.zeros(Mp * Mp * Wp, C, device=dev, dtype=torch.float32)
+        rows.index_add_(0, flat, v.T)
+        rows.index_add_(0, mflat, mv.T)
+        acc = rows.T.reshape(C, Mp, Mp, Wp)[:, :M, :M, :W]
     if cr:
         out_real = acc[:cr] if out_real is None else out_real.add_(acc[:cr])
     if cc:
