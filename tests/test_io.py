@@ -251,3 +251,17 @@ def test_read_segmentation(tmp_path):
     write_volume(tmp_path / "negative.mrc", -labels, 2.0)
     with pytest.raises(InputError, match="found -2"):
         read_segmentation(tmp_path / "negative.mrc")
+
+
+def test_optics_as_pairs(small_flex_data, tmp_path):
+    """A single optics group written as `_label value` pairs (no loop_) reads like the one-row loop."""
+    text = (small_flex_data / "particles.star").read_text()
+    head, rest = text.split("data_particles", 1)
+    labels = [ln.split()[0] for ln in head.splitlines() if ln.startswith("_")]
+    values = next(ln for ln in head.splitlines() if ln.strip() and ln.split()[0] == "1").split()
+    pairs = "data_optics\n\n" + "".join(f"{k} {v}\n" for k, v in zip(labels, values, strict=True)) + "\n\n"
+    (tmp_path / "stacks").symlink_to(small_flex_data / "stacks")
+    (tmp_path / "pairs.star").write_text(pairs + "data_particles" + rest)
+    ps, ref = read_particles(tmp_path / "pairs.star"), read_particles(small_flex_data / "particles.star")
+    assert (ps.apix, ps.box, len(ps)) == (ref.apix, ref.box, len(ref))
+    assert ps.table["rlnVoltage"].tolist() == ref.table["rlnVoltage"].tolist()

@@ -383,6 +383,8 @@ def read_particles(star_path: str | os.PathLike, apix: float | None = None) -> P
         raise InputError(f"{star_path}: particles have no rlnImageName column")
     _check_row_lengths(parts, star_path, block)
     _check_columns(parts, star_path, block)
+    if isinstance(optics, dict):  # one group written as `_label value` pairs instead of a loop: one row
+        optics = pd.DataFrame([optics])
     if optics is not None:
         if not isinstance(optics, pd.DataFrame) or len(optics) == 0:
             raise InputError(f"{star_path}: data_optics holds no optics groups (a loop_ with one row per group)")
