@@ -410,8 +410,8 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
                         "quasi-random points); the final search uses about twice as many")
     p.add_argument("--search-kmax", type=float, default=d.search_kmax,
                    help="band of the latent searches during training, as a fraction of the training Nyquist, capped "
-                        f"by the epoch's band (default {d.search_kmax}); the final search uses the final band. "
-                        "Telling the grid's maps apart needs the motion's scale, and the band sets the search's cost")
+                        f"by the epoch's band (default {d.search_kmax}: the epoch's band); the final search uses the final band. "
+                        "A lower band (e.g. 0.5) makes the searches cheaper at some cost in latent accuracy")
     p.add_argument("--no-final-search", action="store_true",
                    help="skip the finer latent search after the last epoch (the latents written out)")
     p.add_argument("--rigidity-cells", type=int, default=d.rigidity_cells,

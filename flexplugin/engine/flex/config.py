@@ -40,9 +40,9 @@ class TrainConfig:
     search_points: int = 0  # grid points per latent axis (K ≤ 2; K ≥ 3 draws points²); 0: 15 for K=1, 9 otherwise
     final_search: bool = True  # a finer search after the last epoch (the latents written out)
     # band of the searches during training, as a fraction of training Nyquist (capped by the epoch's k_max); the
-    # final search uses the final band. Telling grid points apart needs the motion's scale, not the last shell,
-    # and the band sets the search's cost (decoded box³ and slice area): docs/flex_training.md has the figures
-    search_kmax: float = 0.5
+    # final search uses the final band. A lower band makes the search cheaper (decoded box³ and slice area) at
+    # some cost in latent accuracy: docs/flex_training.md has the figures. 1.0: the epoch's own band
+    search_kmax: float = 1.0
 
     def validate(self) -> None:
         """Refuse meaningless settings before any heavy work, naming the CLI option and value (NaN/Inf too)."""
