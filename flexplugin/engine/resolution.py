@@ -208,12 +208,14 @@ class MaskedFSC:
 
 
 def masked_fsc(half1: np.ndarray | torch.Tensor, half2: np.ndarray | torch.Tensor, mask: np.ndarray | None,
-               apix: float, randomize_fsc_at: float = RANDOMIZE_FSC_AT, seed: int = 0) -> MaskedFSC:
+               apix: float, randomize_fsc_at: float = RANDOMIZE_FSC_AT, seed: int = 0,
+               device: torch.device | str | None = None) -> MaskedFSC:
     """Unmasked FSC and, with a mask, the masked FSC corrected for the mask by phase randomisation (RELION's
     post-processing): phases randomised beyond the first shell where the unmasked FSC < `randomize_fsc_at`,
-    FSC_true = (FSC_masked − FSC_rand)/(1 − FSC_rand) from two shells beyond it."""
-    h1 = torch.as_tensor(np.asarray(half1), dtype=torch.float64)
-    h2 = torch.as_tensor(np.asarray(half2), dtype=torch.float64)
+    FSC_true = (FSC_masked − FSC_rand)/(1 − FSC_rand) from two shells beyond it. Computed in float64 on `device`;
+    the random phases come from a CPU generator seeded with `seed`, so they do not depend on the device."""
+    h1 = torch.as_tensor(np.asarray(half1), dtype=torch.float64, device=device)
+    h2 = torch.as_tensor(np.asarray(half2), dtype=torch.float64, device=device)
     n = h1.shape[-1]
     if h1.shape != (n, n, n) or h2.shape != h1.shape:
         raise InputError(f"half maps must be cubic and of one size; got {tuple(h1.shape)} and {tuple(h2.shape)}")
@@ -222,7 +224,7 @@ def masked_fsc(half1: np.ndarray | torch.Tensor, half2: np.ndarray | torch.Tenso
     out = MaskedFSC(freq, unmasked, resolution_unmasked_A=resolution_at(unmasked, n, apix))
     if mask is None:
         return out
-    m = torch.as_tensor(np.asarray(mask), dtype=torch.float64)
+    m = torch.as_tensor(np.asarray(mask), dtype=torch.float64, device=h1.device)
     if m.shape != h1.shape:
         raise InputError(f"mask is {tuple(m.shape)} but the half maps are {tuple(h1.shape)}")
     out.masked = _dc_one(fsc_batch((h1 * m)[None], (h2 * m)[None])[0].cpu().numpy())
@@ -414,7 +416,7 @@ def write_resolution_outputs(out_dir: str | os.PathLike, halves: dict[str, tuple
                   "fsc_threshold": FSC_THRESHOLD, "fsc": {}, "locres": {}}
     maps = {}
     for name, (a, b) in halves.items():
-        f = masked_fsc(a, b, mask, apix, seed=seed)
+        f = masked_fsc(a, b, mask, apix, seed=seed, device=device)
         write_fsc_star(out / f"fsc_masked_{name}.star", f)
         info["fsc"][name] = f.to_dict()
         loc, linfo = local_resolution(a, b, apix, region, window_px, step_px, device=device)
