@@ -18,6 +18,8 @@ from pwem.protocols import ProtFlexBase
 
 from flexplugin.engine.flex.config import TrainConfig
 
+D = TrainConfig()  # every training default is declared there, once
+
 from .protocol_base import INPUT_MASK, INPUT_VOLUME, FlexPluginProtBase
 from .protocol_flex_mesh import MESH_FILES, cropMapFile, meshEngineArgs, plainFileName
 
@@ -104,66 +106,66 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
                            "training Nyquist below the consensus resolution; boxes above 256 become very slow.")
 
         form.addSection(label="Training")
-        form.addParam("numberOfLatents", params.IntParam, default=2, condition=fresh,
-                      validators=[params.GE(1, "Use at least one latent dimension")],
+        form.addParam("numberOfLatents", params.IntParam, default=D.k, condition=fresh,
+                      validators=[params.Range(1, 16, "Use 1 to 16 latent dimensions (start with 2)")],
                       label="Number of latent dims",
                       help="Dimensions K of the latent space (cryoSPARC: flex_K, default 2). Start with 2 and "
                            "increase when the motion looks richer than the latent plots can hold.")
-        form.addParam("epochs", params.IntParam, default=16, validators=[params.GE(1)],
+        form.addParam("epochs", params.IntParam, default=D.epochs, validators=[params.GE(1)],
                       label="Number of epochs",
                       help="Epochs of the base schedule, over which the learning rate is annealed and the "
                            "resolution is raised to 80 % of training Nyquist (default 16). When continuing, "
                            "training goes on up to this plus the extra epochs.")
-        form.addParam("extraEpochs", params.IntParam, default=0, validators=[params.GE(0)],
+        form.addParam("extraEpochs", params.IntParam, default=D.extra_epochs, validators=[params.GE(0)],
                       label="Extra epochs",
                       help="Epochs after the base schedule at its final learning rate and resolution "
                            "(cryoSPARC: flex_extra_epochs, default 0). Add some when the losses still fall at "
                            "the end.")
-        form.addParam("rigidity", params.FloatParam, default=TrainConfig.rigidity, condition=fresh,
+        form.addParam("rigidity", params.FloatParam, default=D.rigidity, condition=fresh,
                       validators=[params.GE(0)],
                       label="Rigidity (lambda)",
                       help="Weight of the prior that keeps each mesh cell close to a rigid motion (cryoSPARC: "
-                           f"flex_sv_lam, default {TrainConfig.rigidity:g}). It weighs the volume-weighted mean of "
+                           f"flex_sv_lam, default {D.rigidity:g}). It weighs the volume-weighted mean of "
                            "the cells' deviation from rigidity, so its meaning does not change with the number of "
                            "mesh cells or the mask's size. Raise it when the flow looks noisy or tears density "
                            "apart; lower it when real motions come out too small.")
-        form.addParam("latentPrior", params.FloatParam, default=20.0, condition=fresh, validators=[params.GE(0)],
+        form.addParam("latentPrior", params.FloatParam, default=D.latent_prior, condition=fresh, validators=[params.GE(0)],
                       label="Latent centering strength",
                       help="Strength of the prior that keeps latents near 0 (cryoSPARC: flex_latent_prior_lam, "
                            "default 20). Raise it if many latents reach the ends of the (-1.5, 1.5) range; lower "
                            "it if they are bunched at 0.")
-        form.addParam("latentNoise", params.FloatParam, default=0.15, condition=fresh, validators=[params.GE(0)],
+        form.addParam("latentNoise", params.FloatParam, default=D.latent_noise, condition=fresh, validators=[params.GE(0)],
                       expertLevel=params.LEVEL_ADVANCED,
                       label="Noise injection stdev",
                       help="Standard deviation of the noise added to latents while training, in latent units "
                            "(latents span about -1.5..1.5) (cryoSPARC: flex_latent_samp_std, default 0.15). It "
                            "smooths the generator over latent space; raise it if nearby latents give very "
                            "different flows.")
-        form.addParam("latentPriorPow", params.FloatParam, default=4.0, condition=fresh,
+        form.addParam("latentPriorPow", params.FloatParam, default=D.latent_prior_pow, condition=fresh,
                       validators=[params.Positive], expertLevel=params.LEVEL_ADVANCED,
                       label="Latent centering power",
                       help="Exponent p of the centring prior strength × |z|^p (cryoSPARC: flex_latent_prior_pow, "
                            "default 4): higher values leave the centre free and push back harder near the ends.")
-        form.addParam("layers", params.IntParam, default=6, condition=fresh, validators=[params.GE(1)],
+        form.addParam("layers", params.IntParam, default=D.layers, condition=fresh, validators=[params.GE(1)],
                       expertLevel=params.LEVEL_ADVANCED,
                       label="Number of layers (flow generator)",
                       help="Hidden layers of the flow generator network (cryoSPARC: flex_num_layers, default 6).")
-        form.addParam("hiddenUnits", params.IntParam, default=64, condition=fresh, validators=[params.GE(1)],
+        form.addParam("hiddenUnits", params.IntParam, default=D.hidden, condition=fresh, validators=[params.GE(1)],
                       expertLevel=params.LEVEL_ADVANCED,
                       label="Hidden units per layer",
                       help="Width of each hidden layer (cryoSPARC: flex_hidden_units, default 64). Wider layers "
                            "can express more complex motions and overfit more easily.")
-        form.addParam("lrFlowInit", params.FloatParam, default=0.005, condition=fresh,
+        form.addParam("lrFlowInit", params.FloatParam, default=D.lr_flow_init, condition=fresh,
                       validators=[params.Positive], expertLevel=params.LEVEL_ADVANCED,
                       label="Flow learning rate: initial",
                       help="Learning rate of the flow generator at the start of the schedule (cryoSPARC: "
                            "flex_lr_flex_init, default 0.005).")
-        form.addParam("lrFlowFinal", params.FloatParam, default=0.0005, condition=fresh,
+        form.addParam("lrFlowFinal", params.FloatParam, default=D.lr_flow_final, condition=fresh,
                       validators=[params.Positive], expertLevel=params.LEVEL_ADVANCED,
                       label="Flow learning rate: final",
                       help="Learning rate of the flow generator at the end of the schedule and during extra "
                            "epochs (cryoSPARC: flex_lr_flex_final, default 0.0005).")
-        form.addParam("lrDensity", params.FloatParam, default=0.01, condition=fresh,
+        form.addParam("lrDensity", params.FloatParam, default=D.lr_density, condition=fresh,
                       validators=[params.Positive], expertLevel=params.LEVEL_ADVANCED,
                       label="Density learning rate",
                       help="Learning rate of the canonical map (cryoSPARC: flex_lr_density_init/_final, default "
@@ -175,13 +177,36 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
                            "Empty (default): 0.01 when the latents are seeded (e.g. from 3DVA), which keeps a good "
                            "seed, and 0.05 from random latents, which is needed to find the motion. Lower it if "
                            "latents jump between epochs.")
-        form.addParam("batchSize", params.IntParam, default=64, condition=fresh, validators=[params.GE(1)],
+        form.addParam("batchSize", params.IntParam, default=D.batch_size, condition=fresh, validators=[params.GE(1)],
                       expertLevel=params.LEVEL_ADVANCED,
                       label="Batch size (particles)",
                       help="Particles per optimisation step (default 64). Larger batches use more GPU memory.")
-        form.addParam("seed", params.IntParam, default=0, condition=fresh, expertLevel=params.LEVEL_ADVANCED,
+        form.addParam("seed", params.IntParam, default=D.seed, condition=fresh, expertLevel=params.LEVEL_ADVANCED,
                       label="Random seed",
                       help="Seed of the batch order, the injected noise and the initialisation (default 0).")
+        group = form.addGroup("Latent search", condition=fresh, expertLevel=params.LEVEL_ADVANCED)
+        group.addParam("searchStart", params.IntParam, default=D.search_start, validators=[params.GE(0)],
+                       label="First search epoch",
+                       help="First epoch that begins with a latent search: every particle's latent becomes its "
+                            "posterior mean over a grid of maps decoded by the current model (default "
+                            f"{D.search_start}; 0 searches before any training).")
+        group.addParam("searchEvery", params.IntParam, default=D.search_every, validators=[params.GE(0)],
+                       label="Epochs between searches",
+                       help=f"Epochs between latent searches (default {D.search_every}; 0: never during training).")
+        group.addParam("searchPoints", params.IntParam, default=D.search_points,
+                       validators=[params.Range(0, 64, "0 (automatic) or 2 to 64")],
+                       label="Grid points per latent axis",
+                       help="Grid points per latent axis of a search (0, the default: 15 for K=1, 9 for K≥2; K≥3 "
+                            "uses points² quasi-random points). The final search uses about twice as many.")
+        group.addParam("searchKmax", params.FloatParam, default=D.search_kmax,
+                       validators=[params.Range(0.01, 1.0, "a fraction of Nyquist in (0, 1]")],
+                       label="Search band (fraction of Nyquist)",
+                       help="Band of the searches during training as a fraction of the training Nyquist, capped by "
+                            f"the epoch's band (default {D.search_kmax:g}: the epoch's band). A lower band (e.g. "
+                            "0.5) makes searches cheaper at some cost in latent accuracy.")
+        group.addParam("finalSearch", params.BooleanParam, default=D.final_search,
+                       label="Final search",
+                       help="A finer latent search after the last epoch; its latents are the ones written out.")
         form.addParallelSection(threads=4, mpi=0)
 
     # --------------------------- INSERT steps functions ----------------------
@@ -507,6 +532,11 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
                  "--latent-prior", src.latentPrior.get(),
                  "--latent-prior-pow", src.latentPriorPow.get(),
                  "--seed", src.seed.get()]
+        if src.hasAttribute("searchStart"):  # runs saved before the search options keep the engine's defaults
+            args += ["--search-start", src.searchStart.get(), "--search-every", src.searchEvery.get(),
+                     "--search-points", src.searchPoints.get(), "--search-kmax", src.searchKmax.get()]
+            if not src.finalSearch.get():
+                args += ["--no-final-search"]
         if src.lrLatent.get() is not None:  # empty: the engine's automatic step size
             args += ["--lr-latent", src.lrLatent.get()]
         if self._seedsLatents():

@@ -263,9 +263,15 @@ class TestFlexProtocols(unittest.TestCase):
         _point(prot.meshRun, self.mesh)
         self.assertEqual(prot.validate(), [])
 
-        prot.numberOfLatents.set(0)
-        self.assertTrue(any("latent" in e for e in prot.validate()), prot.validate())
+        for bad in (0, 17):  # the engine's range (TrainConfig.validate) is 1 to 16
+            prot.numberOfLatents.set(bad)
+            self.assertTrue(any("latent" in e for e in prot.validate()), prot.validate())
         prot.numberOfLatents.set(K)
+        prot.searchKmax.set(1.5)
+        self.assertTrue(any("Nyquist" in e for e in prot.validate()), prot.validate())
+        prot.searchKmax.set(0.5)
+        self.assertIn("--search-kmax", prot._getTrainArgs())
+        prot.searchKmax.set(1.0)
 
         prot.trainingBox.set(BOX * 2)
         self.assertTrue(any("training box" in e for e in prot.validate()), prot.validate())
