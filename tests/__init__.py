@@ -15,3 +15,4 @@ from .test_scipion_workflow import *  # noqa: F401,F403
 from .test_scipion_chaining import *  # noqa: F401,F403
 from .test_gui import *  # noqa: F401,F403
 from .test_scipion_faults import *  # noqa: F401,F403
+from .test_scipion_bad_metadata import *  # noqa: F401,F403
