@@ -14,6 +14,8 @@ mkdir -p "$OUT"
 "${FP[@]}" flex-train --particles "$OUT/data/particles.star" --volume "$OUT/data/consensus.mrc" \
     --mesh "$OUT/flex_mesh/mesh.pkl" --train-box 32 --init-latents "$OUT/3dva/latents.csv" --out "$OUT/flex_train"
 "${FP[@]}" flex-generate --model "$OUT/flex_train" --frames 9 --out "$OUT/flex_generate"
+"${FP[@]}" flex-reconstruct --model "$OUT/flex_train" --particles "$OUT/data/particles.star" \
+    --mask "$OUT/data/mask.mrc" --out "$OUT/flex_reconstruct"
 cat <<MSG
 
 demo: done.
@@ -23,4 +25,5 @@ demo: done.
   3D Flex mesh         $OUT/flex_mesh (mesh.pkl, mesh.pdb, mesh_slices.png)
   3D Flex training     $OUT/flex_train (seeded from 3DVA: model.pt, latents.csv, latents.png, activations.png, flow.png)
   3D Flex generation   $OUT/flex_generate (series_*/vol_*.mrc, atlas.png)
+  3D Flex reconstruct  $OUT/flex_reconstruct (flex_map.mrc, noflex_map.mrc, half maps, fsc.png)
 MSG

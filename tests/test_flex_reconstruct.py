@@ -33,6 +33,21 @@ def test_pcg_solves_a_dense_spd_system_and_says_why_it_stopped():
     assert "iteration 1" in why1 and len(h1) == 2
 
 
+def test_sphere_spectrum_is_the_centred_rfft_and_its_adjoint_is_exact():
+    sp = Sphere.make(12, "cpu")
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(24, 24, 24, generator=g), torch.randn(24, 24, 24, generator=g)
+    ref = rfft3c(x).reshape(-1)[sp.index]  # fourier.rfft3c, rolls and all
+    torch.testing.assert_close(sp.spectrum(x), ref, rtol=1e-5, atol=1e-3)
+    w = sp.shell.float() + 1.0  # a radial weight keeps the Friedel symmetry of y on the kx = 0 plane
+    y = w * sp.spectrum(v)
+    lhs = float((sp.mult * (sp.spectrum(x).conj() * y).real).sum())
+    assert float((x * sp.adjoint(y)).sum()) == pytest.approx(lhs, rel=1e-4)
+    # volume() inverts spectrum() on band-limited maps
+    band = sp.volume(sp.spectrum(x))
+    torch.testing.assert_close(sp.volume(sp.spectrum(band)), band, rtol=1e-4, atol=1e-4)
+
+
 def _half(c: int = 16, seed: int = 0, flow_everywhere: bool = False) -> tuple[BinnedHalf, torch.Tensor]:
     """A one-bin problem with synthetic accumulators: K > 0 with the Friedel symmetry of real data, b = K·X(target)."""
     sp = Sphere.make(c, "cpu")

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..fourier import crop_center, fsc_resolution, irfft3c, radius_3d, rfft3c
+from ..fourier import crop_center, fsc_resolution, radius_3d
 from ..insertion import insert_slices
 from ..io import ParticleSet
 from ..progress import Progress
@@ -89,10 +89,12 @@ class Sphere:
     returned."""
 
     c: int
-    index: torch.Tensor  # (P,) flat index into (M, M, M//2+1)
+    index: torch.Tensor  # (P,) flat index into the centred (M, M, M//2+1) rfft (the accumulators' layout)
     shell: torch.Tensor  # (P,) FSC shell of the c box, 0..c//2
-    mult: torch.Tensor  # (P,) 1 on the kx = 0 plane, else 2 (each stored coefficient stands for itself and its mate)
+    mult: torch.Tensor  # (P,) 1 on the kx = 0 and kx = M/2 planes, else 2 (a stored coefficient and its mate)
     mask: torch.Tensor  # (c, c, c) the soft sphere every Wiener map is multiplied by
+    index_u: torch.Tensor  # (P,) the same points in torch's unshifted rfftn layout
+    sign: torch.Tensor  # (P,) (−1)^(kx+ky+kz): the centring of the real-space box as a phase
 
     @property
     def m(self) -> int:
@@ -106,21 +108,34 @@ class Sphere:
         keep = (r <= c / 2).reshape(-1)
         idx = torch.nonzero(keep).squeeze(1)
         shell = torch.round(r.reshape(-1)[idx]).long()
-        kx0 = (torch.arange(m // 2 + 1, device=device) == 0).expand(m, m, -1).reshape(-1)[idx]
-        mult = torch.where(kx0, 1.0, 2.0)
-        return Sphere(c, idx, shell, mult, soft_sphere(c, device=device))
+        kx = torch.arange(m // 2 + 1, device=device)
+        edge = ((kx == 0) | (kx == m // 2)).expand(m, m, -1).reshape(-1)[idx]  # self-conjugate columns
+        mult = torch.where(edge, 1.0, 2.0)
+        # centred rfft (fourier.rfft3c) = fftshift over z, y of rfftn(ifftshift(vol)); the ifftshift of an even box
+        # is the phase (−1)^(kx+ky+kz), so the sphere can be read from a plain rfftn, without the two rolls
+        w = m // 2 + 1
+        iz, iy, ix = idx // (m * w), (idx // w) % m, idx % w
+        uz, uy = (iz + m // 2) % m, (iy + m // 2) % m
+        index_u = (uz * m + uy) * w + ix
+        sign = 1.0 - 2.0 * ((iz - m // 2 + iy - m // 2 + ix) % 2).float()
+        return Sphere(c, idx, shell, mult, soft_sphere(c, device=device), index_u, sign)
 
     def spectrum(self, vol: torch.Tensor) -> torch.Tensor:
-        """X = F[vol] at the sphere: (..., M, M, M) → (..., P)."""
-        ft = rfft3c(vol)
-        return ft.reshape(*ft.shape[:-3], -1)[..., self.index]
+        """X = F[vol] at the sphere (the centred rfft, fourier.rfft3c): (..., M, M, M) → (..., P)."""
+        ft = torch.fft.rfftn(vol, dim=(-3, -2, -1))
+        return ft.reshape(*ft.shape[:-3], -1)[..., self.index_u] * self.sign
 
     def volume(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`spectrum` on the sphere: (P,) → (M, M, M)."""
+        """Inverse of :meth:`spectrum` for a spectrum held on the sphere: (..., P) → (..., M, M, M)."""
         m = self.m
-        full = torch.zeros(m * m * (m // 2 + 1), dtype=torch.complex64, device=x.device)
-        full[self.index] = x
-        return irfft3c(full.view(m, m, m // 2 + 1), m)
+        full = torch.zeros(*x.shape[:-1], m * m * (m // 2 + 1), dtype=torch.complex64, device=x.device)
+        full[..., self.index_u] = x * self.sign
+        return torch.fft.irfftn(full.view(*x.shape[:-1], m, m, m // 2 + 1), s=(m, m, m), dim=(-3, -2, -1))
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """Aᵀy for A = :meth:`spectrum` and the inner product Re Σ mult·ȳ·x of the half spectrum (the full
+        spectrum's): M³ times :meth:`volume`, for y with the Friedel symmetry of real maps on the kx = 0 plane."""
+        return self.volume(y) * float(self.m ** 3)
 
     def crop(self, vol: torch.Tensor) -> torch.Tensor:
         """The map as the Wiener map is written: central c³ box times the soft sphere."""
@@ -193,28 +208,24 @@ class BinnedHalf:
         for s in range(0, len(live), chunk):
             yield torch.as_tensor(live[s:s + chunk], device=self.dev)
 
-    def rhs(self, V_like: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-        """Right-hand side Σ_g D_gᵀ Aᵀ b_g (A: the sphere spectrum), by autograd of the linear term."""
-        V = torch.zeros_like(V_like, requires_grad=True)
-        out = torch.zeros_like(V_like)
+    def _apply_adjoint_warps(self, V: torch.Tensor, ys, chunk: int) -> torch.Tensor:
+        """Σ_g D_gᵀ Aᵀ y_g over the live bins, y_g = ys(g, X_g) from the bins' spectra X_g = A D_g V."""
+        Vg = V.detach().requires_grad_(True)
+        out = torch.zeros_like(V)
         for g in self._chunks(chunk):
-            X = self.sp.spectrum(self.warp(V, g))
-            lin = (self.sp.mult * (self.num[g].conj() * X).real).sum()
-            out += torch.autograd.grad(lin, V)[0]
+            W = self.warp(Vg, g)
+            Y = self.sp.adjoint(ys(g, self.sp.spectrum(W.detach())))
+            out += torch.autograd.grad(W, Vg, grad_outputs=Y)[0]  # D_gᵀ: the warp's adjoint only
         return out
 
-    def hess(self, p: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor, None]:
-        """H p = Σ_g D_gᵀ Aᵀ K_g A D_g p + Aᵀ τ A p, by autograd of the quadratic form."""
-        V = p.detach().requires_grad_(True)
-        out = torch.zeros_like(p)
-        for g in self._chunks(chunk):
-            X = self.sp.spectrum(self.warp(V, g))
-            q = 0.5 * (self.sp.mult * self.den[g] * X.real.square() + self.sp.mult * self.den[g] * X.imag.square()).sum()
-            out += torch.autograd.grad(q, V)[0]
-        X0 = self.sp.spectrum(V)
-        q = 0.5 * (self.sp.mult * self.reg * X0.abs().square()).sum()
-        out += torch.autograd.grad(q, V)[0]
-        return out
+    def rhs(self, V_like: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+        """Right-hand side Σ_g D_gᵀ Aᵀ b_g (A: the sphere spectrum)."""
+        return self._apply_adjoint_warps(torch.zeros_like(V_like), lambda g, X: self.num[g], chunk)
+
+    def hess(self, p: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+        """H p = Σ_g D_gᵀ Aᵀ K_g A D_g p + Aᵀ τ A p: per bin one warp, one FFT, one inverse FFT, one adjoint warp."""
+        out = self._apply_adjoint_warps(p, lambda g, X: self.den[g] * X, chunk)
+        return out + self.sp.adjoint(self.reg * self.sp.spectrum(p))
 
     def total_den(self) -> torch.Tensor:
         return self.den.sum(0)
