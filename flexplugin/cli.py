@@ -86,11 +86,15 @@ def cmd_simulate(a: argparse.Namespace) -> None:
 
 
 def cmd_reconstruct(a: argparse.Namespace) -> None:
-    import torch
     from .engine.atomic import save_plot, savetxt, write_json
+    from .engine.errors import InputError
     from .engine.io import read_mask, read_particles, write_volume, check_volume_matches
     from .engine.reconstruct import reconstruct_particles
     from .plots import plot_fsc, plot_slices
+    if a.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {a.batch_size}")
+    if a.pad < 1:
+        raise InputError(f"--pad must be at least 1 (1: no oversampling, 2: the default), got {a.pad}")
     dev = _device(a.device)
     ps = read_particles(a.particles, apix=a.apix)
     ps.require(poses=True, ctf=not a.no_ctf)
@@ -155,10 +159,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_OPTION_OF_DEST = {"lam": "--lambda"}  # options whose dest is not their name
+
+
+def _check_finite(args: argparse.Namespace) -> None:
+    """NaN or Inf given for any number option is meaningless everywhere: an InputError naming the option."""
+    import math
+
+    from .engine.errors import InputError
+    for dest, v in vars(args).items():
+        if isinstance(v, float) and not math.isfinite(v):
+            opt = _OPTION_OF_DEST.get(dest, "--" + dest.replace("_", "-"))
+            raise InputError(f"{opt} must be a finite number, got {v}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run a parsed subcommand; bad input → `error: …` and status 2, a full disk → status 3 (see engine.errors)."""
     from .engine.errors import EXIT_DISK_FULL, EXIT_INPUT, DiskFullError, InputError
     try:
+        _check_finite(args)
         if getattr(args, "threads", 0) < 0:
             raise InputError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
         if getattr(args, "seed", 0) < 0:

@@ -120,6 +120,10 @@ def cmd_flex_mesh(a: argparse.Namespace) -> None:
     from .plots_flex import plot_mesh
     _option_ints(a.rigid, "--rigid", "2,4")
     _check_fuse_syntax(a.fuse)
+    for opt, v, low in (("--mask-lowpass", a.mask_lowpass, "> 0"), ("--mask-dilate", a.mask_dilate, ">= 0"),
+                        ("--mask-pad", a.mask_pad, ">= 0")):
+        if v < 0 or (low == "> 0" and v == 0):
+            raise InputError(f"{opt} must be {low} Å, got {v}")
     vol, apix = read_volume(a.volume)
     _check_blank_map(vol, a.volume, "--volume")
     mask = seg = None

@@ -226,8 +226,24 @@ def add_3dva_parser(sub) -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------ 3dva-display
+def _check_display_options(a: argparse.Namespace) -> None:
+    """3dva-display's numeric options that the engine would otherwise meet as a traceback or NaN weights."""
+    import math
+
+    from .engine.errors import InputError
+    if a.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {a.batch_size}")
+    if not (math.isfinite(a.max_memory_gb) and a.max_memory_gb > 0):
+        raise InputError(f"--max-memory-gb must be a positive number of GB, got {a.max_memory_gb}")
+    if not math.isfinite(a.width):
+        raise InputError(f"--width must be > 0 (triangular), 0 (top-hat) or -1 (equal-count bins), got {a.width}")
+    if not math.isfinite(a.range_percentile):
+        raise InputError(f"--range-percentile must be in [0, 50), got {a.range_percentile}")
+
+
 def cmd_3dva_display(a: argparse.Namespace) -> None:
     from .engine.va3d.display import DisplayConfig, run_display
+    _check_display_options(a)
     dev = _device(a.device)
     cfg = DisplayConfig(mode=a.mode, frames=a.frames, range_percentile=a.range_percentile,
                         components=a.components, filter_res=a.filter_res, filter_order=a.filter_order,

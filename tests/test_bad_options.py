@@ -75,6 +75,11 @@ CASES = [(f"{cmd}-out-{kind}", cmd, [], words, kind) for cmd in BASE for kind, w
     ("reconstruct-device-text", "reconstruct", ["--device", "gpu7"], ["--device 'gpu7'", "not a device"], "copy"),
     ("reconstruct-seed-negative", "reconstruct", ["--seed", "-1"], ["--seed", "got -1"], "copy"),
     ("3dva-display-seed-negative", "3dva-display", ["--seed", "-3"], ["--seed", "got -3"], "copy"),
+    ("simulate-apix-nan", "simulate", ["--apix", "nan"], ["--apix", "finite number", "got nan"], "fresh"),
+    ("simulate-hinge-inf", "simulate", ["--hinge", "inf"], ["--hinge", "finite number", "got inf"], "copy"),
+    ("simulate-n-zero", "simulate", ["--n", "0"], ["need n >= 2"], "copy"),
+    ("reconstruct-batch-size-zero", "reconstruct", ["--batch-size", "0"], ["--batch-size", "at least 1"], "copy"),
+    ("reconstruct-pad-zero", "reconstruct", ["--pad", "0"], ["--pad", "at least 1", "got 0"], "copy"),
     ("reconstruct-missing-particles", "reconstruct", ["--particles", "{t}/missing.star"],
      ["particle STAR file not found", "missing.star"], "copy"),
     # --- flex-prep
@@ -89,6 +94,10 @@ CASES = [(f"{cmd}-out-{kind}", cmd, [], words, kind) for cmd in BASE for kind, w
     ("flex-mesh-rigid-text", "flex-mesh", ["--rigid", "a,b"], ["--rigid 'a,b'", "whole numbers"], "copy"),
     ("flex-mesh-fuse-syntax", "flex-mesh", ["--fuse", "1>>x"], ["--fuse item '1>>x'", "parent>child"], "copy"),
     ("flex-mesh-fuse-no-segmentation", "flex-mesh", ["--fuse", "1>2"], ["--fuse", "need --segmentation"], "copy"),
+    ("flex-mesh-cells-zero", "flex-mesh", ["--cells", "0"], ["--cells", "got 0"], "copy"),
+    ("flex-mesh-mask-lowpass-zero", "flex-mesh", ["--mask-lowpass", "0"], ["--mask-lowpass", "> 0"], "copy"),
+    ("flex-mesh-mask-dilate-negative", "flex-mesh", ["--mask-dilate", "-5"], ["--mask-dilate", ">= 0"], "copy"),
+    ("flex-mesh-mask-pad-nan", "flex-mesh", ["--mask-pad", "nan"], ["--mask-pad", "finite"], "copy"),
     ("flex-mesh-volume-blank", "flex-mesh", ["--volume", "{t}/zeros.mrc"], ["zeros.mrc", "every voxel"], "fresh"),
     # --- flex-train (its full catalogue: tests/test_bad_inputs.py)
     ("flex-train-init-idxs-text", "flex-train", ["--init-latents", "{good}/va/latents.csv", "--init-idxs", "a,b"],
@@ -154,6 +163,8 @@ CASES = [(f"{cmd}-out-{kind}", cmd, [], words, kind) for cmd in BASE for kind, w
     ("3dva-continue-truncated", "3dva", ["--continue", "--out", "{t}/va_truncated"],
      ["cannot read", "truncated or damaged", "start a new run"], "special"),
     ("3dva-k-zero", "3dva", ["--k", "0"], ["--k", "at least 1"], "copy"),
+    ("3dva-lambda-nan", "3dva", ["--lambda", "nan"], ["--lambda", "finite", "got nan"], "copy"),
+    ("3dva-box-crop-odd", "3dva", ["--box-crop", "7"], ["--box-crop", "even", "got 7"], "copy"),
     ("3dva-num-particles-negative", "3dva", ["--num-particles", "-5"], ["--num-particles", "at least 2"], "copy"),
     # --- 3dva-display
     ("3dva-display-percentile-negative", "3dva-display", ["--range-percentile", "-5"], ["--range-percentile", "-5"],
@@ -164,6 +175,15 @@ CASES = [(f"{cmd}-out-{kind}", cmd, [], words, kind) for cmd in BASE for kind, w
      "copy"),
     ("3dva-display-filter-res-coarse", "3dva-display", ["--filter-res", "1000"], ["--filter-res 1000", "coarser"],
      "copy"),
+    ("3dva-display-batch-size-zero", "3dva-display", ["--batch-size", "0"], ["--batch-size", "at least 1"], "copy"),
+    ("3dva-display-max-memory-nan", "3dva-display", ["--max-memory-gb", "nan"], ["--max-memory-gb", "finite"],
+     "copy"),
+    ("3dva-display-max-memory-negative", "3dva-display", ["--max-memory-gb", "-1"], ["--max-memory-gb", "positive"],
+     "copy"),
+    ("3dva-display-width-nan", "3dva-display", ["--mode", "intermediates", "--width", "nan"], ["--width", "finite"],
+     "copy"),
+    ("3dva-display-too-many-clusters", "3dva-display", ["--mode", "cluster", "--frames", "1000"],
+     ["1000 clusters", "120 particles"], "copy"),
     ("3dva-display-components-text", "3dva-display", ["--components", "x"], ["--components", "integers"], "copy"),
     ("3dva-display-not-a-run", "3dva-display", ["--run", "{sim}"], ["not a finished 3dva run"], "copy"),
     ("3dva-display-other-dataset", "3dva-display", ["--mode", "cluster", "--particles", "{t}/other/particles.star"],
@@ -359,7 +379,7 @@ def test_catalogue_covers_every_command_and_ids_unique():
 
 
 # ----------------------------------------------------------------------------------------- lock and manifest
-def test_lock_of_a_dead_job_is_stale_and_a_live_one_blocks(good, tmp_path):
+def test_lock_of_a_dead_job_is_stale_and_a_live_one_blocks(tmp_path):
     """A lock file naming a pid that no longer runs does not block; a folder another process holds does."""
     import os
     import socket
@@ -441,3 +461,34 @@ def test_model_knows_its_particles(good):
     other = read_particles(good["t"] / "other" / "particles.star")
     with pytest.raises(InputError, match=r"other\.star: 120 of 120 particle ids name other particles .*defocus"):
         check_model_particles(model, other, "other.star")
+
+
+def test_manifest_never_deletes_outside_the_folder_or_after_a_failure(tmp_path):
+    """Forged manifest entries (.., absolute, through a link) are ignored; a failed run deletes nothing and
+    records its files, so the next successful run replaces them."""
+    import os
+
+    from flexplugin.engine.atomic import write_text
+    from flexplugin.engine.outdir import output_folder
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep\n")
+    with output_folder(out, "simulate"):
+        write_text(out / "a.txt", "a")
+        write_text(out / "b.txt", "b")
+    os.symlink(outside, out / "link")
+    st = os.stat(outside / "keep.txt")
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    for rel in ("../outside/keep.txt", str(outside / "keep.txt"), "link/keep.txt"):
+        manifest["simulate"][rel] = [st.st_size, st.st_mtime_ns]
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(RuntimeError), output_folder(out, "simulate"):
+        write_text(out / "c.txt", "c")
+        raise RuntimeError("the job failed")
+    assert {p.name for p in out.iterdir()} >= {"a.txt", "b.txt", "c.txt"}
+    assert "c.txt" in json.loads((out / MANIFEST_NAME).read_text())["simulate"]
+    with output_folder(out, "simulate") as f:
+        write_text(out / "a.txt", "a2")
+    assert sorted(f.deleted) == ["b.txt", "c.txt"]
+    assert (outside / "keep.txt").read_text() == "keep\n" and (out / "a.txt").read_text() == "a2"
+    assert not (out / "b.txt").exists() and not (out / LOCK_NAME).exists()

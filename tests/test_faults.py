@@ -223,6 +223,9 @@ def test_resolve_device_messages():
         cli.resolve_device("cuda:x")
     with pytest.raises(InputError, match="not a device"):
         cli.resolve_device("tpu")
+    for name in ("mps", "meta"):  # devices torch names but flexplugin does not run on
+        with pytest.raises(InputError, match=f"--device '{name}' is not supported"):
+            cli.resolve_device(name)
     logged = []
     assert cli.resolve_device(_missing_gpu(), cpu_fallback=True, log=logged.append) == "cpu"
     assert len(logged) == 1 and logged[0].startswith("WARNING:")

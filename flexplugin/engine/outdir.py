@@ -234,7 +234,8 @@ class OutputFolder:
     def _remove(self, rel: str, stat) -> bool:
         """Delete an earlier output if it is still the file that run wrote; then its emptied sub-folders."""
         p = Path(os.path.normpath(os.path.join(self.root, rel)))
-        if os.path.isabs(rel) or not str(p).startswith(self.root + os.sep) or p.is_symlink() or not p.is_file():
+        inside = os.path.realpath(p).startswith(self.root + os.sep)  # no way out through a link or '..'
+        if os.path.isabs(rel) or not inside or p.is_symlink() or not p.is_file():
             return False
         st = p.stat()
         if not isinstance(stat, list) or [st.st_size, st.st_mtime_ns] != stat:

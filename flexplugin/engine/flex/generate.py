@@ -209,16 +209,20 @@ def check_generation_memory(model: FlexModel, m: int, volumes: int, device: torc
     return need
 
 
+LATENT_EDGE = 1.5  # flex-train's latent prior keeps latents within about ±1.5 (--latent-prior)
+
+
 def check_points_range(points: np.ndarray, latents: np.ndarray, source: str, log=print) -> None:
     """Points far outside the particles' latent range decode to meaningless maps: more than one range width
-    beyond it on any axis is an InputError; outside the range (extrapolation) a WARNING line."""
+    (at least LATENT_EDGE) beyond it on any axis is an InputError; outside the range (extrapolation) a WARNING
+    line. The floor keeps a collapsed latent (a tiny range) from refusing points near it."""
     lo, hi = latents.min(0), latents.max(0)
-    width = np.where(hi > lo, hi - lo, 1.0)
+    width = np.maximum(hi - lo, LATENT_EDGE)
     far = (points < lo - width) | (points > hi + width)
     if far.any():
         i, k = np.argwhere(far)[0]
         raise InputError(f"{source}: point {i} (0-based) has latent {k} = {points[i, k]:g}, far outside the "
-                         f"particles' range [{lo[k]:.3g}, {hi[k]:.3g}] (at most one range width beyond it is "
+                         f"particles' range [{lo[k]:.3g}, {hi[k]:.3g}] (at most {width[k]:.3g} beyond it is "
                          "accepted); give points inside the range the particles occupy")
     out = (points < lo) | (points > hi)
     if out.any():
