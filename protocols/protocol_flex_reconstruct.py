@@ -1,8 +1,9 @@
 """3D Flex reconstruction: the canonical map at full resolution with the learned motion undone, per half set.
 
 Mirrors cryoSPARC's "3D Flex Reconstruction" (ALGORITHMS.md §2.5) through `flexplugin flex-reconstruct`: with the
-latents and the flow generator of a 3D flex training frozen, each half map at the crop box is solved by L-BFGS;
-a rigid ("noflex") reconstruction with the same solver is the baseline. Outputs both maps with their half maps
+latents and the flow generator of a 3D flex training frozen, each half map at the crop box is solved by conjugate
+gradients on latent-binned Fourier accumulators, preconditioned by the Wiener denominator and started from its Wiener
+map; the rigid ("noflex") solution of the same problem, the Wiener map, is the baseline. Outputs both maps with their half maps
 and the two half-map FSCs, the masked FSCs corrected by phase randomisation, local-resolution maps of both and the
 local resolution gain (noflex − flex, Å), the view of where undoing the motion helped (docs/resolution.md).
 """
@@ -45,8 +46,9 @@ OUTPUT_LOCRES = {"flex": OUTPUT_LOCRES_FLEX, "noflex": OUTPUT_LOCRES_NOFLEX, "ga
 class FlexPluginProtReconstruct(FlexPluginProtBase, FlexModelInput):
     """Reconstructs the canonical map of a 3D Flex model at the full (crop) box from the particles, undoing each
     particle's motion: with the trained latents and flow generator fixed, each half map is the least-squares fit
-    of the deformed, projected map to its half of the particles (L-BFGS from its Wiener map). A rigid
-    reconstruction with the same solver (noflex) shows what modelling the motion gained. Outputs the flex and
+    of the deformed, projected map to its half of the particles, with the Wiener map's per-shell regularisation
+    (conjugate gradients from its Wiener map, the particles grouped into latent bins). The rigid solution of the
+    same problem (noflex, the Wiener map) shows what modelling the motion gained. Outputs the flex and
     noflex maps with their half maps, both half-map FSCs (with a mask also corrected by phase randomisation, as
     RELION's post-processing), local-resolution maps of both (Å) and the local resolution gain, noflex − flex (Å):
     positive where undoing the motion sharpened the map."""
@@ -79,19 +81,37 @@ class FlexPluginProtReconstruct(FlexPluginProtBase, FlexModelInput):
         form.addSection(label="Reconstruction")
         form.addParam("iterations", params.IntParam, default=20,
                       validators=[params.GE(1, "Use at least one iteration")],
-                      label="L-BFGS iterations",
-                      help="Maximum L-BFGS iterations per half map (cryoSPARC: flex_bfgs_num_iters, default 20). "
-                           "Each iteration passes over the half set's particles a few times.")
+                      label="Most CG iterations",
+                      help="Most preconditioned conjugate-gradient iterations per half map (cf. cryoSPARC's "
+                           "flex_bfgs_num_iters, default 20). The solver usually stops earlier, when its residual "
+                           "falls below the tolerance (advanced).")
         form.addParam("doNoflex", params.BooleanParam, default=True,
                       label="Also reconstruct without flex?",
-                      help="Also solve the rigid reconstruction (no motion) with the same solver, as a baseline for "
-                           "the FSC (cryoSPARC: flex_do_noflex_recon, default Yes). Doubles the run time.")
+                      help="Also solve the rigid reconstruction (no motion) with the same solver, which gives the "
+                           "Wiener map, as the baseline of the FSC and of the local resolution gain (cryoSPARC: "
+                           "flex_do_noflex_recon, default Yes). Without it there is no gain map.")
         form.addParam("regularisation", params.FloatParam, default=None, allowsNull=True,
                       expertLevel=params.LEVEL_ADVANCED,
-                      label="Regularisation (lambda)",
-                      help="Weight of the L2 penalty ½λ‖V‖² on the map, in units of the noise-whitened data term "
-                           "(dimensionless). Empty: 1e-3 of the data term's mean weight per voxel. Raise it if the "
-                           "maps are noisy at high frequency.")
+                      label="Regularisation scale",
+                      help="Scale of the per-shell regularisation derived from the half-map FSC, as in the Wiener "
+                           "map (dimensionless). Empty: 1. Above 1 smooths more; raise it if the maps are noisy at "
+                           "high frequency.")
+        form.addParam("tolerance", params.FloatParam, default=0.01, expertLevel=params.LEVEL_ADVANCED,
+                      validators=[params.GT(0), params.LT(1)],
+                      label="CG tolerance",
+                      help="Stop a half map's conjugate gradients when the preconditioned residual is below this "
+                           "fraction of the right-hand side's (default 0.01).")
+        form.addParam("latentBins", params.IntParam, default=None, allowsNull=True,
+                      expertLevel=params.LEVEL_ADVANCED,
+                      label="Latent bins",
+                      help="Number of latent bins (k-means groups of particles that share one deformation). Empty: "
+                           "chosen so that the flow varies by less than the flow tolerance within a bin. More bins "
+                           "are more exact and slower.")
+        form.addParam("flowTolerance", params.FloatParam, default=0.25, expertLevel=params.LEVEL_ADVANCED,
+                      validators=[params.GT(0)],
+                      label="Flow tolerance (voxels)",
+                      help="When the number of bins is chosen automatically: the largest spread of the flow within a "
+                           "latent bin, in voxels of the crop box, for 95 % of the particles (default 0.25).")
         form.addParam("batchSize", params.IntParam, default=128, validators=[params.GE(1)],
                       expertLevel=params.LEVEL_ADVANCED,
                       label="Batch size (particles)",
@@ -185,6 +205,9 @@ class FlexPluginProtReconstruct(FlexPluginProtBase, FlexModelInput):
         reg = self.regularisation.get()
         if reg is not None and reg <= 0:
             errors.append(f"The regularisation must be positive (or empty for the automatic value); got {reg:g}.")
+        bins = self.latentBins.get()
+        if bins is not None and bins < 1:
+            errors.append(f"The number of latent bins must be at least 1 (or empty to choose it); got {bins}.")
         errors += self._validateGpu()
         return errors
 
@@ -215,8 +238,9 @@ class FlexPluginProtReconstruct(FlexPluginProtBase, FlexModelInput):
         if info.get("resolution_noflex_A") is not None:
             lines.append(f"Noflex map: {_resolution(info['resolution_noflex_A'])}.")
         lines += self._resolutionSummary()
+        bins = f"{info['bins']} latent bins, " if info.get("bins") else ""
         lines.append(f"{info['particles']} particles at the crop box {info['crop']} px ({info['apix']:.3f} Å/px), "
-                     f"{info['iterations']} L-BFGS iterations per half map, {info['seconds'] / 60:.1f} min.")
+                     f"{bins}at most {info['iterations']} CG iterations per half map, {info['seconds'] / 60:.1f} min.")
         return lines
 
     def _resolutionSummary(self) -> list[str]:
@@ -245,9 +269,11 @@ class FlexPluginProtReconstruct(FlexPluginProtBase, FlexModelInput):
         info = self.getReconstructInfo()
         if info is None:
             return []
+        bins = f" on {info['bins']} latent bins" if info.get("bins") else ""
         text = (f"The canonical map of the 3D Flex [Punjani2023] model trained with flexplugin was reconstructed at "
                 f"{info['crop']} px ({info['apix']:.3f} Å/px) from {info['particles']} particles, with the learned "
-                f"motion undone, by {info['iterations']} L-BFGS iterations per half map; the half-map FSC "
+                f"motion undone, by preconditioned conjugate gradients (at most {info['iterations']} iterations per "
+                f"half map){bins}; the half-map FSC "
                 f"(0.143) gave {_resolution(info.get('resolution_flex_A'))}")
         if info.get("resolution_noflex_A") is not None:
             text += f", against {_resolution(info['resolution_noflex_A'])} for a rigid reconstruction"
@@ -285,6 +311,9 @@ class FlexPluginProtReconstruct(FlexPluginProtBase, FlexModelInput):
             args += ["--no-noflex"]
         if self.regularisation.get() is not None:
             args += ["--reg", self.regularisation.get()]
+        args += ["--tol", self.tolerance.get(), "--flow-tol", self.flowTolerance.get()]
+        if self.latentBins.get() is not None:
+            args += ["--bins", self.latentBins.get()]
         mask = getattr(self, INPUT_MASK).get()
         if mask is not None:
             args += ["--mask", plainFileName(mask.getFileName())]

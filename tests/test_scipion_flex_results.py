@@ -322,9 +322,12 @@ class TestFlexResultsProtocols(scipion_project.ProjectRuns, unittest.TestCase):
         self.assertEqual(prot._citations(), ["Punjani2023"])
         self.assertEqual(prot.validate(), [])
         log = _log(prot)
-        for words in ("--iterations 2", "--batch-size 100", "--mask", "--device cpu", "--threads 1"):
+        for words in ("--iterations 2", "--batch-size 100", "--mask", "--device cpu", "--threads 1", "--tol 0.01",
+                      "--flow-tol 0.25"):
             self.assertIn(words, log)
         self.assertNotIn("--no-noflex", log)
+        self.assertNotIn("--bins", log)
+        self.assertIn(f"{info['bins']} latent bins, at most 2 CG iterations per half map", summary[-1])
         from flexplugin.engine.io import read_particles
         self.assertEqual(sorted(read_particles(prot._getInputStarFile()).ids.tolist()),
                          sorted(self.train.outputParticles.getIdSet()))
@@ -398,6 +401,14 @@ class TestFlexResultsProtocols(scipion_project.ProjectRuns, unittest.TestCase):
         prot.iterations.set(0)
         self.assertTrue(prot.validate())
         prot.iterations.set(2)
+        for name, bad, good in (("tolerance", 1.5, 0.05), ("latentBins", 0, 3), ("flowTolerance", 0.0, 0.5)):
+            getattr(prot, name).set(bad)
+            self.assertTrue(prot.validate(), name)
+            getattr(prot, name).set(good)
+        self.assertEqual(prot.validate(), [])
+        args = " ".join(str(x) for x in prot._getReconstructArgs())
+        for words in ("--tol 0.05", "--bins 3", "--flow-tol 0.5"):
+            self.assertIn(words, args)
 
         prot.inputTraining.set(self.project.newProtocol(FlexPluginProtTrain))
         self.assertTrue(any("no output particles yet" in e for e in prot.validate()), prot.validate())
