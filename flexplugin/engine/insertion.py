@@ -57,6 +57,41 @@ def _flat_values(real_vals: torch.Tensor | None, cplx_vals: torch.Tensor | None,
     return torch.cat(parts, 1).transpose(0, 1).reshape(cr + 2 * cc, -1), cr, cc
 
 
+def _scatter_direct(vals: torch.Tensor, cr: int, cc: int, cz: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor,
+                    M: int, out_real: torch.Tensor | None, out_cplx: torch.Tensor | None) -> None:
+    """Trilinear splat of (C, n) values at grid coordinates straight into the output grids (complex ones as
+    rows (re, im) of their float view). The lower corner is clamped to the last-but-one plane, so a coordinate
+    exactly on the last plane puts weight 1 on its upper corner instead (same sums, all corners inside)."""
+    dev, W = cz.device, M // 2 + 1
+    z0, y0, x0 = cz.floor().clamp(max=M - 2), cy.floor().clamp(max=M - 2), cx.floor().clamp(max=W - 2)
+    tz, ty, tx = cz - z0, cy - y0, cx - x0
+    z0, y0, x0 = z0.long(), y0.long(), x0.long()
+    wzy = (torch.stack([1 - tz, tz], 1)[:, :, None] * torch.stack([1 - ty, ty], 1)[:, None, :]).reshape(-1, 4)
+    w8 = (wzy[:, :, None] * torch.stack([1 - tx, tx], 1)[:, None, :]).reshape(-1, 8)
+    offsets = torch.tensor([dz * M * W + dy * W + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)],
+                           device=dev)
+    flat = (((z0 * M + y0) * W + x0)[:, None] + offsets).reshape(-1)
+    # corners on the x = 0 plane (dx = 0 of points with x0 = 0) also get the Friedel mate of their value
+    sel = torch.nonzero(x0 == 0).squeeze(1)
+    o = torch.tensor([0, 1], device=dev)
+    mz = (z0[sel][:, None, None] + o[None, :, None]).expand(-1, 2, 2).reshape(-1)
+    my = (y0[sel][:, None, None] + o[None, None, :]).expand(-1, 2, 2).reshape(-1)
+    wm = (wzy[sel] * (1 - tx[sel])[:, None]).reshape(-1)
+    keep = ~((mz == M // 2) & (my == M // 2))  # the origin is its own mate
+    mflat = (((M - mz[keep]) % M) * M + (M - my[keep]) % M) * W
+    wm = wm[keep]
+    for c in range(cr):
+        t = out_real[c].view(-1)
+        t.index_add_(0, flat, (vals[c][:, None] * w8).reshape(-1))
+        t.index_add_(0, mflat, vals[c][sel].repeat_interleave(4)[keep] * wm)
+    for c in range(cc):
+        t = torch.view_as_real(out_cplx[c]).view(-1, 2)
+        pair = torch.stack([vals[cr + c], vals[cr + cc + c]], 1)  # (n, 2) re, im
+        t.index_add_(0, flat, (pair[:, None, :] * w8[:, :, None]).reshape(-1, 2))
+        mate = pair[sel].repeat_interleave(4, 0)[keep] * torch.tensor([1.0, -1.0], device=dev)
+        t.index_add_(0, mflat, mate * wm[:, None])
+
+
 def insert_slices(real_vals: torch.Tensor | None, cplx_vals: torch.Tensor | None, rotations: torch.Tensor,
                   M: int, fftfreq_max: float | None = None, out_real: torch.Tensor | None = None,
                   out_cplx: torch.Tensor | None = None, interpolation: str = "trilinear"
@@ -95,6 +130,12 @@ def insert_slices(real_vals: torch.Tensor | None, cplx_vals: torch.Tensor | None
         cz, cy, cx, conj, vals = cz[inside], cy[inside], cx[inside], conj[inside], vals[:, inside]
     if cc:
         vals[cr + cc:] = torch.where(conj, -vals[cr + cc:], vals[cr + cc:])
+    direct = (interpolation == "trilinear" and C <= ROWS_FROM and 8 * cz.numel() < M * M * W
+              and (not cr or (out_real is not None and out_real.is_contiguous()))
+              and (not cc or (out_cplx is not None and out_cplx.is_contiguous())))
+    if direct:  # few samples on a large grid: scatter straight into the outputs, no grid-sized temporaries
+        _scatter_direct(vals, cr, cc, cz, cy, cx, M, out_real, out_cplx)
+        return out_real, out_cplx
     # the accumulator has one spare plane after the last z, y and x: corners that fall there carry weight 0
     # (a coordinate exactly on the grid's last plane), so no clamping is needed; it is cut off at the end
     Mp, Wp = M + 1, W + 1
