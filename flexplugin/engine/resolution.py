@@ -276,13 +276,13 @@ WINDOW_SIZES = (16, 20, 24, 32, 40, 48)  # default window sides: even, with FFT-
 
 def _window_defaults(n: int, window_px: int | None, step_px: int | None) -> tuple[int, int]:
     """Window side (even, ≤ n) and grid step: the largest of WINDOW_SIZES not above a third of the box (16 at
-    least), and an eighth of the window."""
+    least), and a fifth of the window but at most n/16 (small boxes, where windows are cheap, get a denser grid)."""
     if window_px is None:
         w = max([c for c in WINDOW_SIZES if c <= n / 3] or [WINDOW_SIZES[0]])
     else:
         w = window_px
     w = min(w + (w % 2), n - (n % 2))
-    s = step_px if step_px is not None else max(1, w // 8)
+    s = step_px if step_px is not None else max(1, min(w // 5, n // 16))
     return w, s
 
 
