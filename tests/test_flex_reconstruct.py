@@ -132,6 +132,12 @@ def test_bins_hold_the_flow_spread_they_promise():
     np.testing.assert_allclose(b.displacements[b.labels[0]].numpy(), d[sel].mean(0).numpy(), atol=1e-5)
     capped = choose_bins(z, d, 1.0, tol_vox=0.25, max_bins=8)
     assert capped.count == 8 and capped.spread_at() > 0.25
+    # many particles: centres fitted on a subsample, every particle joins its nearest: the same promise holds
+    zb = rng.uniform(0, 1, size=(12000, 1))
+    db = torch.zeros(12000, 1, 3)
+    db[:, 0, 0] = torch.as_tensor(8 * zb[:, 0], dtype=torch.float32)
+    big = choose_bins(zb, db, 1.0, tol_vox=0.25, max_bins=64)
+    assert big.count == 16 and big.spread_at() <= 0.25 and np.bincount(big.labels).min() > 0
     one = bins_from_labels(d, np.zeros(2000, dtype=np.int64), 1.0)
     assert one.count == 1 and one.spread.max() == pytest.approx(4.0, rel=0.05)  # 8 voxels of motion, mean in the middle
 

@@ -7,7 +7,8 @@ single displacement, and the flow is linear in them). The error of that replacem
 from the model: a particle's *flow spread* is the largest distance, over the mesh vertices, between its own
 displacement and its bin's, in voxels of the reconstruction box. The barycentric flow of any voxel is a convex
 combination of vertex displacements, so no voxel's flow differs by more than that. G is doubled until the
-spread of (almost) every particle is below the tolerance, or the cap is reached. See docs/flex_reconstruction.md.
+spread of (almost) every particle is below the tolerance, or the cap is reached. For large N the centres
+are fitted on a subsample and every particle joins its nearest centre. See docs/flex_reconstruction.md.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 
 from ..cluster import kmeans
 
-__all__ = ["LatentBins", "bins_from_labels", "choose_bins", "vertex_displacements"]
+__all__ = ["LatentBins", "bins_from_labels", "choose_bins", "kmeans_labels", "vertex_displacements"]
 
 
 @dataclass
@@ -59,6 +60,21 @@ def bins_from_labels(d: torch.Tensor, labels: np.ndarray, apix_box: float, quant
     return LatentBins(np.asarray(labels), mean, spread.cpu().numpy(), quantile)
 
 
+def kmeans_labels(z: np.ndarray, g: int, seed: int = 0, sample: int = 4000) -> np.ndarray:
+    """Labels 0..G'−1 (G' ≤ g, no empty bin) of a k-means clustering of z (N, K): the centres are fitted on at most
+    `sample` particles (k-means' cost grows with N·G per iteration) and every particle joins its nearest centre."""
+    n = len(z)
+    x = np.asarray(z, dtype=np.float64)
+    if n <= sample:
+        return _compact(kmeans(x, g, seed)[0])
+    sub = np.random.default_rng(seed).choice(n, sample, replace=False)
+    centres = kmeans(x[sub], g, seed)[1]
+    labels = np.empty(n, dtype=np.int64)
+    for s in range(0, n, 8192):
+        labels[s:s + 8192] = ((x[s:s + 8192, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
+    return _compact(labels)
+
+
 def choose_bins(z: np.ndarray, d: torch.Tensor, apix_box: float, tol_vox: float = 0.25, max_bins: int = 64,
                 quantile: float = 0.95, seed: int = 0) -> LatentBins:
     """k-means bins of latents z (N, K), doubling G from 1 until the `quantile` of the flow spread is at most
@@ -66,7 +82,7 @@ def choose_bins(z: np.ndarray, d: torch.Tensor, apix_box: float, tol_vox: float 
     n = len(z)
     g = 1
     while True:
-        labels = np.zeros(n, dtype=np.int64) if g == 1 else _compact(kmeans(z, g, seed)[0])
+        labels = np.zeros(n, dtype=np.int64) if g == 1 else kmeans_labels(z, g, seed)
         bins = bins_from_labels(d, labels, apix_box, quantile)
         if bins.spread_at() <= tol_vox or g >= min(max_bins, n):
             return bins
