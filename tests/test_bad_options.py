@@ -186,6 +186,10 @@ CASES = [(f"{cmd}-out-{kind}", cmd, [], words, kind) for cmd in BASE for kind, w
      ["1000 clusters", "120 particles"], "copy"),
     ("3dva-display-components-text", "3dva-display", ["--components", "x"], ["--components", "integers"], "copy"),
     ("3dva-display-not-a-run", "3dva-display", ["--run", "{sim}"], ["not a finished 3dva run"], "copy"),
+    ("3dva-display-run-json-damaged", "3dva-display", ["--run", "{t}/va_badjson"],
+     ["va_badjson is a damaged 3dva run", "run.json", "rerun"], "copy"),
+    ("3dva-display-latents-truncated", "3dva-display", ["--run", "{t}/va_badnpy"],
+     ["va_badnpy is a damaged 3dva run", "latents.npy", "rerun"], "copy"),
     ("3dva-display-other-dataset", "3dva-display", ["--mode", "cluster", "--particles", "{t}/other/particles.star"],
      ["particles.star", "name other particles", "defocus", "give the particles"], "copy"),
 ]
@@ -272,6 +276,9 @@ def good(small_flex_data, tmp_path_factory) -> dict:
     shutil.copytree(g / "va", t / "va_truncated")
     ck = (g / "va" / "checkpoint.pt").read_bytes()
     (t / "va_truncated" / "checkpoint.pt").write_bytes(ck[: len(ck) // 2])
+    for name, file, cut in (("va_badjson", "run.json", 40), ("va_badnpy", "latents.npy", 100)):
+        shutil.copytree(g / "va", t / name)
+        (t / name / file).write_bytes((g / "va" / file).read_bytes()[:cut])
     # another data set numbered like this one: the same ids and stack names, other CTFs
     (t / "other").mkdir()
     blocks = starfile.read(small_flex_data / "particles.star", always_dict=True)

@@ -126,12 +126,29 @@ class RunFolder:
         rj = self.path / "run.json"
         if not rj.exists():
             raise InputError(f"{self.path} is not a finished 3dva run (no run.json); run `flexplugin 3dva` first")
-        self.run = json.loads(rj.read_text())
-        self.consensus, self.apix = read_volume(self.path / self.run["files"]["consensus"])
-        self.components = np.stack([read_volume(self.path / f)[0] for f in self.run["files"]["components"]])
-        self.latents = np.load(self.path / self.run["files"]["latents"])
-        self.ids = pd.read_csv(self.path / self.run["files"]["latents_csv"])[ID_LABEL].to_numpy(np.int64)
-        if len(self.latents) != len(self.ids):
+        current = rj
+        try:
+            self.run = json.loads(rj.read_text())
+            files = self.run["files"]
+            current = self.path / files["consensus"]
+            self.consensus, self.apix = read_volume(current)
+            comps = []
+            for f in files["components"]:
+                current = self.path / f
+                comps.append(read_volume(current)[0])
+            self.components = np.stack(comps)
+            current = self.path / files["latents"]
+            self.latents = np.load(current)
+            current = self.path / files["latents_csv"]
+            self.ids = pd.read_csv(current)[ID_LABEL].to_numpy(np.int64)
+        except InputError as e:
+            raise InputError(f"{self.path} is a damaged 3dva run: {e}; rerun `flexplugin 3dva` (with --continue "
+                             "it resumes from its checkpoint)") from None
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
+            why = f"{type(e).__name__}: {str(e)[:200]}"
+            raise InputError(f"{self.path} is a damaged 3dva run: cannot read {current} ({why}); rerun `flexplugin "
+                             "3dva` (with --continue it resumes from its checkpoint)") from None
+        if self.latents.ndim != 2 or len(self.latents) != len(self.ids):
             raise InputError(f"{self.path}: latents.npy and latents.csv disagree in length")
 
     @property
