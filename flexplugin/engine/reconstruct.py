@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .ctf import CTFParams, compute_ctf
-from .fourier import crop_center, fsc_resolution, irfft3c, radius_3d, rfft2c, shift_phase_2d
+from .fourier import crop_center, fsc_resolution, irfft3c, radius_3d, rfft2c, rfft3c, shift_phase_2d
 from .insertion import insert_slices
 from .progress import Progress
 
@@ -85,6 +85,17 @@ class Reconstruction:
     res_0143: float
     res_05: float
     counts: tuple[int, int]
+
+    def filtered(self) -> np.ndarray:
+        """The full map low-passed per shell by the full map's FSC estimated from the halves, 2F/(1+F) (F the
+        half-map FSC clamped to [0, 1]) — the Wiener filter's shell gain, which `full` leaves out
+        (docs/reconstruction.md). Use it where a denoised map is wanted, e.g. as a reference."""
+        n = self.full.shape[-1]
+        f = np.clip(np.nan_to_num(np.asarray(self.fsc, dtype=np.float64)), 0.0, 1.0)
+        gain = torch.as_tensor(2 * f / (1 + f), dtype=torch.float32)
+        shells = torch.round(radius_3d(n) * n).long()
+        g = torch.where(shells <= n // 2, gain[shells.clamp(max=n // 2)], torch.zeros(()))
+        return irfft3c(rfft3c(torch.from_numpy(self.full).float()) * g, n).numpy()
 
 
 def shell_regulariser(fsc_half: torch.Tensor | np.ndarray, weight_mean: torch.Tensor | np.ndarray, *,
