@@ -188,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, "threads", 0):
             import torch
             torch.set_num_threads(args.threads)
+        if hasattr(args, "out") and not str(args.out or "").strip():
+            raise InputError("--out is empty: give the output folder")
         if getattr(args, "out", None):
             from .engine.outdir import output_folder
             with output_folder(args.out, args.command) as folder:

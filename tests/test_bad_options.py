@@ -80,6 +80,7 @@ CASES = [(f"{cmd}-out-{kind}", cmd, [], words, kind) for cmd in BASE for kind, w
     ("simulate-n-zero", "simulate", ["--n", "0"], ["need n >= 2"], "copy"),
     ("reconstruct-batch-size-zero", "reconstruct", ["--batch-size", "0"], ["--batch-size", "at least 1"], "copy"),
     ("reconstruct-pad-zero", "reconstruct", ["--pad", "0"], ["--pad", "at least 1", "got 0"], "copy"),
+    ("flex-mesh-out-empty", "flex-mesh", ["--out", ""], ["--out is empty"], "fresh"),
     ("reconstruct-missing-particles", "reconstruct", ["--particles", "{t}/missing.star"],
      ["particle STAR file not found", "missing.star"], "copy"),
     # --- flex-prep
@@ -499,3 +500,4 @@ def test_manifest_never_deletes_outside_the_folder_or_after_a_failure(tmp_path):
     assert sorted(f.deleted) == ["b.txt", "c.txt"]
     assert (outside / "keep.txt").read_text() == "keep\n" and (out / "a.txt").read_text() == "a2"
     assert not (out / "b.txt").exists() and not (out / LOCK_NAME).exists()
+
