@@ -125,17 +125,17 @@ class Sphere:
         ft = torch.fft.rfftn(vol, dim=(-3, -2, -1))
         return ft.reshape(*ft.shape[:-3], -1)[..., self.index_u] * self.sign
 
-    def volume(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`spectrum` for a spectrum held on the sphere: (..., P) → (..., M, M, M)."""
+    def volume(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """Inverse of :meth:`spectrum` (times `scale`) for a spectrum held on the sphere: (..., P) → (..., M, M, M)."""
         m = self.m
         full = torch.zeros(*x.shape[:-1], m * m * (m // 2 + 1), dtype=torch.complex64, device=x.device)
-        full[..., self.index_u] = x * self.sign
+        full[..., self.index_u] = x * (self.sign * scale)
         return torch.fft.irfftn(full.view(*x.shape[:-1], m, m, m // 2 + 1), s=(m, m, m), dim=(-3, -2, -1))
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         """Aᵀy for A = :meth:`spectrum` and the inner product Re Σ mult·ȳ·x of the half spectrum (the full
         spectrum's): M³ times :meth:`volume`, for y with the Friedel symmetry of real maps on the kx = 0 plane."""
-        return self.volume(y) * float(self.m ** 3)
+        return self.volume(y, float(self.m ** 3))
 
     def crop(self, vol: torch.Tensor) -> torch.Tensor:
         """The map as the Wiener map is written: central c³ box times the soft sphere."""
@@ -208,19 +208,20 @@ class BinnedHalf:
         for s in range(0, len(live), chunk):
             yield torch.as_tensor(live[s:s + chunk], device=self.dev)
 
-    def _apply_adjoint_warps(self, V: torch.Tensor, ys, chunk: int) -> torch.Tensor:
-        """Σ_g D_gᵀ Aᵀ y_g over the live bins, y_g = ys(g, X_g) from the bins' spectra X_g = A D_g V."""
+    def _apply_adjoint_warps(self, V: torch.Tensor, ys, chunk: int, forward: bool = True) -> torch.Tensor:
+        """Σ_g D_gᵀ Aᵀ y_g over the live bins, y_g = ys(g, X_g) from the bins' spectra X_g = A D_g V (not computed
+        when `forward` is False: y_g = ys(g, None))."""
         Vg = V.detach().requires_grad_(True)
         out = torch.zeros_like(V)
         for g in self._chunks(chunk):
             W = self.warp(Vg, g)
-            Y = self.sp.adjoint(ys(g, self.sp.spectrum(W.detach())))
+            Y = self.sp.adjoint(ys(g, self.sp.spectrum(W.detach()) if forward else None))
             out += torch.autograd.grad(W, Vg, grad_outputs=Y)[0]  # D_gᵀ: the warp's adjoint only
         return out
 
     def rhs(self, V_like: torch.Tensor, chunk: int = 8) -> torch.Tensor:
         """Right-hand side Σ_g D_gᵀ Aᵀ b_g (A: the sphere spectrum)."""
-        return self._apply_adjoint_warps(torch.zeros_like(V_like), lambda g, X: self.num[g], chunk)
+        return self._apply_adjoint_warps(torch.zeros_like(V_like), lambda g, X: self.num[g], chunk, forward=False)
 
     def hess(self, p: torch.Tensor, chunk: int = 8) -> torch.Tensor:
         """H p = Σ_g D_gᵀ Aᵀ K_g A D_g p + Aᵀ τ A p: per bin one warp, one FFT, one inverse FFT, one adjoint warp."""
