@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ctf import compute_ctf
+from ..distributed import all_reduce_, shard
 from ..fourier import rfft2c, shift_phase_2d
 from ..projector import prepare_volume_ft
 from ..va3d.slicing import Band, make_band, slice_coords
@@ -130,6 +131,7 @@ class SearchStats(dict):
 def search_latents(tr, m: int, kmax_px: float, grid: torch.Tensor, batch_size: int = 256,
                    anchor_sd: float | None = None) -> tuple[torch.Tensor, SearchStats]:
     """Posterior-mean latents (N, K) of all particles of trainer `tr` over `grid` (G, K) at working box m.
+    Under torch.distributed each rank scores its share of the particles and all ranks get every latent.
 
     `tr` is a FlexTrainer: its generator, canonical map, mesh raster, scale, noise spectrum and particles
     define the same image model as the training step, sliced in Fourier space instead of splatted.
@@ -147,6 +149,7 @@ def search_latents(tr, m: int, kmax_px: float, grid: torch.Tensor, batch_size: i
     log_prior = -c.latent_prior * grid.abs().pow(c.latent_prior_pow).sum(-1)  # (G,)
     vol_m = tr.canonical(m).detach()
     n = len(tr.p)
+    mine = shard(np.arange(n))  # this rank's particles (all of them in one process); summed over ranks below
     top = torch.full((n,), -math.inf, device=dev)
     acc_w = torch.zeros(n, device=dev)
     acc_z = torch.zeros(n, k, device=dev)
@@ -159,8 +162,8 @@ def search_latents(tr, m: int, kmax_px: float, grid: torch.Tensor, batch_size: i
         u = tr.raster(m).flow(tr.gen(zg), apix_m)
         tables = SearchTables(prepare_volume_ft(warp_volume(vol_m, u), pad=2))  # spectra (Gc, 2m, 2m, m+1)
         lp_c = log_prior[c0:c0 + chunk]
-        for s in range(0, n, batch_size):
-            rows = np.arange(s, min(n, s + batch_size))
+        for s in range(0, len(mine), batch_size):
+            rows = mine[s:s + batch_size]
             b = tr.p.batch(rows, dev)
             y = band.take(rfft2c(b["images"])[..., lo:lo + m, : m // 2 + 1])  # (B, nb)
             f = shift_phase_2d(m, -b["shifts"] * (m / t)) * compute_ctf(b["ctf"], m, apix_m, tr.p.ps.phase_flipped)
@@ -177,7 +180,12 @@ def search_latents(tr, m: int, kmax_px: float, grid: torch.Tensor, batch_size: i
             acc_z[r] = acc_z[r] * decay[:, None] + e @ zg
             best_p[r] = torch.maximum(best_p[r] * decay, e.max(1).values)
             top[r] = new_top
-    z = (acc_z / acc_w[:, None]).clamp(-1.5, 1.5)
-    stats = SearchStats(points=g_total, box=m, best_weight=float((best_p / acc_w).mean()),
-                        spread=[float(x) for x in z.std(0)])
+    r = torch.as_tensor(mine, device=dev)
+    z = torch.zeros(n, k, device=dev)
+    z[r] = (acc_z[r] / acc_w[r, None]).clamp(-1.5, 1.5)
+    best = torch.zeros(n, device=dev)
+    best[r] = best_p[r] / acc_w[r]
+    all_reduce_(z)
+    all_reduce_(best)
+    stats = SearchStats(points=g_total, box=m, best_weight=float(best.mean()), spread=[float(x) for x in z.std(0)])
     return z, stats

@@ -20,11 +20,10 @@ uninterrupted run.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +32,7 @@ import torch
 
 from ..atomic import torch_save
 from ..ctf import compute_ctf
+from ..distributed import all_reduce_, is_main, rank, shard, world
 from ..errors import InputError
 from ..fourier import freq_grid_2d, fourier_crop_3d, rfft2c, shift_phase_2d
 from ..progress import Progress
@@ -160,6 +160,10 @@ def _read_checkpoint(path: str | os.PathLike, device: torch.device) -> dict:
         raise InputError(f"{path} is a finished model (model.pt), not a training checkpoint: it has no optimiser "
                          f"state to continue from; {hint}")
     return d
+
+
+def _quiet(_line: str) -> None:
+    """The progress stream of ranks other than 0."""
 
 
 class RowAdam:
@@ -322,7 +326,8 @@ class FlexTrainer:
         res_pow = torch.zeros(t // 2 + 1, device=self.dev)
         cnt = torch.zeros(t // 2 + 1, device=self.dev)
         shell, band, mult = self._band(t, 0.5 * t / 2)
-        batches = [rows[i:i + self.cfg.batch_size] for i in range(0, len(rows), self.cfg.batch_size)]
+        mine = shard(rows)  # under torch.distributed each rank takes its share; the sums are added over ranks
+        batches = [mine[i:i + self.cfg.batch_size] for i in range(0, len(mine), self.cfg.batch_size)]
         spectra = []
         for br in batches:
             b = self.p.batch(br, self.dev)
@@ -332,6 +337,7 @@ class FlexTrainer:
             num += float((y.conj() * mod).real[:, band].sum())
             den += float(mod.abs().square()[:, band].sum())
             spectra.append((y, mod))
+        num, den = all_reduce_(torch.tensor([num, den], dtype=torch.float64)).tolist()
         if den <= 0:
             raise InputError("the consensus map projects to zero: check the map and the mask")
         self.scale = num / den
@@ -342,6 +348,8 @@ class FlexTrainer:
             r2 = (y - self.scale * mod).abs().square()
             res_pow.index_add_(0, shell.flatten(), r2.sum(0).flatten())
             cnt.index_add_(0, shell.flatten(), torch.full_like(shell.flatten(), len(y), dtype=torch.float32))
+        all_reduce_(res_pow)
+        all_reduce_(cnt)
         self.noise_shell = (res_pow / cnt.clamp(min=1)).clamp(min=1e-12)
         progress(f"flex-train: map-to-image scale {self.scale:.4g}, noise power {self.noise_shell[1:].mean():.4g} "
                  f"(mean over shells), from {len(rows)} particles")
@@ -352,14 +360,23 @@ class FlexTrainer:
         f = min(1.0, epoch / max(1, c.epochs - 1))
         return c.lr_flow_init * (c.lr_flow_final / c.lr_flow_init) ** f
 
-    def step(self, batch: dict, m: int, kmax_px: float, train: bool = True) -> tuple[float, float, float]:
-        """One optimisation step on a batch; returns the batch means of (data, rigidity, prior)."""
+    def step(self, batch: dict, m: int, kmax_px: float, train: bool = True,
+             n_global: int | None = None) -> tuple[float, float, float]:
+        """One optimisation step on a batch; returns the batch sums of (data, rigidity, prior).
+
+        Under torch.distributed `batch` is this rank's share (rows rank::world) of a global batch of
+        `n_global` particles: the injected noise is drawn for the whole batch and shared out the same way, the
+        loss is divided by the global count and the gradients are summed over the ranks, so every rank takes
+        the step one process would take on the whole batch.
+        """
         c, t = self.cfg, self.spec.train
         rows = batch["rows"]
+        n_global = n_global or len(rows)
         z = self.latents[rows].clone().requires_grad_(train)
         g = torch.Generator(device="cpu").manual_seed(int(self._noise_seed))
         self._noise_seed += 1
-        eps = torch.randn(z.shape, generator=g).to(self.dev) * c.latent_noise if train else 0.0
+        eps = (torch.randn(n_global, c.k, generator=g)[rank()::world()].to(self.dev) * c.latent_noise
+               if train else 0.0)
         d = self.gen(z + eps)
         vol_m = self.canonical(m)
         mod = self.model_ft(batch, m, d, vol_m)
@@ -369,16 +386,50 @@ class FlexTrainer:
         data = 0.5 * ((y - mod).abs().square() * w).sum((-1, -2))
         rig = self._rigidity(d, g)
         prior = z.abs().pow(c.latent_prior_pow).sum(-1)
-        loss = (data + c.rigidity * rig + c.latent_prior * prior).mean()
-        loss = loss + c.density_l2 * self.density.square().mean()
+        loss = (data + c.rigidity * rig + c.latent_prior * prior).sum() / n_global
+        loss = loss + c.density_l2 * self.density.square().mean() / world()  # counted once over the ranks
         if train:
             self.opt_flow.zero_grad(set_to_none=True)
             self.opt_density.zero_grad(set_to_none=True)
             loss.backward()
+            self._sum_gradients()
             self.opt_flow.step()
             self.opt_density.step()
-            self.opt_latent.update(rows, z.grad * len(rows))
-        return float(data.detach().mean()), float(rig.detach().mean()), float(prior.detach().mean())
+            self.opt_latent.update(rows, z.grad * n_global)
+        return float(data.detach().sum()), float(rig.detach().sum()), float(prior.detach().sum())
+
+    def _idle_step(self, n_global: int) -> None:
+        """A rank's part of a step when it holds none of the batch: the map's L2 term and the gradient sum."""
+        self._noise_seed += 1
+        self.opt_flow.zero_grad(set_to_none=True)
+        self.opt_density.zero_grad(set_to_none=True)
+        (self.cfg.density_l2 * self.density.square().mean() / world()).backward()
+        self._sum_gradients()
+        self.opt_flow.step()
+        self.opt_density.step()
+
+    def _sum_gradients(self) -> None:
+        """Add the ranks' gradients of the shared parameters (a no-op in one process)."""
+        if world() == 1:
+            return
+        for prm in [*self.gen.parameters(), self.density]:
+            if prm.grad is None:
+                prm.grad = torch.zeros_like(prm)
+            all_reduce_(prm.grad)
+
+    def _sync_latents(self, order: np.ndarray) -> None:
+        """After an epoch under torch.distributed: every rank gets every latent and its optimiser moments from
+        the rank that visited it (each particle is in exactly one rank's share of one batch per epoch)."""
+        if world() == 1:
+            return
+        nb = math.ceil(len(order) / self.cfg.batch_size)
+        mine = np.concatenate([shard(np.sort(order[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]))
+                               for i in range(nb)])
+        keep = torch.zeros(len(order), dtype=torch.bool, device=self.dev)
+        keep[torch.as_tensor(mine, device=self.dev)] = True
+        for t in (self.latents, self.opt_latent.m, self.opt_latent.v, self.opt_latent.step):
+            k = keep.view(-1, *([1] * (t.dim() - 1)))
+            t.copy_(all_reduce_(torch.where(k, t, torch.zeros_like(t))))
 
     def _rigidity(self, d: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """Volume-weighted mean rigidity cost per batch item, estimated without bias from a random subset of
@@ -430,14 +481,19 @@ class FlexTrainer:
             self.search(working_box(t, sfrac), sfrac * t / 2, progress=progress)
         order = np.random.default_rng([c.seed, e]).permutation(len(self.p))
         self._noise_seed = (c.seed * 1000003 + e) * 100003
-        sums = np.zeros(3)
+        sums = torch.zeros(3, dtype=torch.float64)
         t0 = time.monotonic()
         nb = math.ceil(len(order) / c.batch_size)
         for bi in range(nb):
             rows = np.sort(order[bi * c.batch_size:(bi + 1) * c.batch_size])
-            batch = self.p.batch(rows, self.dev)
-            sums += np.array(self.step(batch, m, kmax_px)) * len(rows)
-        sums /= len(order)
+            mine = shard(rows)  # all of them in one process
+            if len(mine):
+                sums += torch.tensor(self.step(self.p.batch(mine, self.dev), m, kmax_px, n_global=len(rows)),
+                                     dtype=torch.float64)
+            else:  # more ranks than particles in a last small batch: only the shared terms' gradients
+                self._idle_step(len(rows))
+        self._sync_latents(order)
+        sums = (all_reduce_(sums) / len(order)).numpy()
         st = EpochStats(e, frac, m, *sums.tolist(), time.monotonic() - t0)
         self.history.append(asdict(st))
         self.epoch += 1
@@ -448,6 +504,8 @@ class FlexTrainer:
         """Train to cfg.epochs + extra_epochs, checkpointing every epoch; `stop_after` ends early (tests)."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
+        if not is_main():  # rank 0 alone prints and writes
+            progress = _quiet
         total = self.cfg.epochs + self.cfg.extra_epochs
         if self.noise_shell is None:
             self.estimate_noise(progress)
@@ -482,8 +540,10 @@ class FlexTrainer:
         }
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """Atomic write (temp + rename): an interrupted save never corrupts the last good checkpoint."""
-        torch_save(self.state(), path)
+        """Atomic write (temp + rename): an interrupted save never corrupts the last good checkpoint. Under
+        torch.distributed only rank 0 writes (every rank holds the same state after an epoch)."""
+        if is_main():
+            torch_save(self.state(), path)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Resume from `path`; a foreign or unreadable file, or other boxes, mesh, settings or particles than
