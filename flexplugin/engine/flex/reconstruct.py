@@ -355,8 +355,10 @@ def flex_reconstruct(model: FlexModel, ps: ParticleSet, iterations: int = 20, ba
     else:
         lb = choose_bins(z, d, apix_c, flow_tol, max_bins, seed=seed)
     G = lb.count
+    acc_mb = 2 * G * sp.index.numel() * 12 / 2 ** 20  # complex64 Σ CTF·Y and float32 Σ CTF², both half sets
     emit(f"flex-reconstruct: {G} latent bins, flow spread {lb.spread_at():.3f} voxels (95 % of particles; "
-         f"tolerance {flow_tol:g}), largest {lb.spread.max() if len(lb.spread) else 0:.3f}")
+         f"tolerance {flow_tol:g}), largest {lb.spread.max() if len(lb.spread) else 0:.3f}; accumulators "
+         f"{acc_mb:.0f} MB")
     if labels is None and bins is None and lb.spread_at() > flow_tol:
         emit(f"WARNING: --max-bins {max_bins} leaves a flow spread of {lb.spread_at():.3f} voxels within bins, above "
              f"--flow-tol {flow_tol:g}; raise --max-bins for a more exact flex map")
