@@ -501,3 +501,34 @@ def test_manifest_never_deletes_outside_the_folder_or_after_a_failure(tmp_path):
     assert (outside / "keep.txt").read_text() == "keep\n" and (out / "a.txt").read_text() == "a2"
     assert not (out / "b.txt").exists() and not (out / LOCK_NAME).exists()
 
+
+
+def test_lock_without_flock_decides_by_pid(tmp_path, monkeypatch):
+    """Where flock is unsupported (some network filesystems) the recorded pid decides: a live holder on this
+    host blocks, a dead one is stale, one on another host blocks (it cannot be checked from here)."""
+    import errno
+    import fcntl
+    import os
+    import socket
+
+    from flexplugin.engine import outdir
+    from flexplugin.engine.errors import InputError
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(outdir.fcntl, "flock", no_flock)
+    assert outdir.fcntl is fcntl
+    out = tmp_path / "out"
+    out.mkdir()
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    for pid, where, blocks in ((os.getppid(), host, True), (int(dead.stdout), host, False),
+                               (int(dead.stdout), "elsewhere.example", True)):
+        (out / LOCK_NAME).write_text(json.dumps({"pid": pid, "host": where, "command": "3dva"}))
+        if blocks:
+            with pytest.raises(InputError, match=f"pid {pid} on host {where}"), outdir.output_folder(out, "3dva"):
+                pass
+        else:
+            with outdir.output_folder(out, "3dva"):
+                assert json.loads((out / LOCK_NAME).read_text())["pid"] == os.getpid()
