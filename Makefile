@@ -24,8 +24,12 @@ demo: $(STAMP)
 test-setup: $(STAMP)
 	bash scripts/test_setup.sh $(PY) $(REFDATA)
 
+# two workers (pytest-xdist), one thread each: CI has 2 cores; a test file stays in one worker (its fixtures,
+# Scipion projects and module set-up are shared by its tests)
+WORKERS ?= 2
 test: test-setup
-	FLEXPLUGIN_REFDATA=$(abspath $(REFDATA)) $(PY) -m pytest -q -p no:cacheprovider tests
+	OMP_NUM_THREADS=1 FLEXPLUGIN_REFDATA=$(abspath $(REFDATA)) $(PY) -m pytest -q -p no:cacheprovider \
+	  -n $(WORKERS) --dist loadfile --durations=15 tests
 
 clean:
 	rm -rf $(VENV) $(DEMO) .cache
