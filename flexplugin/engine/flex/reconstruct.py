@@ -203,12 +203,16 @@ class BinnedHalf:
         W[:, self.vox] = s
         return W.view(b, m, m, m)
 
-    def _chunks(self, chunk: int):
+    def _chunks(self, chunk: int | None):
+        if chunk is None:
+            # bins per batched FFT: on a CPU one volume per thread keeps the (2c)³ volumes in cache (measured at
+            # c = 64, 1 thread: 1 bin at a time 2x faster than 8); a GPU wants bigger batches
+            chunk = 8 if self.dev.type != "cpu" else min(8, max(1, torch.get_num_threads()))
         live = np.nonzero(self.counts > 0)[0]
         for s in range(0, len(live), chunk):
             yield torch.as_tensor(live[s:s + chunk], device=self.dev)
 
-    def _apply_adjoint_warps(self, V: torch.Tensor, ys, chunk: int, forward: bool = True) -> torch.Tensor:
+    def _apply_adjoint_warps(self, V: torch.Tensor, ys, chunk: int | None, forward: bool = True) -> torch.Tensor:
         """Σ_g D_gᵀ Aᵀ y_g over the live bins, y_g = ys(g, X_g) from the bins' spectra X_g = A D_g V (not computed
         when `forward` is False: y_g = ys(g, None))."""
         Vg = V.detach().requires_grad_(True)
@@ -219,11 +223,11 @@ class BinnedHalf:
             out += torch.autograd.grad(W, Vg, grad_outputs=Y)[0]  # D_gᵀ: the warp's adjoint only
         return out
 
-    def rhs(self, V_like: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    def rhs(self, V_like: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Right-hand side Σ_g D_gᵀ Aᵀ b_g (A: the sphere spectrum)."""
         return self._apply_adjoint_warps(torch.zeros_like(V_like), lambda g, X: self.num[g], chunk, forward=False)
 
-    def hess(self, p: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    def hess(self, p: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """H p = Σ_g D_gᵀ Aᵀ K_g A D_g p + Aᵀ τ A p: per bin one warp, one FFT, one inverse FFT, one adjoint warp."""
         out = self._apply_adjoint_warps(p, lambda g, X: self.den[g] * X, chunk)
         return out + self.sp.adjoint(self.reg * self.sp.spectrum(p))
