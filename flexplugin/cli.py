@@ -188,9 +188,10 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, "threads", 0):
             import torch
             torch.set_num_threads(args.threads)
+        main_rank = _join_torchrun(args)
         if hasattr(args, "out") and not str(args.out or "").strip():
             raise InputError("--out is empty: give the output folder")
-        if getattr(args, "out", None):
+        if getattr(args, "out", None) and main_rank:  # under torchrun rank 0 alone locks and writes the folder
             from .engine.outdir import output_folder
             with output_folder(args.out, args.command) as folder:
                 args.func(args)
@@ -205,7 +206,34 @@ def run(args: argparse.Namespace) -> int:
     except DiskFullError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_DISK_FULL
+    except RuntimeError as e:  # a collective failed: another process of the torchrun job died or hung
+        from .engine import distributed
+        if distributed.world() == 1:
+            raise
+        print(f"error: rank {distributed.rank()} of {distributed.world()}: another process of this torchrun job "
+              f"failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); the last checkpoint in --out is "
+              "intact: rerun with --continue", file=sys.stderr, flush=True)
+        return EXIT_DISTRIBUTED
     return 0
+
+
+# jobs that run data-parallel under torchrun (torch.distributed); the others refuse to run in several processes
+DISTRIBUTED_COMMANDS = ("flex-train",)
+EXIT_DISTRIBUTED = 4  # a process of a torchrun job failed
+
+
+def _join_torchrun(args: argparse.Namespace) -> bool:
+    """Join the torchrun job described in the environment, if any; True on the rank that writes outputs."""
+    from .engine import distributed
+    from .engine.errors import InputError
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    if args.command not in DISTRIBUTED_COMMANDS:
+        raise InputError(f"{args.command} does not run in several processes yet (under torchrun, WORLD_SIZE="
+                         f"{os.environ['WORLD_SIZE']}); run it as one process. Data-parallel: "
+                         + ", ".join(DISTRIBUTED_COMMANDS))
+    distributed.init_from_env(getattr(args, "device", "cpu"))
+    return distributed.is_main()
 
 
 def main(argv: list[str] | None = None) -> int:

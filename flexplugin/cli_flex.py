@@ -350,9 +350,11 @@ def cmd_flex_train(a: argparse.Namespace) -> None:
     from .engine.errors import InputError
     from .engine.flex.mesh import load_mesh
     from .engine.flex.prep import PreparedParticles, prep_spec, prep_volume
+    from .engine import distributed
     from .engine.flex.train import FlexTrainer, TrainConfig, normalize_init_latents
     from .engine.io import check_volume_matches, read_particles, read_volume
     dev = _device(a.device)
+    say = print if distributed.is_main() else (lambda *args, **kw: None)  # rank 0 alone under torchrun
     cfg = TrainConfig(k=a.k, layers=a.layers, hidden=a.hidden, epochs=a.epochs, extra_epochs=a.extra_epochs,
                       batch_size=a.batch_size, lr_flow_init=a.lr_flow_init, lr_flow_final=a.lr_flow_final,
                       lr_density=a.lr_density, lr_latent=a.lr_latent, rigidity=a.rigidity,
@@ -382,17 +384,22 @@ def cmd_flex_train(a: argparse.Namespace) -> None:
         if not ckpt.exists():
             raise InputError(f"--continue: no checkpoint in {out}")
         trainer.load_checkpoint(ckpt)
-        print(f"flex-train: continuing after epoch {trainer.epoch}", flush=True)
+        say(f"flex-train: continuing after epoch {trainer.epoch}", flush=True)
     elif ckpt.exists():
         raise InputError(f"{out} already holds a training checkpoint; use --continue to resume it or a new --out")
-    print(f"flex-train: {len(ps)} particles, box {ps.box} → training box {spec.train} ({spec.apix_train:.3f} Å/px), "
-          f"K={cfg.k}, mesh {len(mesh.points)} vertices / {len(mesh.cells)} cells, "
-          f"{cfg.epochs}+{cfg.extra_epochs} epochs, device {dev}", flush=True)
+    world = distributed.world()
+    say(f"flex-train: {len(ps)} particles, box {ps.box} → training box {spec.train} ({spec.apix_train:.3f} Å/px), "
+        f"K={cfg.k}, mesh {len(mesh.points)} vertices / {len(mesh.cells)} cells, "
+        f"{cfg.epochs}+{cfg.extra_epochs} epochs, device {dev}"
+        + (f", {world} processes (about {-(-len(ps) // world)} particles each)" if world > 1 else ""), flush=True)
     t0 = time.time()
     trainer.fit(out, stop_after=a.stop_after)
+    if not distributed.is_main():
+        return
     info = _write_outputs(trainer, ps, out, a.mesh)
     info.update({"epochs_done": trainer.epoch, "seconds": time.time() - t0, "k": cfg.k, "train_box": spec.train,
-                 "apix_train": spec.apix_train, "crop": spec.crop, "particles": len(ps), "scale": trainer.scale})
+                 "apix_train": spec.apix_train, "crop": spec.crop, "particles": len(ps), "scale": trainer.scale,
+                 "world_size": world, "particles_per_rank": -(-len(ps) // world)})
     write_json(out / "train.json", info)
     print(f"flex-train: done after {trainer.epoch} epochs; model.pt, latents.npy/csv, particles_flex.star, "
           f"canonical.mrc and plots in {out}", flush=True)

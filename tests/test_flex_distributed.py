@@ -6,6 +6,7 @@ Each run is tests/dist_flex_train.py in its own process (torchrun --standalone f
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -59,3 +60,32 @@ def test_checkpoint_continues_under_another_world_size(small_flex_data, one_proc
     resumed = _run(small_flex_data, tmp_path / "b.pt", then, "--resume", str(tmp_path / "a_run"))
     assert resumed["world"] == then
     _assert_same(one_process, resumed)
+
+
+def test_cli_flex_train_under_torchrun(small_flex_data, tmp_path):
+    """`torchrun -m flexplugin flex-train`: rank 0 alone writes the outputs and prints, train.json records the
+    world; a job that does not run data-parallel refuses to start in several processes."""
+    from flexplugin.engine.flex.mesh import build_mesh, save_mesh
+    from flexplugin.engine.io import read_volume
+    vol, apix = read_volume(small_flex_data / "consensus.mrc")
+    save_mesh(build_mesh(vol, apix, cells=6), tmp_path / "mesh.pkl")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "flexplugin"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "train"
+    r = subprocess.run([*torchrun, "flex-train", "--particles", str(small_flex_data / "particles.star"), "--volume",
+                        str(small_flex_data / "consensus.mrc"), "--mesh", str(tmp_path / "mesh.pkl"), "--out",
+                        str(out), "--train-box", "16", "--epochs", "2", "--batch-size", "32", "--layers", "2",
+                        "--hidden", "16", "--device", "cpu"], check=False, capture_output=True, text=True, env=env,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    info = json.loads((out / "train.json").read_text())
+    assert (info["world_size"], info["particles_per_rank"]) == (2, 60)
+    assert info["epochs_done"] == 2 and (out / "model.pt").exists() and (out / "particles_flex.star").exists()
+    assert r.stdout.count("flex-train: done after") == 1  # one rank prints
+    assert "Traceback" not in r.stderr
+    bad = subprocess.run([*torchrun, "reconstruct", "--particles", str(small_flex_data / "particles.star"), "--out",
+                          str(tmp_path / "rec"), "--device", "cpu"], check=False, capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert bad.returncode != 0
+    assert "error: reconstruct does not run in several processes" in bad.stderr
+    assert not (tmp_path / "rec" / "map.mrc").exists()
