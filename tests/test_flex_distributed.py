@@ -89,3 +89,45 @@ def test_cli_flex_train_under_torchrun(small_flex_data, tmp_path):
     assert bad.returncode != 0
     assert "error: reconstruct does not run in several processes" in bad.stderr
     assert not (tmp_path / "rec" / "map.mrc").exists()
+
+
+def test_a_killed_rank_ends_the_job_and_the_checkpoint_resumes(small_flex_data, tmp_path):
+    """SIGKILL one of two ranks once the first checkpoint exists: the job ends with an error naming the failed
+    rank (torchrun's report), no output of a half-finished job appears, and the checkpoint continues in one
+    process to the end."""
+    import signal
+    import time
+    vol_path, star = small_flex_data / "consensus.mrc", small_flex_data / "particles.star"
+    from flexplugin.engine.flex.mesh import build_mesh, save_mesh
+    from flexplugin.engine.io import read_volume
+    vol, apix = read_volume(vol_path)
+    save_mesh(build_mesh(vol, apix, cells=6), tmp_path / "mesh.pkl")
+    out = tmp_path / "train"
+    args = ["flex-train", "--particles", str(star), "--volume", str(vol_path), "--mesh", str(tmp_path / "mesh.pkl"),
+            "--out", str(out), "--train-box", "16", "--epochs", "6", "--batch-size", "32", "--layers", "2",
+            "--hidden", "16", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                            "-m", "flexplugin", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=env)
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / "checkpoint.pt").exists() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert job.poll() is None, "the job ended before its first checkpoint"
+        workers = [int(p) for p in Path(f"/proc/{job.pid}/task/{job.pid}/children").read_text().split()]
+        assert len(workers) == 2
+        os.kill(workers[1], signal.SIGKILL)
+        _, stderr = job.communicate(timeout=600)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0
+    assert "exitcode" in stderr and "-9" in stderr, stderr[-2000:]  # torchrun names the killed rank's signal
+    assert not (out / "model.pt").exists()  # a failed job writes no final outputs
+    done = subprocess.run([sys.executable, "-m", "flexplugin", *args, "--continue"], check=False,
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "continuing after epoch" in done.stdout
+    info = json.loads((out / "train.json").read_text())
+    assert info["epochs_done"] == 6 and info["world_size"] == 1
