@@ -635,7 +635,7 @@ def add_generate_parser(sub) -> None:
 # ----------------------------------------------------------------------------------------- flex-reconstruct
 def cmd_flex_reconstruct(a: argparse.Namespace) -> None:
     from .engine.errors import InputError
-    from .engine.flex.generate import load_model
+    from .engine.flex.generate import check_model_particles, load_model
     from .engine.flex.reconstruct import check_options, flex_reconstruct
     from .engine.io import read_mask, read_particles, write_volume
     from .plots import plot_fsc, plot_slices
@@ -643,6 +643,7 @@ def cmd_flex_reconstruct(a: argparse.Namespace) -> None:
     dev = _device(a.device)
     model = load_model(a.model, dev)
     ps = read_particles(a.particles)
+    check_model_particles(model, ps, a.particles)  # not another data set whose ids overlap the model's
     ps.require(poses=True, ctf=True)
     ps.check_stacks()
     mask = None

@@ -193,6 +193,8 @@ CASES = [(f"{cmd}-out-{kind}", cmd, [], words, kind) for cmd in BASE for kind, w
      ["va_badnpy is a damaged 3dva run", "latents.npy", "rerun"], "copy"),
     ("3dva-display-other-dataset", "3dva-display", ["--mode", "cluster", "--particles", "{t}/other/particles.star"],
      ["particles.star", "name other particles", "defocus", "give the particles"], "copy"),
+    ("flex-reconstruct-other-dataset", "flex-reconstruct", ["--particles", "{t}/other/particles.star"],
+     ["particles.star", "name other particles", "defocus"], "fresh"),
 ]
 # disk full: exit 3, the earlier outputs intact (a 4 kB file-size limit during the job)
 DISK_FULL = [("reconstruct-disk-full", "reconstruct", ["--seed", "5"], ["File too large", "earlier outputs are intact"]),
