@@ -275,8 +275,8 @@ class FlexPluginProtGenerate(ProtFlexBase, FlexPluginProtBase, FlexModelInput):
             errors += self._validateSubset()
         if self.doAtlas.get():
             axes = self._getAtlasAxes()
-            if axes is None or (axes and (len(axes) != 2 or min(axes) < 1 or max(axes) > k)):
-                errors.append(f"Atlas axes must be two latent axes from 1 to {k}, e.g. '1,2'; got "
+            if axes is None or (axes and (len(axes) != 2 or min(axes) < 1 or max(axes) > k or axes[0] == axes[1])):
+                errors.append(f"Atlas axes must be two different latent axes from 1 to {k}, e.g. '1,2'; got "
                               f"'{self.atlasAxes.get()}'.")
         errors += self._validateMap()
         errors += self._validateGpu()
