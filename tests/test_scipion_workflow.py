@@ -192,7 +192,10 @@ class TestWorkflow(unittest.TestCase):
             self.assertEqual(vol.getDim(), (BOX,) * 3)
             self.assertTrue(all(os.path.exists(f) for f in [vol.getFileName()] + list(vol.getHalfMaps().split(","))))
         self.assertIsInstance(recon.outputFSCs, SetOfFSCs)
-        self.assertEqual(recon.outputFSCs.getSize(), 2)
+        labels = [f.getObjLabel() for f in recon.outputFSCs.iterItems(orderBy="id")]
+        self.assertEqual(labels[:2], ["3D flex", "noflex (rigid)"])  # half-map FSCs, then the corrected masked ones
+        self.assertEqual(len(labels), 4, labels)
+        self.assertTrue(all("corrected by phase randomisation" in label for label in labels[2:]), labels)
         for path in recon.getPlotFiles().values():
             self.assertTrue(os.path.exists(path))
 
