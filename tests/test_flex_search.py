@@ -3,7 +3,12 @@ spread restored after a posterior mean keeps order and relative variances."""
 import pytest
 import torch
 
-from flexplugin.engine.flex.search import SearchTables, latent_grid, slice_rows, slice_scores
+from flexplugin.engine.flex.search import (
+    SearchTables,
+    latent_grid,
+    slice_rows,
+    slice_scores,
+)
 from flexplugin.engine.flex.train import keep_spread
 from flexplugin.engine.geometry import euler_to_matrix
 from flexplugin.engine.projector import prepare_volume_ft

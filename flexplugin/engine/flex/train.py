@@ -34,11 +34,17 @@ from ..atomic import torch_save
 from ..ctf import compute_ctf
 from ..distributed import all_reduce_, is_main, rank, shard, world
 from ..errors import InputError
-from ..fourier import freq_grid_2d, fourier_crop_3d, rfft2c, shift_phase_2d
+from ..fourier import fourier_crop_3d, freq_grid_2d, rfft2c, shift_phase_2d
 from ..progress import Progress
 from .config import TrainConfig
 from .mesh import Mesh
-from .model import FlowGenerator, MeshRaster, deformation_gradients, project_warped_splat, rigidity_penalty
+from .model import (
+    FlowGenerator,
+    MeshRaster,
+    deformation_gradients,
+    project_warped_splat,
+    rigidity_penalty,
+)
 from .prep import PreparedParticles, PrepSpec
 from .search import latent_grid, search_latents
 
