@@ -404,7 +404,7 @@ class FlexTrainer:
             self.opt_latent.update(rows, z.grad * n_global)
         return float(data.detach().sum()), float(rig.detach().sum()), float(prior.detach().sum())
 
-    def _idle_step(self, n_global: int) -> None:
+    def _idle_step(self) -> None:
         """A rank's part of a step when it holds none of the batch: the map's L2 term and the gradient sum."""
         self._noise_seed += 1
         self.opt_flow.zero_grad(set_to_none=True)
@@ -423,16 +423,14 @@ class FlexTrainer:
                 prm.grad = torch.zeros_like(prm)
             all_reduce_(prm.grad)
 
-    def _sync_latents(self, order: np.ndarray) -> None:
+    def _sync_latents(self, visited: np.ndarray) -> None:
         """After an epoch under torch.distributed: every rank gets every latent and its optimiser moments from
-        the rank that visited it (each particle is in exactly one rank's share of one batch per epoch)."""
+        the rank that visited it (`visited`: this rank's rows; each particle is in exactly one rank's share of
+        one batch per epoch)."""
         if world() == 1:
             return
-        nb = math.ceil(len(order) / self.cfg.batch_size)
-        mine = np.concatenate([shard(np.sort(order[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]))
-                               for i in range(nb)])
-        keep = torch.zeros(len(order), dtype=torch.bool, device=self.dev)
-        keep[torch.as_tensor(mine, device=self.dev)] = True
+        keep = torch.zeros(len(self.p), dtype=torch.bool, device=self.dev)
+        keep[torch.as_tensor(visited, device=self.dev)] = True
         for t in (self.latents, self.opt_latent.m, self.opt_latent.v, self.opt_latent.step):
             k = keep.view(-1, *([1] * (t.dim() - 1)))
             t.copy_(all_reduce_(torch.where(k, t, torch.zeros_like(t))))
@@ -490,15 +488,17 @@ class FlexTrainer:
         sums = torch.zeros(3, dtype=torch.float64)
         t0 = time.monotonic()
         nb = math.ceil(len(order) / c.batch_size)
+        visited = []  # this rank's particles of the epoch
         for bi in range(nb):
             rows = np.sort(order[bi * c.batch_size:(bi + 1) * c.batch_size])
             mine = shard(rows)  # all of them in one process
+            visited.append(mine)
             if len(mine):
                 sums += torch.tensor(self.step(self.p.batch(mine, self.dev), m, kmax_px, n_global=len(rows)),
                                      dtype=torch.float64)
             else:  # more ranks than particles in a last small batch: only the shared terms' gradients
-                self._idle_step(len(rows))
-        self._sync_latents(order)
+                self._idle_step()
+        self._sync_latents(np.concatenate(visited))
         sums = (all_reduce_(sums) / len(order)).numpy()
         st = EpochStats(e, frac, m, *sums.tolist(), time.monotonic() - t0)
         self.history.append(asdict(st))
