@@ -1,6 +1,6 @@
 """3D variability display: volume series along the 3DVA components, or clusters of the reaction coordinates.
 
-Mirrors cryoSPARC's "3D Variability Display" job (ALGORITHMS.md §1.5) through `flexplugin 3dva-display`. The 3DVA
+Mirrors cryoSPARC's "3D Variability Display" job (docs/algorithms.md §1.3) through `flexplugin 3dva-display`. The 3DVA
 run is found through the FlexInfo of its SetOfParticlesFlex (runPath), so the input can be the 3D variability
 analysis run itself or its output particles.
 """

@@ -1,7 +1,7 @@
 """3D Flex generate: volumes of a trained 3D Flex model along its latent axes, at given points, or at the mean
 latent of some particles, plus the latent atlas.
 
-Mirrors cryoSPARC's "3D Flex Generator" (ALGORITHMS.md §2.6) through `flexplugin flex-generate`. The model is
+Mirrors cryoSPARC's "3D Flex Generator" (docs/algorithms.md §2.5) through `flexplugin flex-generate`. The model is
 found through the FlexInfo of the training's SetOfParticlesFlex (modelPath), so the input can be the training
 run itself or its output particles. `FlexModelInput` holds that shared input logic (also used by 3D flex
 reconstruction).

@@ -1,6 +1,6 @@
 """3D Flex mesh prep: the tetrahedral mesh and per-cell rigidity weights that 3D Flex training deforms.
 
-Mirrors cryoSPARC's "3D Flex Mesh Prep" (ALGORITHMS.md §2.3) through `flexplugin flex-mesh`. Training points
+Mirrors cryoSPARC's "3D Flex Mesh Prep" (docs/algorithms.md §2.2) through `flexplugin flex-mesh`. Training points
 at this protocol to use its mesh; the soft solvent mask the mesh covers is registered as a VolumeMask.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """3D Flex reconstruction: the canonical map at full resolution with the learned motion undone, per half set.
 
-Mirrors cryoSPARC's "3D Flex Reconstruction" (ALGORITHMS.md §2.5) through `flexplugin flex-reconstruct`: with the
+Mirrors cryoSPARC's "3D Flex Reconstruction" (docs/algorithms.md §2.4) through `flexplugin flex-reconstruct`: with the
 latents and the flow generator of a 3D flex training frozen, each half map at the crop box is solved by conjugate
 gradients on latent-binned Fourier accumulators, preconditioned by the Wiener denominator and started from its Wiener
 map; the rigid ("noflex") solution of the same problem, the Wiener map, is the baseline. Outputs both maps with their half maps

@@ -1,4 +1,4 @@
-"""Throwaway headless Scipion installs and projects for tests (SCIPION.md §4).
+"""Throwaway headless Scipion installs and projects for tests (docs/algorithms.md §3).
 
 Importing this module sets the environment a fresh Scipion needs (SCIPION_HOME with config/hosts.conf,
 SCIPION_USER_DATA, SCIPION_DOMAIN=pwem, MPLBACKEND=Agg, SCIPION_TEST_NOSYNC=1, this interpreter first on

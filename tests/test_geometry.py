@@ -22,7 +22,7 @@ def test_matches_scipy_zyz_passive():
 
 
 def test_matches_pwem_transformations():
-    """SCIPION.md: the rotation part of euler_matrix(-rot, -tilt, -psi, 'szyz') is RELION's A."""
+    """docs/algorithms.md §3: the rotation part of euler_matrix(-rot, -tilt, -psi, 'szyz') is RELION's A."""
     from pwem.convert.transformations import euler_matrix
     for rot, tilt, psi in ANGLES:
         ref = euler_matrix(np.deg2rad(-rot), np.deg2rad(-tilt), np.deg2rad(-psi), "szyz")[:3, :3]

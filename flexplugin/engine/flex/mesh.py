@@ -8,7 +8,7 @@ so the flow can be re-rasterised analytically on any grid (training box, full bo
 
 Coordinates: vertex positions `tm_points` are in voxels of the mesh box, (x, y, z) order, relative to
 the box centre N//2 (the convention of the engine); `tm_tetraidx_map` is indexed [z, y, x].
-The saved pickle follows cryoSPARC's mesh layout (ALGORITHMS.md §2.3) so meshes can be exchanged.
+The saved pickle follows cryoSPARC's mesh layout (docs/algorithms.md §2.2) so meshes can be exchanged.
 """
 from __future__ import annotations
 

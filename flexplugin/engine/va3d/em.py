@@ -27,7 +27,7 @@ per-voxel statistics held in memory):
   component k (z ~ N(0, I) is rotation invariant, so rotating W and z together changes nothing).
   Each component's sign is fixed so its largest-magnitude voxel is positive.
 
-Choices made where the cryoSPARC description is silent (see ALGORITHMS.md §1), each checked by
+Choices made where the cryoSPARC description is silent (see docs/algorithms.md §1), each checked by
 experiment on the built-in example (tests/test_va3d.py):
 
 * Working box: images are Fourier-cropped to the smallest even box m whose Nyquist reaches the filter
