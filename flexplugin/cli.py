@@ -103,13 +103,18 @@ def cmd_reconstruct(a: argparse.Namespace) -> None:
     if a.mask:
         mask, mapix = read_mask(a.mask)
         check_volume_matches("mask", mask.shape, mapix, ps.box, ps.apix)
+    from .engine import distributed
+    world = distributed.world()  # under torchrun every rank inserts its share; rank 0 alone writes
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"reconstruct: {len(ps)} particles, box {ps.box}, {ps.apix:.4f} Å/px, device {dev}", flush=True)
+    distributed.say(f"reconstruct: {len(ps)} particles, box {ps.box}, {ps.apix:.4f} Å/px, device {dev}"
+                    + (f", {world} processes (about {-(-len(ps) // world)} particles each)" if world > 1 else ""))
     if a.no_ctf:
         ps.table = ps.table.drop(columns=["rlnDefocusU", "rlnDefocusV"])
     t0 = time.time()
     r = reconstruct_particles(ps, batch_size=a.batch_size, pad=a.pad, device=str(dev), seed=a.seed, mask=mask)
+    if not distributed.is_main():
+        return
+    out.mkdir(parents=True, exist_ok=True)
     for name, v in (("map.mrc", r.full), ("half1.mrc", r.half1), ("half2.mrc", r.half2)):
         write_volume(out / name, v, ps.apix)
     freq = np.arange(len(r.fsc)) / (ps.box * ps.apix)
@@ -117,7 +122,8 @@ def cmd_reconstruct(a: argparse.Namespace) -> None:
     save_plot(plot_fsc, out / "fsc.png", {"half maps" + (" (masked)" if mask is not None else ""): r.fsc}, ps.apix)
     save_plot(plot_slices, out / "map_slices.png", {"map": r.full})
     summary = {"particles": len(ps), "half_counts": list(r.counts), "apix": ps.apix, "box": ps.box,
-               "resolution_0143_A": r.res_0143, "resolution_05_A": r.res_05, "seconds": time.time() - t0}
+               "resolution_0143_A": r.res_0143, "resolution_05_A": r.res_05, "seconds": time.time() - t0,
+               "world_size": world, "particles_per_rank": -(-len(ps) // world)}
     write_json(out / "reconstruct.json", summary)
     print(f"reconstruct: resolution {r.res_0143:.2f} Å (FSC 0.143), {r.res_05:.2f} Å (FSC 0.5); "
           f"outputs in {out}", flush=True)
@@ -218,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 # jobs that run data-parallel under torchrun (torch.distributed); the others refuse to run in several processes
-DISTRIBUTED_COMMANDS = ("flex-train",)
+DISTRIBUTED_COMMANDS = ("flex-train", "reconstruct", "3dva", "3dva-display")
 EXIT_DISTRIBUTED = 4  # a process of a torchrun job failed
 
 

@@ -92,14 +92,17 @@ def _config(a: argparse.Namespace, device: str):
 
 
 def cmd_3dva(a: argparse.Namespace) -> None:
+    from .engine import distributed
     from .engine.errors import InputError
     from .engine.io import write_volume
     from .engine.va3d.em import CHECKPOINT, VA3D, file_digest, run_loop
     from .engine.va3d.outputs import write_run_outputs
     dev = _device(a.device)
     ps, mask, vol = _check_inputs(a)
+    say, main, world = distributed.say, distributed.is_main(), distributed.world()  # rank 0 alone writes
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     ckpt = out / CHECKPOINT
     if ckpt.exists() and not a.cont:
         raise InputError(f"{out} already holds a 3DVA run ({CHECKPOINT}); pass --continue to resume it or "
@@ -119,28 +122,33 @@ def cmd_3dva(a: argparse.Namespace) -> None:
             vol = read_volume(cons_path)[0]
         else:
             from .engine.reconstruct import reconstruct_particles
-            print(f"3dva: no --volume given: reconstructing the consensus from {len(ps)} particles", flush=True)
+            say(f"3dva: no --volume given: reconstructing the consensus from {len(ps)} particles")
             rec = reconstruct_particles(ps, batch_size=cfg.batch_size, pad=2, device=str(dev), seed=a.seed,
                                         mask=mask)
             vol = rec.full
-            print(f"3dva: consensus resolution {rec.res_0143:.2f} Å (FSC 0.143, masked)", flush=True)
-    if not resuming or not cons_path.exists():
+            say(f"3dva: consensus resolution {rec.res_0143:.2f} Å (FSC 0.143, masked)")
+    if main and (not resuming or not cons_path.exists()):
         write_volume(cons_path, vol, ps.apix)
     key = cfg.key() | {"particles": str(Path(a.particles).resolve()), "n_particles": len(ps),
                        "mask": file_digest(a.mask), "volume": file_digest(a.volume) if a.volume else "reconstructed"}
     va = VA3D(ps, mask, vol, cfg)
-    print(f"3dva: {len(ps)} particles, box {ps.box} at {ps.apix:.3f} Å/px, working box {va.m} "
-          f"({va.apix_m:.3f} Å/px), K={cfg.k}, filter {cfg.filter_res} Å, device {dev}", flush=True)
+    say(f"3dva: {len(ps)} particles, box {ps.box} at {ps.apix:.3f} Å/px, working box {va.m} "
+        f"({va.apix_m:.3f} Å/px), K={cfg.k}, filter {cfg.filter_res} Å, device {dev}"
+        + (f", {world} processes (about {-(-len(ps) // world)} particles each)" if world > 1 else ""))
     if resuming:
         va.restore(ckpt, key)
-        print(f"3dva: continuing from iteration {va.iteration} ({ckpt})", flush=True)
+        say(f"3dva: continuing from iteration {va.iteration} ({ckpt})")
     final = run_loop(va, cfg.iterations, ckpt, key)
     res = va.result(final)
     floor = None
     if a.noise_floor:
         floor = _noise_floor(ps, mask, vol, cfg, out, key)
-    write_run_outputs(out, ps, res, vol, a, cfg, floor=floor, seconds=time.time() - t0,
-                      objective_final=final["objective"])
+    if not main:
+        return
+    run = write_run_outputs(out, ps, res, vol, a, cfg, floor=floor, seconds=time.time() - t0,
+                            objective_final=final["objective"])
+    from .engine.va3d.em import dump_json
+    dump_json(out / "run.json", run | {"world_size": world, "particles_per_rank": -(-len(ps) // world)})
     ev = ", ".join(f"{v:.4g}" for v in res.eigenvalues)
     pf = ", ".join(f"{100 * v:.2f}%" for v in res.power_fraction)
     print(f"3dva: component variances [{ev}], residual power explained [{pf}]"
@@ -169,7 +177,8 @@ def _noise_floor(ps, mask, vol, cfg, out: Path, key: dict) -> dict:
     if ck.exists():
         _check_checkpoint(ck)
         nva.restore(ck, nkey)
-    print("3dva: noise floor: the same analysis on pose-shuffled particles", flush=True)
+    from .engine.distributed import say
+    say("3dva: noise floor: the same analysis on pose-shuffled particles")
     fin = run_loop(nva, cfg.iterations, ck, nkey, label="3dva null")
     r = nva.result(fin)
     return {"eigenvalues": r.eigenvalues.tolist(), "power_fraction": r.power_fraction.tolist(),

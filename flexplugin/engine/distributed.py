@@ -14,7 +14,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_", "init_from_env", "is_main", "rank", "shard", "world"]
+__all__ = ["all_reduce_", "bytes_reduced", "init_from_env", "is_main", "merge_rows_", "rank", "say", "shard",
+           "world"]
+
+_TRAFFIC = {"bytes": 0}  # bytes this process has summed over the ranks (the payload of its all-reduces)
 
 
 def world() -> int:
@@ -44,8 +47,8 @@ def init_from_env(device: torch.device | str = "cpu", timeout_s: float = 600.0) 
         return True
     dev = torch.device(device)
     backend = "nccl" if dev.type == "cuda" else "gloo"
-    if dev.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if dev.type == "cuda":  # this rank's GPU (flexplugin/launch.py: --gpus ids[LOCAL_RANK], else LOCAL_RANK)
+        torch.cuda.set_device(dev if dev.index is not None else int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s))
     return True
 
@@ -56,7 +59,34 @@ def shard(rows: np.ndarray) -> np.ndarray:
 
 
 def all_reduce_(t: torch.Tensor) -> torch.Tensor:
-    """Sum `t` over the ranks, in place (a no-op in one process); returns it."""
+    """Sum `t` over the ranks, in place (a no-op in one process); returns it. Complex tensors are summed as
+    their real and imaginary parts (gloo has no complex sum); the payload is counted in `bytes_reduced`."""
     if world() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        flat = torch.view_as_real(t) if t.is_complex() else t
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        _TRAFFIC["bytes"] += t.numel() * t.element_size()
     return t
+
+
+def merge_rows_(t: torch.Tensor, rows: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Every rank gets every row of the per-particle table `t` from the rank that computed it: `rows` are this
+    rank's rows (each row belongs to exactly one rank), the others are zeroed and the tables summed, in place."""
+    if world() > 1:
+        keep = torch.zeros(t.shape[0], dtype=torch.bool, device=t.device)
+        keep[torch.as_tensor(np.asarray(rows), dtype=torch.long, device=t.device)] = True
+        t.copy_(all_reduce_(torch.where(keep.view(-1, *([1] * (t.dim() - 1))), t, torch.zeros_like(t))))
+    return t
+
+
+def bytes_reduced(reset: bool = False) -> int:
+    """Bytes this process has summed over the ranks so far (0 in one process); `reset` starts the count again."""
+    n = _TRAFFIC["bytes"]
+    if reset:
+        _TRAFFIC["bytes"] = 0
+    return n
+
+
+def say(*args, **kwargs) -> None:
+    """print() on rank 0 only (flushed): progress lines appear once, with the global counts."""
+    if is_main():
+        print(*args, **{"flush": True, **kwargs})

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import distributed
 from .ctf import CTFParams, compute_ctf
 from .fourier import crop_center, fsc_resolution, irfft3c, radius_3d, rfft2c, rfft3c, shift_phase_2d
 from .insertion import insert_slices
@@ -71,6 +72,14 @@ class BackprojectionAccumulator:
         insert_slices(w[:, None], data[:, None], R, self.m, NYQUIST, out_real=self.den[None],
                       out_cplx=self.num[None])
         self.count += len(images)
+
+    def all_reduce_(self) -> BackprojectionAccumulator:
+        """Under torch.distributed: add the sums and counts of every rank's particles (a no-op in one process)."""
+        if distributed.world() > 1:
+            distributed.all_reduce_(self.num)
+            distributed.all_reduce_(self.den)
+            self.count = int(distributed.all_reduce_(torch.tensor([self.count], dtype=torch.float64)).item())
+        return self
 
 
 @dataclass
@@ -219,19 +228,29 @@ def finalize_halves(a1: BackprojectionAccumulator, a2: BackprojectionAccumulator
                           (a1.count, a2.count))
 
 
+def _quiet(_line: str) -> None:
+    """The progress stream of ranks other than 0."""
+
+
 def reconstruct_particles(particles, batch_size: int = 256, pad: int = 2, device: str = "cpu",
                           seed: int = 0, mask: np.ndarray | None = None,
                           progress=None) -> Reconstruction:
     """Reconstruct half maps and the full map from an io.ParticleSet, streaming its stacks in batches.
 
-    `progress` is a text stream for the progress lines (default: stdout)."""
+    `progress` is a text stream for the progress lines (default: stdout). Under torch.distributed each rank
+    reads and inserts its share of every batch (engine/distributed.py), the accumulators are summed over the
+    ranks, and every rank returns the maps one process would (rank 0 alone prints the global progress)."""
     particles.require(poses=True, ctf=False)
     half = particles.half_sets(seed)
     accs = {h: BackprojectionAccumulator(particles.box, particles.apix, pad, device) for h in (1, 2)}
-    prog = Progress(len(particles), "reconstruct", stream=progress)
+    prog = Progress(len(particles), "reconstruct", stream=progress if distributed.is_main() else _quiet)
     done = 0
     for s in range(0, len(particles), batch_size):
-        rows = np.arange(s, min(len(particles), s + batch_size))
+        rows = distributed.shard(np.arange(s, min(len(particles), s + batch_size)))
+        done = min(len(particles), s + batch_size)
+        if not len(rows):  # more ranks than images in a last small batch
+            prog.step(done)
+            continue
         imgs = torch.from_numpy(particles.images(rows))
         rots = particles.rotations(rows)
         sh = particles.shifts_px(rows)
@@ -241,8 +260,9 @@ def reconstruct_particles(particles, batch_size: int = 256, pad: int = 2, device
             if len(sel):
                 accs[h].add(imgs[sel], rots[sel], sh[sel], ctf[sel] if ctf is not None else None,
                             particles.phase_flipped)
-        done += len(rows)
         prog.step(done)
+    for h in (1, 2):
+        accs[h].all_reduce_()
     if accs[1].count == 0 or accs[2].count == 0:
         raise ValueError("both half sets need particles; check rlnRandomSubset")
     m = torch.as_tensor(mask, dtype=torch.float32, device=device) if mask is not None else None

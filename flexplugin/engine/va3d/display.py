@@ -20,6 +20,10 @@ downsampling to `downsample` (reconstructions are done at that box directly: the
 cropped before insertion, which saves memory and time), real-space centre crop to `crop`, hand flip
 (mirror along z). With a component filter ("0,2") the selected components are renumbered 0, 1, … in the
 output names, as cryoSPARC does; summary.json records the original index of each.
+
+Under torchrun (engine/distributed.py) each rank inserts its share of every batch of the reconstructions, the
+accumulators are summed over the ranks, and rank 0 alone prints and writes; summary.json records the number
+of processes ("world_size") and the particles each held ("particles_per_rank").
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import pandas as pd
 import starfile
 import torch
 
+from .. import distributed
 from ..errors import InputError
 from ..fourier import (butterworth_highpass, butterworth_lowpass, crop_center, fourier_crop_2d, fourier_crop_3d,
                        irfft3c, radius_3d, rfft3c)
@@ -215,9 +220,12 @@ def _reconstruct_weighted(ps, weights: np.ndarray, post: _Post, cfg: DisplayConf
         group = list(range(g0, min(G, g0 + per_pass)))
         accs = {h: [BackprojectionAccumulator(rbox, post.rapix, pad, cfg.device) for _ in group] for h in (1, 2)}
         active = np.nonzero(weights[group].sum(0) > 0)[0]
-        prog = Progress(len(active), f"{label} maps {group[0]}..{group[-1]}", every=30.0)
+        prog = Progress(len(active), f"{label} maps {group[0]}..{group[-1]}", every=30.0,
+                        stream=None if distributed.is_main() else (lambda _line: None))
         for s in range(0, len(active), cfg.batch_size):
-            rows = active[s:s + cfg.batch_size]
+            rows = distributed.shard(active[s:s + cfg.batch_size])  # this rank's share of the batch
+            if not len(rows):
+                continue
             imgs = torch.from_numpy(ps.images(rows))
             if rbox != ps.box:
                 imgs = fourier_crop_2d(imgs, rbox)
@@ -231,6 +239,8 @@ def _reconstruct_weighted(ps, weights: np.ndarray, post: _Post, cfg: DisplayConf
                     insert_weighted(accs[h], imgs[sel], rots[sel], sh[sel], ctf[sel] if ctf is not None else None,
                                     wt, ps.phase_flipped)
             prog.step(min(len(active), s + cfg.batch_size))
+        for acc in accs[1] + accs[2]:  # every rank's particles (a no-op in one process)
+            acc.all_reduce_()
         for i, g in enumerate(group):
             a1, a2 = accs[1][i], accs[2][i]
             info = {"index": g, "particles": int((weights[g] > 0).sum()), "weight_sum": float(weights[g].sum())}
@@ -261,7 +271,11 @@ def run_display(run_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Dis
     box, apix = rf.consensus.shape[-1], rf.apix
     post = _Post(cfg, box, apix)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()  # under torchrun every rank reconstructs its share; rank 0 alone writes
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        log = _silent
     z = rf.latents[:, sel]
     summary = {"mode": cfg.mode, "run": str(Path(run_dir).resolve()), "config": asdict(cfg),
                "components": [{"output_index": j, "source_component": c} for j, c in enumerate(sel)],
@@ -280,11 +294,12 @@ def run_display(run_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Dis
     if cfg.mode == "simple":
         for j, c in enumerate(sel):
             t = frame_centres(rf.latents[:, c], cfg.frames, cfg.range_percentile)
-            d = out / f"component_{j:03d}"
-            d.mkdir(exist_ok=True)
+            if main:
+                (out / f"component_{j:03d}").mkdir(exist_ok=True)
             for f, tf in enumerate(t):
                 name = f"component_{j:03d}/frame_{f:03d}.mrc"
-                write_volume(out / name, post(rf.consensus + tf * rf.components[c]), post.rapix)
+                if main:
+                    write_volume(out / name, post(rf.consensus + tf * rf.components[c]), post.rapix)
                 files.append(name)
             summary["components"][j]["t"] = t.tolist()
         log(f"3dva-display: {len(sel)} series of {cfg.frames} frames written to {out}")
@@ -294,8 +309,8 @@ def run_display(run_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Dis
         for j, c in enumerate(sel):
             w = frame_weights(rf.latents[:, c], cfg.frames, cfg.range_percentile, cfg.width)
             counts.append(w.sum(1))
-            d = out / f"component_{j:03d}"
-            d.mkdir(exist_ok=True)
+            if main:
+                (out / f"component_{j:03d}").mkdir(exist_ok=True)
             info = summary["components"][j]
             info["frame_centres"] = (frame_centres(rf.latents[:, c], cfg.frames, cfg.range_percentile).tolist()
                                      if cfg.width != -1 else [float(np.mean(rf.latents[w[f] > 0, c]))
@@ -305,8 +320,8 @@ def run_display(run_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Dis
                 for f in range(cfg.frames):
                     name = f"component_{j:03d}/frame_{f:03d}_particles.star"
                     keep = w[f] > 0
-                    _write_subset_star(ps, ps.ids[keep], out / name,
-                                       {"rlnFlex3dvaFrameWeight": w[f, keep]})
+                    if main:
+                        _write_subset_star(ps, ps.ids[keep], out / name, {"rlnFlex3dvaFrameWeight": w[f, keep]})
                     files.append(name)
             if cfg.skip_reconstruction:
                 continue
@@ -316,23 +331,28 @@ def run_display(run_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Dis
                 if r["volume"] is None:
                     continue
                 name = f"component_{j:03d}/frame_{r['index']:03d}.mrc"
-                write_volume(out / name, post(r["volume"], already_at_rbox=True), post.rapix)
+                if main:
+                    write_volume(out / name, post(r["volume"], already_at_rbox=True), post.rapix)
                 files.append(name)
-        save_plot(pv.plot_frame_counts, out / "frame_counts.png", np.array(counts))
+        if main:
+            save_plot(pv.plot_frame_counts, out / "frame_counts.png", np.array(counts))
         files.append("frame_counts.png")
         log(f"3dva-display: intermediates for {len(sel)} component(s) written to {out}")
 
     else:  # cluster
         labels, centres = kmeans(z, cfg.frames, cfg.seed)
-        to_csv(pd.DataFrame({ID_LABEL: rf.ids, "cluster": labels}), out / "clusters.csv", index=False)
+        if main:
+            to_csv(pd.DataFrame({ID_LABEL: rf.ids, "cluster": labels}), out / "clusters.csv", index=False)
         files.append("clusters.csv")
         summary["clusters"] = [{"cluster": c, "particles": int((labels == c).sum()), "centre": centres[c].tolist()}
                                for c in range(cfg.frames)]
         for c in range(cfg.frames):
             name = f"cluster_{c:03d}_particles.star"
-            _write_subset_star(ps, ps.ids[labels == c], out / name)
+            if main:
+                _write_subset_star(ps, ps.ids[labels == c], out / name)
             files.append(name)
-        save_plot(pv.plot_clusters, out / "clusters.png", z, labels, centres, three_d=z.shape[1] >= 3)
+        if main:
+            save_plot(pv.plot_clusters, out / "clusters.png", z, labels, centres, three_d=z.shape[1] >= 3)
         files.append("clusters.png")
         if not cfg.skip_reconstruction:
             w = np.stack([(labels == c).astype(np.float64) for c in range(cfg.frames)])
@@ -342,8 +362,16 @@ def run_display(run_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Dis
                 if r["volume"] is None:
                     continue
                 name = f"cluster_{r['index']:03d}.mrc"
-                write_volume(out / name, post(r["volume"], already_at_rbox=True), post.rapix)
+                if main:
+                    write_volume(out / name, post(r["volume"], already_at_rbox=True), post.rapix)
                 files.append(name)
         log(f"3dva-display: {cfg.frames} clusters written to {out}")
-    dump_json(out / "summary.json", summary)
+    world = distributed.world()
+    summary |= {"world_size": world, "particles_per_rank": -(-len(ps) // world) if ps is not None else 0}
+    if main:
+        dump_json(out / "summary.json", summary)
     return summary
+
+
+def _silent(*_args, **_kwargs) -> None:
+    """The log of ranks other than 0."""
