@@ -83,7 +83,7 @@ def test_cli_flex_train_under_torchrun(small_flex_data, tmp_path):
     assert info["epochs_done"] == 2 and (out / "model.pt").exists() and (out / "particles_flex.star").exists()
     assert r.stdout.count("flex-train: done after") == 1  # one rank prints
     assert "Traceback" not in r.stderr
-    bad = subprocess.run([*torchrun, "simulate", "--out", str(tmp_path / "sim"), "--n", "10"], check=False,
+    bad = subprocess.run([*torchrun, "simulate", "--out", str(tmp_path / "sim")], check=False,
                          capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode != 0
     assert "error: simulate does not run in several processes" in bad.stderr
