@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-LATENT_LABEL = "rlnFlexLatent{}"  # 1-based columns of the output STAR
+LATENT_LABEL = "rlnFlexLatent{}"  # 1-based columns of particles_flex.star (latents.csv: engine/latents.py)
 ID = "rlnImageId"
 
 
 from .cli import _add_common as _add_device  # noqa: E402  --device/--threads, defined once in cli.py
 from .cli import _device  # noqa: E402
-from .engine.atomic import (atomic_path, save_npy, save_plot, savetxt, to_csv, torch_save,  # noqa: E402
+from .engine.atomic import (atomic_path, save_plot, savetxt, to_csv, torch_save,  # noqa: E402
                             write_json)
 
 
@@ -305,16 +305,15 @@ def _check_train_args(a: argparse.Namespace) -> list[int] | None:
 
 
 def _write_outputs(trainer, ps, out: Path, mesh_path: str) -> dict:
-    import pandas as pd
     import torch
     from .engine.flex.mesh import load_mesh  # noqa: F401  (documents the file the model refers to)
     from .engine.io import write_particles_star, write_volume
+    from .engine.latents import write_latents_files
     from .plots_flex import plot_activations, plot_flow, plot_latents, plot_losses
     z = trainer.latents.cpu().numpy().astype(np.float32)
     ids = ps.ids
-    save_npy(out / "latents.npy", z)
+    write_latents_files(out, ids, z)
     cols = {LATENT_LABEL.format(k + 1): z[:, k] for k in range(z.shape[1])}
-    to_csv(pd.DataFrame({ID: ids, **cols}), out / "latents.csv", index=False)
     table = ps.table.copy()
     for c, v in cols.items():
         table[c] = v

@@ -1,7 +1,8 @@
-"""Scipion particle sets <-> the engine's RELION 3.1 STAR files, always matched by particle id.
+"""Scipion particle sets <-> the engine's RELION 3.1 STAR and latents files, always matched by particle id.
 
 The STAR files carry `rlnImageId` = the Scipion object id of each particle, so results computed by the
-engine come back to the right particle whatever the order of rows. Poses follow SCIPION.md §3: Scipion's
+engine come back to the right particle whatever the order of rows; latent coordinates (zFlex) travel in the
+engine's latents file (`flexplugin.engine.latents`) both ways. Poses follow docs/algorithms.md §3: Scipion's
 ALIGN_PROJ matrix M = [[Aᵀ, Aᵀ s], [0, 1]] with A the RELION rotation and s the origin shift in pixels
 (`flexplugin.engine.geometry` holds the maths); RELION 3.1 stores shifts in Å.
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Iterator
+from collections.abc import Iterator
 
 import mrcfile
 import numpy as np
@@ -19,27 +20,39 @@ import pandas as pd
 
 import pyworkflow.object as pwobj
 from pwem.constants import ALIGN_NONE, ALIGN_PROJ, NO_INDEX
-from pwem.objects import Acquisition, CTFModel, Particle, SetOfParticles, Transform
+from pwem.objects import (
+    Acquisition,
+    CTFModel,
+    FlexInfo,
+    Particle,
+    ParticleFlex,
+    SetOfParticles,
+    SetOfParticlesFlex,
+    Transform,
+)
 
 from .engine.atomic import atomic_path
 from .engine.errors import DiskFullError, InputError
 from .engine.geometry import relion_from_scipion_matrix, scipion_matrix_from_relion
-from .engine.io import ID_LABEL, read_particles, split_image_name, write_particles_star
+from .engine.io import read_particles, split_image_name, write_particles_star
+from .engine.latents import ID_LABEL, read_latents, write_latents
 
 __all__ = ["writeSetOfParticles", "particlesToStarTables", "readSetOfParticles", "updateParticlesFromStar",
-           "rowToParticle", "iterRowsById", "MRC_EXTENSIONS", "RANDOM_SUBSET_ATTR"]
+           "rowToParticle", "iterRowsById", "writeZFlexLatents", "readSetOfParticlesFlex", "plainFileName",
+           "MRC_EXTENSIONS", "RANDOM_SUBSET_ATTR"]
 
 MRC_EXTENSIONS = (".mrc", ".mrcs")
 RANDOM_SUBSET_ATTR = "_rlnRandomSubset"  # how the relion plugin stores half-set labels on particles
 DEFAULT_MAGNIFICATION = 10000.0  # RELION's convention: detector pixel (µm) = pixel size (Å) at 10,000x
 
 
-def _plainPath(fileName: str) -> str:
-    """A Scipion file name without its format hint (':mrcs', ':mrc', ':spi', ...)."""
+def plainFileName(fileName: str) -> str:
+    """A Scipion file name without its format hint (':mrcs', ':mrc', ':spi', ...), as the engine reads it."""
     base, sep, hint = fileName.rpartition(":")
     if sep and hint and "/" not in hint and hint.isalnum():
         return base
     return fileName
+
 
 
 class _StackResolver:
@@ -57,7 +70,7 @@ class _StackResolver:
         return path
 
     def _resolve(self, fileName: str, particleId: int) -> str:
-        src = os.path.abspath(_plainPath(fileName))
+        src = os.path.abspath(plainFileName(fileName))
         if not os.path.exists(src):
             raise InputError(f"particle {particleId}: image stack {src} does not exist")
         if src.lower().endswith(MRC_EXTENSIONS):
@@ -258,7 +271,7 @@ def _poseMatrix(row: dict, apix: float) -> np.ndarray:
                                       _float(row, "rlnOriginYAngst") / apix)
 
 
-def _starRecords(starPath: str) -> tuple[list[dict], "object"]:
+def _starRecords(starPath: str) -> tuple[list[dict], object]:
     ps = read_particles(starPath)
     records = ps.table.to_dict("records")
     for r in records:
@@ -339,3 +352,59 @@ def updateParticlesFromStar(inputSet: SetOfParticles, starPath: str, outputSet: 
         outputSet.append(q)
         n += 1
     return n
+
+
+def writeZFlexLatents(partSet: SetOfParticlesFlex, path: str) -> tuple[int, int]:
+    """Write the set's zFlex coordinates as the engine's latents file (by particle id), e.g. to seed flex-train;
+    returns (particles, coordinates per particle). Particles with differing numbers of coordinates: InputError."""
+    ids, rows, width = [], [], None
+    for particle in partSet.iterItems(orderBy="id"):
+        z = particle.getZFlex()
+        if width is None:
+            width = len(z)
+        if len(z) != width or width == 0:
+            raise InputError(f"particle {particle.getObjId()} has {len(z)} latent coordinates, the first has "
+                             f"{width}: all particles need the same number")
+        ids.append(int(particle.getObjId()))
+        rows.append([float(v) for v in z])
+    if not ids:
+        raise InputError("the particle set is empty: no latent coordinates to write")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_latents(path, ids, np.asarray(rows, dtype=np.float64))
+    return len(ids), int(width)
+
+
+def readSetOfParticlesFlex(inputSet: SetOfParticles, latentsPath: str, outputSet: SetOfParticlesFlex, progName: str,
+                           extraAttrs: dict[str, str] | None = None, skipMissing: bool = False) -> tuple[int, int]:
+    """Fill `outputSet` with the particles of `inputSet` that have a row in the engine's latents file, each with
+    its coordinates as zFlex, matched by particle id; returns (particles written, particles without a row).
+
+    `extraAttrs` maps other columns of the file to Float attributes of each particle (3DVA's scale). A particle
+    without a row is an error unless `skipMissing`; a row whose id is not in `inputSet` always is."""
+    lat = read_latents(latentsPath)
+    rowOf = lat.by_id()
+    extras = {attr: lat.extra[col] for col, attr in (extraAttrs or {}).items()}
+    outputSet.copyInfo(inputSet)  # sampling, alignment, acquisition, phase flip: not the CTF flag
+    outputSet.setHasCTF(inputSet.hasCTF())
+    written = missing = 0
+    for particle in inputSet.iterItems(orderBy="id"):
+        row = rowOf.get(int(particle.getObjId()))
+        if row is None:
+            if not skipMissing:
+                raise InputError(f"particle {particle.getObjId()} has no coordinates in {latentsPath}")
+            missing += 1
+            continue
+        item = ParticleFlex(progName=progName)
+        item.copyInfo(particle)
+        item.setObjId(particle.getObjId())
+        item.setFlexInfo(FlexInfo(progName))
+        item.setZFlex([float(v) for v in lat.z[row]])
+        item.setZRed([])
+        for attr, values in extras.items():
+            setattr(item, attr, pwobj.Float(float(values[row])))
+        outputSet.append(item)
+        written += 1
+    if written != len(rowOf):
+        raise InputError(f"{latentsPath}: {len(rowOf) - written} rows have particle ids that are not in the input "
+                         "particles")
+    return written, missing

@@ -1,6 +1,6 @@
 """3D variability analysis (3DVA): a linear subspace model of the particles' heterogeneity.
 
-Mirrors cryoSPARC's "3D Variability" job (ALGORITHMS.md §1.4) through `flexplugin 3dva`. Outputs the particles with
+Mirrors cryoSPARC's "3D Variability" job (docs/algorithms.md §1.2) through `flexplugin 3dva`. Outputs the particles with
 their reaction coordinates (SetOfParticlesFlex, read back by particle id from the engine's latents.csv), the
 consensus map and the variability components.
 """
@@ -10,11 +10,14 @@ import json
 import os
 from enum import Enum
 
-import pyworkflow.object as pwobj
 import pyworkflow.protocol.params as params
 import pyworkflow.utils as pwutils
-from pwem.objects import FlexInfo, ParticleFlex, SetOfParticlesFlex, SetOfVolumes, Volume
+from pwem.objects import FlexInfo, SetOfParticlesFlex, SetOfVolumes, Volume
 from pwem.protocols import ProtFlexBase
+
+from flexplugin.convert import readSetOfParticlesFlex
+from flexplugin.engine.latents import ID_LABEL
+from flexplugin.engine.va3d.outputs import SCALE_COLUMN
 
 from .protocol_base import INPUT_MASK, INPUT_VOLUME, FlexPluginProtBase
 from .protocol_flex_mesh import plainFileName
@@ -26,9 +29,6 @@ __all__ = ["FlexPluginProt3DVA", "VA3D_PROGNAME"]
 # samplingRate (Å/px), workingBox (px), workingSamplingRate (Å/px), filterRes (Å), iterations (done),
 # explainedVariance and explainedVarianceFraction (CSV lists, one value per component).
 VA3D_PROGNAME = "FLEXPLUGIN.3DVA"
-ID_COLUMN = "rlnImageId"
-LATENT_COLUMN = "z{}"  # 0-based columns of 3dva's latents.csv
-SCALE_COLUMN = "scale"
 SCALE_ATTR = "_flex3dvaScale"  # per-particle scale the engine fitted, kept on each output particle
 INPUT_SCALE_ATTRS = ("_rlnCtfScalefactor", "_rlnGroupScaleCorrection")  # how RELION's scales reach Scipion
 SCALES = ["none", "input", "optimal"]
@@ -169,7 +169,7 @@ class FlexPluginProt3DVA(ProtFlexBase, FlexPluginProtBase):
         parts = self._getInputParticles()
         particles, optics = convert.particlesToStarTables(parts, self._getExtraPath("input", "stacks"))
         scales = self._getInputScales(parts)
-        particles["rlnCtfScalefactor"] = [scales[int(i)] for i in particles[ID_COLUMN]]
+        particles["rlnCtfScalefactor"] = [scales[int(i)] for i in particles[ID_LABEL]]
         path = self._getInputStarFile()
         pwutils.makePath(os.path.dirname(path))
         write_particles_star(path, particles, optics)
@@ -205,41 +205,14 @@ class FlexPluginProt3DVA(ProtFlexBase, FlexPluginProtBase):
 
         `args` are the analysis step's: a Scipion Continue that resumes the analysis also redoes the outputs.
         """
-        import pandas as pd
         run = self.getRunInfo()
-        k = len(run["files"]["components"])
         apix = float(run["apix"])
-        table = pd.read_csv(self._getRunDir(run["files"]["latents_csv"]))
-        columns = [LATENT_COLUMN.format(i) for i in range(k)]
-        latents = {int(i): ([float(v) for v in row], float(s))
-                   for i, row, s in zip(table[ID_COLUMN], table[columns].itertuples(index=False),
-                                        table[SCALE_COLUMN])}
-
-        inputSet = self._getInputParticles()
         outSet = self._createSetOfParticlesFlex(progName=VA3D_PROGNAME)
-        outSet.copyInfo(inputSet)  # sampling, alignment, acquisition, phase flip: not the CTF flag
-        outSet.setHasCTF(inputSet.hasCTF())
         outSet.setFlexInfo(self._makeFlexInfo(run))
-        missing = 0
-        for particle in inputSet.iterItems(orderBy="id"):
-            found = latents.get(int(particle.getObjId()))
-            if found is None:
-                missing += 1
-                continue
-            z, scale = found
-            item = ParticleFlex(progName=VA3D_PROGNAME)
-            item.copyInfo(particle)
-            item.setObjId(particle.getObjId())
-            item.setFlexInfo(FlexInfo(VA3D_PROGNAME))
-            item.setZFlex(z)
-            item.setZRed([])
-            setattr(item, SCALE_ATTR, pwobj.Float(scale))
-            outSet.append(item)
-        extra = len(latents) - outSet.getSize()
-        limited = self.numberOfParticles.get() is not None
-        if extra or (missing and not limited):
-            raise RuntimeError(f"latents.csv and the input particles disagree: {missing} particles have no "
-                               f"coordinates, {extra} coordinates have no particle")
+        limited = self.numberOfParticles.get() is not None  # the particles beyond the limit have no coordinates
+        _, missing = readSetOfParticlesFlex(self._getInputParticles(), self._getRunDir(run["files"]["latents_csv"]),
+                                            outSet, VA3D_PROGNAME, extraAttrs={SCALE_COLUMN: SCALE_ATTR},
+                                            skipMissing=limited)
         if missing:
             self.info(f"{missing} particles beyond the first {outSet.getSize()} were not analysed and are left out")
 

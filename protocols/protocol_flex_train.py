@@ -1,6 +1,6 @@
 """3D Flex training: a flow generator that deforms a canonical map along a mesh, and a latent per particle.
 
-Mirrors cryoSPARC's "3D Flex Training" (ALGORITHMS.md §2.4) through `flexplugin flex-train`, with the data prep
+Mirrors cryoSPARC's "3D Flex Training" (docs/algorithms.md §2.3) through `flexplugin flex-train`, with the data prep
 crop/training boxes as parameters. Outputs the particles with their latent coordinates (SetOfParticlesFlex,
 read back by particle id) and the canonical map at the training box.
 """
@@ -13,10 +13,12 @@ from enum import Enum
 
 import pyworkflow.protocol.params as params
 import pyworkflow.utils as pwutils
-from pwem.objects import FlexInfo, ParticleFlex, SetOfParticlesFlex, Volume
+from pwem.objects import FlexInfo, SetOfParticlesFlex, Volume
 from pwem.protocols import ProtFlexBase
 
+from flexplugin.convert import readSetOfParticlesFlex, writeZFlexLatents
 from flexplugin.engine.flex.config import TrainConfig
+from flexplugin.engine.latents import LATENTS_CSV
 
 D = TrainConfig()  # every training default is declared there, once
 
@@ -29,9 +31,6 @@ __all__ = ["FlexPluginProtTrain", "FLEX_PROGNAME"]
 # also holds modelPath, checkpointPath, meshPath (project-relative), latentDim, trainingBox, cropBox (px),
 # trainingSamplingRate (Å/px) and epochs (finished).
 FLEX_PROGNAME = "FLEXPLUGIN.3DFLEX"
-ID_COLUMN = "rlnImageId"
-LATENT_COLUMN = "rlnFlexLatent{}"  # 1-based columns of flex-train's latents.csv
-INIT_COLUMN = "zFlex{}"  # 1-based columns of the seed CSV written from the input's zFlex
 MESH_EXTENT_TOLERANCE = 0.02  # relative, as the engine checks it
 
 
@@ -256,36 +255,10 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
 
         `trainArgs` are the training step's: a Scipion Continue that retrains (e.g. more epochs) redoes outputs.
         """
-        import pandas as pd
         info = self.getTrainInfo()
-        table = pd.read_csv(self._getTrainDir("latents.csv"))
-        k = int(info["k"])
-        columns = [LATENT_COLUMN.format(i + 1) for i in range(k)]
-        latents = {int(i): [float(v) for v in row]
-                   for i, row in zip(table[ID_COLUMN], table[columns].itertuples(index=False))}
-
-        inputSet = self._getInputParticles()
         outSet = self._createSetOfParticlesFlex(progName=FLEX_PROGNAME)
-        outSet.copyInfo(inputSet)  # sampling, alignment, acquisition, phase flip: not the CTF flag
-        outSet.setHasCTF(inputSet.hasCTF())
         outSet.setFlexInfo(self._makeFlexInfo(info))
-        missing = 0
-        for particle in inputSet.iterItems(orderBy="id"):
-            z = latents.get(int(particle.getObjId()))
-            if z is None:
-                missing += 1
-                continue
-            item = ParticleFlex(progName=FLEX_PROGNAME)
-            item.copyInfo(particle)
-            item.setObjId(particle.getObjId())
-            item.setFlexInfo(FlexInfo(FLEX_PROGNAME))
-            item.setZFlex(z)
-            item.setZRed([])
-            outSet.append(item)
-        extra = len(latents) - outSet.getSize()
-        if missing or extra:
-            raise RuntimeError(f"latents.csv and the input particles disagree: {missing} particles have no latent, "
-                               f"{extra} latents have no particle")
+        readSetOfParticlesFlex(self._getInputParticles(), self._getTrainDir(LATENTS_CSV), outSet, FLEX_PROGNAME)
 
         canonical = Volume()
         canonical.setFileName(self._getTrainDir("canonical.mrc"))
@@ -455,21 +428,9 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
                 and isinstance(self._getInputParticles(), SetOfParticlesFlex))
 
     def _writeInitLatents(self, path: str) -> str:
-        """The input particles' zFlex as CSV: rlnImageId and one column per coordinate."""
-        import pandas as pd
-        rows, width = [], None
-        for particle in self._getInputParticles().iterItems(orderBy="id"):
-            z = particle.getZFlex()
-            if width is None:
-                width = len(z)
-            if len(z) != width or width == 0:
-                raise ValueError(f"particle {particle.getObjId()} has {len(z)} latent coordinates, the first has "
-                                 f"{width}: all particles need the same number")
-            rows.append([int(particle.getObjId())] + [float(v) for v in z])
-        table = pd.DataFrame(rows, columns=[ID_COLUMN] + [INIT_COLUMN.format(i + 1) for i in range(width)])
-        pwutils.makePath(os.path.dirname(path))
-        table.to_csv(path, index=False)
-        self.info(f"Wrote {len(rows)} initial latents ({width} coordinates each) to {path}")
+        """The input particles' zFlex as the engine's latents file (by particle id), to seed flex-train."""
+        n, width = writeZFlexLatents(self._getInputParticles(), path)
+        self.info(f"Wrote {n} initial latents ({width} coordinates each) to {path}")
         return path
 
     def _getMeshFile(self) -> str:

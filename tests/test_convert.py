@@ -18,7 +18,7 @@ import pyworkflow.object as pwobj
 from pwem.constants import ALIGN_2D, ALIGN_NONE, ALIGN_PROJ
 from pwem.convert.transformations import euler_matrix
 from pwem.emlib.image import ImageHandler
-from pwem.objects import Acquisition, CTFModel, Particle, SetOfParticles, Transform
+from pwem.objects import Acquisition, CTFModel, Particle, ParticleFlex, SetOfParticles, SetOfParticlesFlex, Transform
 
 from flexplugin import convert
 from flexplugin.engine.errors import InputError
@@ -26,7 +26,7 @@ from flexplugin.engine.geometry import (euler_to_matrix_np, relion_from_scipion_
                                         scipion_matrix_from_relion)
 from flexplugin.engine.io import read_particles, write_particles_star
 
-__all__ = ["TestPoseConvention", "TestWriteStar", "TestReadStar"]  # what tests/__init__.py re-exports
+__all__ = ["TestPoseConvention", "TestWriteStar", "TestReadStar", "TestLatents"]  # what tests/__init__.py re-exports
 
 BOX = 16
 APIX = 1.7
@@ -371,6 +371,77 @@ class TestReadStar(ParticleSetCase):
         out = SetOfParticles(filename=self.path("u.sqlite"))
         with self.assertRaisesRegex(InputError, "not in the particle set"):
             convert.updateParticlesFromStar(parts, self.path("bad.star"), out, skipMissing=True)
+
+
+class TestLatents(ParticleSetCase):
+    """zFlex <-> the engine's latents file, by particle id (engine/latents.py), written and read as text here."""
+
+    def makeFlexSet(self, z: dict[int, list[float]]) -> SetOfParticlesFlex:
+        parts = SetOfParticlesFlex(filename=self.path("flex.sqlite"), progName="TEST")
+        parts.setSamplingRate(APIX)
+        for pid in sorted(z, reverse=True):  # inserted out of id order
+            p = ParticleFlex(progName="TEST")
+            p.setObjId(pid)
+            p.setLocation((1, self.path("x.mrcs")))
+            p.setZFlex(z[pid])
+            parts.append(p)
+        parts.write()
+        return parts
+
+    def test_zflex_written_as_latents_file_by_id(self):
+        z = {pid: [0.25 * k - 1.0, 1.0 / (k + 3)] for k, pid in enumerate(self.IDS)}
+        path = self.path("seed", "latents.csv")
+        self.assertEqual(convert.writeZFlexLatents(self.makeFlexSet(z), path), (len(z), 2))
+        with open(path) as fh:
+            header, *lines = fh.read().splitlines()
+        self.assertEqual(header, "rlnImageId,z0,z1")
+        got = {int(w[0]): [float(w[1]), float(w[2])] for w in (line.split(",") for line in lines)}
+        self.assertEqual(sorted(got), sorted(z))
+        for pid in z:
+            np.testing.assert_allclose(got[pid], z[pid], rtol=1e-8)
+
+    def test_zflex_of_differing_lengths_is_an_error(self):
+        parts = self.makeFlexSet({3: [0.1, 0.2], 7: [0.3]})
+        with self.assertRaisesRegex(InputError, "particle 7 has 1 latent coordinates, the first has 2"):
+            convert.writeZFlexLatents(parts, self.path("bad.csv"))
+
+    def test_set_filled_by_id_from_latents_file(self):
+        parts, _ = self.makeSet(spiderStack=False)
+        rows = self.IDS[::-1][:10]  # reverse order, two particles left out
+        with open(self.path("latents.csv"), "w") as fh:
+            fh.write("rlnImageId,z0,z1,scale\n")
+            fh.writelines(f"{pid},{pid / 1000},{-pid / 7},{1 + pid / 1e4}\n" for pid in rows)
+        out = SetOfParticlesFlex(filename=self.path("out.sqlite"), progName="TEST")
+        with self.assertRaisesRegex(InputError, f"particle {sorted(set(self.IDS) - set(rows))[0]} has no coordinates"):
+            convert.readSetOfParticlesFlex(parts, self.path("latents.csv"), out, "TEST")
+        out = SetOfParticlesFlex(filename=self.path("out2.sqlite"), progName="TEST")
+        n, missing = convert.readSetOfParticlesFlex(parts, self.path("latents.csv"), out, "TEST",
+                                                    extraAttrs={"scale": "_testScale"}, skipMissing=True)
+        self.assertEqual((n, missing), (10, 2))
+        self.assertTrue(out.hasAlignmentProj() and out.hasCTF())
+        inputs = {p.getObjId(): p.clone() for p in parts}
+        for p in out.iterItems(orderBy="id"):
+            pid = p.getObjId()
+            np.testing.assert_allclose(p.getZFlex(), [pid / 1000, -pid / 7], rtol=1e-7)
+            self.assertAlmostEqual(p._testScale.get(), 1 + pid / 1e4)
+            self.assertEqual(p.getLocation(), inputs[pid].getLocation())
+            np.testing.assert_allclose(p.getTransform().getMatrix(), inputs[pid].getTransform().getMatrix())
+        self.assertEqual(sorted(p.getObjId() for p in out), sorted(rows))
+
+    def test_old_flex_train_latents_and_unknown_ids(self):
+        parts, _ = self.makeSet(spiderStack=False)
+        with open(self.path("old.csv"), "w") as fh:  # flex-train's layout before engine/latents.py
+            fh.write("rlnImageId,rlnFlexLatent1\n")
+            fh.writelines(f"{pid},{pid / 100}\n" for pid in self.IDS)
+        out = SetOfParticlesFlex(filename=self.path("old.sqlite"), progName="TEST")
+        self.assertEqual(convert.readSetOfParticlesFlex(parts, self.path("old.csv"), out, "TEST"), (len(self.IDS), 0))
+        self.assertEqual({p.getObjId(): list(p.getZFlex()) for p in out}, {pid: [pid / 100] for pid in self.IDS})
+        with open(self.path("extra.csv"), "w") as fh:
+            fh.write("rlnImageId,z0\n")
+            fh.writelines(f"{pid},0.5\n" for pid in self.IDS + [123456])
+        out = SetOfParticlesFlex(filename=self.path("extra.sqlite"), progName="TEST")
+        with self.assertRaisesRegex(InputError, "1 rows have particle ids that are not in the input"):
+            convert.readSetOfParticlesFlex(parts, self.path("extra.csv"), out, "TEST")
 
 
 if __name__ == "__main__":

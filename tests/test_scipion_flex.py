@@ -345,7 +345,7 @@ class TestFlexProtocols(unittest.TestCase):
 
         # the seed file holds the input's zFlex by particle id
         seed = pd.read_csv(prot._getInitLatentsFile()).set_index("rlnImageId")
-        self.assertEqual(list(seed.columns), ["zFlex1", "zFlex2"])
+        self.assertEqual(list(seed.columns), ["z0", "z1"])
         for p in self.train.outputParticles.iterItems():
             np.testing.assert_allclose(seed.loc[p.getObjId()].to_numpy(), p.getZFlex(), rtol=1e-6)
 

@@ -18,6 +18,7 @@ from pwem.objects import (EMFile, ParticleFlex, SetOfClasses3D, SetOfFSCs, SetOf
                           Volume, VolumeFlex, VolumeMask)
 
 from flexplugin.engine.io import read_particles
+from flexplugin.engine.latents import latent_columns
 from flexplugin.tutorial import PRESETS, TutorialRun
 from flexplugin.protocols import FLEX_PROGNAME, VA3D_PROGNAME
 
@@ -127,7 +128,7 @@ class TestWorkflow(unittest.TestCase):
         train = self.train
         # the seed file is the 3DVA's zFlex by particle id; components 1 and 2 seed the two latent dims
         seed = pd.read_csv(train._getInitLatentsFile()).set_index("rlnImageId")
-        self.assertEqual(list(seed.columns), [f"zFlex{i + 1}" for i in range(K_VA)])
+        self.assertEqual(list(seed.columns), latent_columns(K_VA))
         self.assertEqual(sorted(seed.index), self.simIds())
         zva = {p.getObjId(): p.getZFlex() for p in self.va.outputParticles.iterItems()}
         for pid, z in zva.items():

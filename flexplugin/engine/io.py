@@ -27,11 +27,11 @@ from .atomic import atomic_path
 from .ctf import CTFParams
 from .errors import InputError
 from .geometry import euler_to_matrix
+from .latents import ID_LABEL
 
 __all__ = ["COLUMN_RULES", "ID_LABEL", "ParticleSet", "check_volume_matches", "read_mask", "read_particles",
            "read_segmentation", "read_volume", "split_image_name", "write_particles_star", "write_volume"]
 
-ID_LABEL = "rlnImageId"
 POSE_LABELS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
 CTF_LABELS = ("rlnDefocusU", "rlnDefocusV")
 OPTICS_DEFAULTS = {"rlnAmplitudeContrast": 0.1, "rlnSphericalAberration": 2.7, "rlnVoltage": 300.0}

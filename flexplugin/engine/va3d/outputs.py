@@ -3,7 +3,7 @@
     consensus.mrc                 V0 (full box)
     component_000.mrc …           unit-norm components (full box, masked)
     latents.npy                   (N, K) float32 coordinates, input row order
-    latents.csv                   rlnImageId, z0..z{K-1}, scale: the id-keyed exchange file
+    latents.csv                   rlnImageId, z0..z{K-1}, scale: the id-keyed exchange file (engine/latents.py)
     particles_3dva.star           the input STAR plus rlnFlex3dvaComponent1..K and rlnFlex3dvaScale
     explained_variance.json       per component: eigenvalue, coordinate variance, fractions (+ noise floor)
     run.json                      settings, working grid, per-iteration history, file list
@@ -23,15 +23,17 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from ..atomic import atomic_path, save_npy, save_plot, to_csv
+from ..atomic import atomic_path, save_plot
 from ..identity import check_same_particles, particle_record
-from ..io import ID_LABEL, read_particles, read_volume, write_volume
+from ..io import read_particles, read_volume, write_volume
+from ..latents import ID_LABEL, LATENTS_CSV, LATENTS_NPY, read_latents, write_latents_files
 from .em import VA3DConfig, VA3DResult, dump_json
 
 __all__ = ["write_run_outputs", "RunFolder", "load_run", "component_labels"]
 
 STAR_COMPONENT = "rlnFlex3dvaComponent{}"
 STAR_SCALE = "rlnFlex3dvaScale"
+SCALE_COLUMN = "scale"  # the per-particle scale, an extra column of latents.csv
 
 
 def component_labels(k: int) -> list[str]:
@@ -66,16 +68,14 @@ def write_run_outputs(out: Path, ps, res: VA3DResult, consensus: np.ndarray, arg
     from ... import plots_va3d as pv
     out = Path(out)
     K = res.components.shape[0]
-    files = {"consensus": "consensus.mrc", "components": [], "latents": "latents.npy", "latents_csv": "latents.csv",
+    files = {"consensus": "consensus.mrc", "components": [], "latents": LATENTS_NPY, "latents_csv": LATENTS_CSV,
              "particles_star": "particles_3dva.star", "explained_variance": "explained_variance.json", "plots": {}}
     for k in range(K):
         name = f"component_{k:03d}.mrc"
         write_volume(out / name, res.components[k], ps.apix)
         files["components"].append(name)
-    save_npy(out / "latents.npy", res.latents)
     ids = ps.ids
-    df = pd.DataFrame({ID_LABEL: ids} | {f"z{k}": res.latents[:, k] for k in range(K)} | {"scale": res.scales})
-    to_csv(df, out / "latents.csv", index=False, float_format="%.7g")
+    write_latents_files(out, ids, res.latents, {SCALE_COLUMN: res.scales})
     _write_star_with_latents(ps.star_path, out / "particles_3dva.star", ids, res.latents, res.scales,
                              ps.table["rlnImageName"].to_numpy())
     ev = res.eigenvalues
@@ -140,7 +140,7 @@ class RunFolder:
             current = self.path / files["latents"]
             self.latents = np.load(current)
             current = self.path / files["latents_csv"]
-            self.ids = pd.read_csv(current)[ID_LABEL].to_numpy(np.int64)
+            self.ids = read_latents(current).ids
         except InputError as e:
             raise InputError(f"{self.path} is a damaged 3dva run: {e}; rerun `flexplugin 3dva` (with --continue "
                              "it resumes from its checkpoint)") from None
