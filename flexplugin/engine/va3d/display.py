@@ -258,7 +258,7 @@ def _reconstruct_weighted(ps, weights: np.ndarray, post: _Post, cfg: DisplayConf
 def run_display(run_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: DisplayConfig,
                 particles: str | None = None, log=print) -> dict:
     """Run one display mode; writes volumes, STAR subsets, plots and summary.json into out_dir."""
-    from ... import plots_va3d as pv
+    from . import plots as pv
     if cfg.mode not in ("simple", "intermediates", "cluster"):
         raise InputError(f"unknown mode {cfg.mode!r}")
     rf = RunFolder(run_dir)

@@ -65,7 +65,7 @@ def _write_star_with_latents(src: str, dst: Path, ids: np.ndarray, z: np.ndarray
 def write_run_outputs(out: Path, ps, res: VA3DResult, consensus: np.ndarray, args, cfg: VA3DConfig,
                       floor: dict | None = None, seconds: float = 0.0, objective_final: float | None = None) -> dict:
     """Write every output file of a finished run (see module docstring); returns the run.json content."""
-    from ... import plots_va3d as pv
+    from . import plots as pv
     out = Path(out)
     K = res.components.shape[0]
     files = {"consensus": "consensus.mrc", "components": [], "latents": LATENTS_NPY, "latents_csv": LATENTS_CSV,

@@ -1,4 +1,4 @@
-"""3DVA plots: pure functions, arrays in, PNG out (matplotlib, Agg backend)."""
+"""3DVA plots: pure functions, arrays in, PNG out (matplotlib, Agg backend); the engine draws its outputs with them."""
 from __future__ import annotations
 
 import os
