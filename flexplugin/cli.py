@@ -125,8 +125,13 @@ def cmd_reconstruct(a: argparse.Namespace) -> None:
                "resolution_0143_A": r.res_0143, "resolution_05_A": r.res_05, "seconds": time.time() - t0,
                "world_size": world, "particles_per_rank": -(-len(ps) // world)}
     write_json(out / "reconstruct.json", summary)
+    from .engine.resolution import write_resolution_outputs  # as flex-reconstruct: docs/resolution.md
+    from .plots_flex import plot_masked_fsc
+    res = write_resolution_outputs(out, {"map": (r.half1, r.half2)}, mask, ps.apix, gain=None,
+                                   plot_fsc=plot_masked_fsc, device=dev)["fsc"]["map"]
     print(f"reconstruct: resolution {r.res_0143:.2f} Å (FSC 0.143), {r.res_05:.2f} Å (FSC 0.5); "
-          f"outputs in {out}", flush=True)
+          + (f"masked FSC corrected by phase randomisation {res['resolution_A']:.2f} Å; " if mask is not None else "")
+          + f"local resolution in locres_map.mrc; outputs in {out}", flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 # jobs that run data-parallel under torchrun (torch.distributed); the others refuse to run in several processes
-DISTRIBUTED_COMMANDS = ("flex-train", "reconstruct", "3dva", "3dva-display")
+DISTRIBUTED_COMMANDS = ("flex-train", "reconstruct", "3dva", "3dva-display", "flex-reconstruct")
 EXIT_DISTRIBUTED = 4  # a process of a torchrun job failed
 
 

@@ -654,15 +654,20 @@ def cmd_flex_reconstruct(a: argparse.Namespace) -> None:
             if mask.shape[-1] != ps.box:
                 raise InputError(f"mask is {mask.shape[-1]} px; expected the particle box {ps.box} or crop box {model.crop}")
             mask = crop_center(torch.as_tensor(mask), model.crop, 3).numpy()
+    from .engine import distributed
+    world = distributed.world()  # under torchrun every rank inserts its share; rank 0 alone solves and writes
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"flex-reconstruct: {len(ps)} particles at the crop box {model.crop} ({ps.apix:.3f} Å/px), latent-binned "
-          f"preconditioned CG (at most {a.iterations} iterations per half map, tolerance {a.tol:g}), device {dev}",
-          flush=True)
+    if distributed.is_main():
+        print(f"flex-reconstruct: {len(ps)} particles at the crop box {model.crop} ({ps.apix:.3f} Å/px), latent-binned "
+              f"preconditioned CG (at most {a.iterations} iterations per half map, tolerance {a.tol:g}), device {dev}"
+              + (f", {world} processes (about {-(-len(ps) // world)} particles each)" if world > 1 else ""), flush=True)
     t0 = time.time()
     r = flex_reconstruct(model, ps, iterations=a.iterations, batch_size=a.batch_size, reg_scale=a.reg, tol=a.tol,
                          do_noflex=not a.no_noflex, mask=mask, seed=a.seed, bins=a.bins, flow_tol=a.flow_tol,
                          max_bins=a.max_bins, device=dev)
+    if r is None:  # not rank 0
+        return
+    out.mkdir(parents=True, exist_ok=True)
     files = {"flex_map.mrc": r.flex_map, "flex_half_A.mrc": r.flex_half1, "flex_half_B.mrc": r.flex_half2}
     if not a.no_noflex:
         files.update({"noflex_map.mrc": r.noflex_map, "noflex_half_A.mrc": r.noflex_half1,
@@ -682,6 +687,7 @@ def cmd_flex_reconstruct(a: argparse.Namespace) -> None:
             "reg_scale": a.reg, "bins": r.bins, "flow_spread_vox": r.flow_spread, "stopped": r.iterations,
             "resolution_flex_A": r.res_flex, "resolution_noflex_A": None if a.no_noflex else r.res_noflex,
             "masked_fsc": mask is not None, "seconds": time.time() - t0,
+            "world_size": world, "particles_per_rank": -(-len(ps) // world),
             "objective_first_last": {k: [v[0], v[-1]] for k, v in r.objective.items()}}
     write_json(out / "reconstruct.json", info)
     from .engine.resolution import write_resolution_outputs  # masked FSC, local resolution, gain (docs/resolution.md)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..errors import InputError
 from ..fourier import crop_center, fsc_resolution, radius_3d
 from ..insertion import insert_slices
@@ -330,12 +331,19 @@ def _model_rows(model: FlexModel, ps: ParticleSet) -> np.ndarray:
     return np.array([index[int(i)] for i in ids], dtype=np.int64)
 
 
+def _quiet(line: str) -> None:
+    """A progress sink that prints nothing (the ranks other than 0 under torchrun)."""
+
+
 def flex_reconstruct(model: FlexModel, ps: ParticleSet, iterations: int = 20, batch_size: int = 128,
                      reg_scale: float = 1.0, tol: float = 1e-2, do_noflex: bool = True,
                      mask: np.ndarray | None = None, seed: int = 0, bins: int | None = None, flow_tol: float = 0.25,
                      max_bins: int = 64, labels: np.ndarray | None = None, device: torch.device | str = "cpu",
-                     progress=None) -> HighresResult:
+                     progress=None) -> HighresResult | None:
     """Flex and noflex half maps at the crop box by latent-binned, preconditioned CG (see module docstring).
+
+    Under torchrun (engine/distributed.py) every rank inserts its share of the particles, the accumulators are
+    summed over the ranks, and rank 0 alone solves and returns the result; the other ranks return None.
 
     `bins` fixes G; otherwise G is the smallest power of two (≤ `max_bins`) whose flow spread (95 % of the
     particles) is ≤ `flow_tol` voxels. `labels` (N,) overrides the binning (0..G−1); `reg_scale` scales the
@@ -345,6 +353,8 @@ def flex_reconstruct(model: FlexModel, ps: ParticleSet, iterations: int = 20, ba
     half = ps.half_sets(seed)
     check_options(iterations, batch_size, reg_scale, tol, bins, flow_tol, max_bins)
     _check_inputs(model, ps, half)
+    if progress is None and not distributed.is_main():
+        progress = _quiet  # rank 0 alone prints
     emit = Progress(1, "flex-reconstruct", stream=progress).emit
     c = model.crop
     sp = Sphere.make(c, dev)
@@ -358,6 +368,10 @@ def flex_reconstruct(model: FlexModel, ps: ParticleSet, iterations: int = 20, ba
             bins_from_labels(d, np.zeros(len(z), dtype=np.int64), apix_c)
     else:
         lb = choose_bins(z, d, apix_c, flow_tol, max_bins, seed=seed)
+    if distributed.world() > 1:  # every rank inserts into rank 0's bins (k-means is seeded, but be exact)
+        lab = torch.as_tensor(lb.labels, dtype=torch.long, device=dev)
+        lab = distributed.all_reduce_(lab if distributed.is_main() else torch.zeros_like(lab))
+        lb = bins_from_labels(d, lab.cpu().numpy(), apix_c)
     G = lb.count
     acc_mb = 2 * G * sp.index.numel() * 12 / 2 ** 20  # complex64 Σ CTF·Y and float32 Σ CTF², both half sets
     emit(f"flex-reconstruct: {G} latent bins, flow spread {lb.spread_at():.3f} voxels (95 % of particles; "
@@ -368,8 +382,10 @@ def flex_reconstruct(model: FlexModel, ps: ParticleSet, iterations: int = 20, ba
              f"--flow-tol {flow_tol:g}; raise --max-bins for a more exact flex map")
     halves = {h: BinnedHalf(sp, G, dev) for h in (1, 2)}
     prog = Progress(len(ps), "flex-reconstruct: insertion", stream=progress)
-    order = np.argsort(lb.labels, kind="stable")  # a batch touches few bins
-    for s in range(0, len(ps), batch_size):
+    # a batch touches few bins; under torchrun each rank inserts every world-th particle of that order
+    order = distributed.shard(np.argsort(lb.labels, kind="stable"))
+    world = distributed.world()
+    for s in range(0, len(order), batch_size):
         rows = order[s:s + batch_size]
         imgs = torch.from_numpy(ps.images(rows))
         imgs = crop_center(imgs, c, 2) if imgs.shape[-1] != c else imgs
@@ -379,7 +395,14 @@ def flex_reconstruct(model: FlexModel, ps: ParticleSet, iterations: int = 20, ba
             if len(sel):
                 halves[h].insert(imgs[sel], rots[sel], sh[sel], ctf[sel], ps.phase_flipped, ps.apix,
                                  lb.labels[rows[sel]])
-        prog.step(min(s + batch_size, len(ps)))
+        prog.step(min(len(ps), world * min(s + batch_size, len(order))))
+    for h in (1, 2):  # the ranks' partial sums: every rank then holds all particles' accumulators
+        hp = halves[h]
+        distributed.all_reduce_(hp.num)
+        distributed.all_reduce_(hp.den)
+        hp.counts = distributed.all_reduce_(torch.as_tensor(hp.counts, device=dev)).cpu().numpy()
+    if not distributed.is_main():  # the O(G·D³) solve is rank 0's
+        return None
     for h in (1, 2):
         halves[h].set_flows(model, lb.displacements)
     m_t = torch.as_tensor(mask, dtype=torch.float32, device=dev) if mask is not None else None
