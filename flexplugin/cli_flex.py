@@ -685,6 +685,7 @@ def cmd_flex_reconstruct(a: argparse.Namespace) -> None:
     save_plot(plot_slices, out / "maps.png", {"flex": r.flex_map, **({"noflex": r.noflex_map} if not a.no_noflex else {})})
     info = {"particles": len(ps), "crop": model.crop, "apix": ps.apix, "iterations": a.iterations, "tol": a.tol,
             "reg_scale": a.reg, "bins": r.bins, "flow_spread_vox": r.flow_spread, "stopped": r.iterations,
+            "mean_deformation_taken_out_vox": r.frame_shift_vox,
             "resolution_flex_A": r.res_flex, "resolution_noflex_A": None if a.no_noflex else r.res_noflex,
             "masked_fsc": mask is not None, "seconds": time.time() - t0,
             "world_size": world, "particles_per_rank": -(-len(ps) // world),

@@ -71,6 +71,7 @@ class HighresResult:
     bins: int = 0
     flow_spread: float = 0.0
     iterations: dict = field(default_factory=dict)
+    frame_shift_vox: float = 0.0  # largest vertex displacement of the particles' mean deformation (taken out)
 
     @property
     def flex_map(self) -> np.ndarray:
@@ -403,8 +404,16 @@ def flex_reconstruct(model: FlexModel, ps: ParticleSet, iterations: int = 20, ba
         hp.counts = distributed.all_reduce_(torch.as_tensor(hp.counts, device=dev)).cpu().numpy()
     if not distributed.is_main():  # the O(G·D³) solve is rank 0's
         return None
+    # the frame: 3D Flex fixes the canonical map only up to a deformation common to all particles (the generator's
+    # output at the particles' mean), and trained models carry one (measured: up to 1.3 voxels, also where nothing
+    # moves). Solved in the model's frame, the flex map sat that far from its Wiener start and from the truth; in
+    # the particles' mean frame, where the Wiener map is, it does not (docs/flex_reconstruction.md)
+    mean_d = d.mean(0)
+    frame_vox = float(mean_d.norm(dim=-1).max()) / apix_c if mean_d.numel() else 0.0
+    emit(f"flex-reconstruct: the particles' mean deformation (largest vertex displacement {frame_vox:.3f} voxels) "
+         "is taken out of the bins' flows: the flex map is in the particles' mean frame, as the Wiener map")
     for h in (1, 2):
-        halves[h].set_flows(model, lb.displacements)
+        halves[h].set_flows(model, lb.displacements - mean_d)
     m_t = torch.as_tensor(mask, dtype=torch.float32, device=dev) if mask is not None else None
     # the Wiener map's regulariser and shell gain: SSNR from the FSC of barely regularised half maps
     wbar = {h: sp.shell_mean(halves[h].total_den()) for h in (1, 2)}
@@ -451,4 +460,5 @@ def flex_reconstruct(model: FlexModel, ps: ParticleSet, iterations: int = 20, ba
     return HighresResult(maps[("flex", 1)], maps[("flex", 2)], nf1, nf2, f_flex, f_nf, ps.apix,
                          fsc_resolution(f_flex, ps.apix),
                          fsc_resolution(f_nf, ps.apix) if do_noflex else float("nan"), objectives,
-                         halves[1].finish(starts[1]), halves[2].finish(starts[2]), G, lb.spread_at(), whys)
+                         halves[1].finish(starts[1]), halves[2].finish(starts[2]), G, lb.spread_at(), whys,
+                         frame_vox)
