@@ -76,6 +76,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="when the GPU asked for is missing (no CUDA, or no such id), print a WARNING and run on the "
                         f"CPU instead of stopping (default: off, or on when {CPU_FALLBACK_ENV}=1)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--gpus", default=None,
+                   help="GPU ids, e.g. 0,1,2,3: one process per GPU, started through torchrun on this node (jobs that "
+                        "run data-parallel; one id: the same as --device cuda:<id>). See docs/distributed.md")
 
 
 def cmd_simulate(a: argparse.Namespace) -> None:
@@ -195,6 +198,14 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--seed must be >= 0, got {args.seed}")
         if hasattr(args, "device"):
             fallback = args.cpu_fallback if args.cpu_fallback is not None else _env_flag(CPU_FALLBACK_ENV)
+            from . import launch
+            if getattr(args, "gpus", None) is not None:  # several ids outside torchrun: start it (flexplugin/launch.py)
+                code = launch.start_gpus(args, getattr(args, "argv", None) or sys.argv[1:], DISTRIBUTED_COMMANDS,
+                                         fallback)
+                if code is not None:
+                    return code
+            else:  # under torchrun: cuda/auto is the GPU of this process's LOCAL_RANK
+                args.device = launch.rank_device(args.device, None)
             args.device = resolve_device(args.device, fallback)
         if getattr(args, "threads", 0):
             import torch
@@ -248,7 +259,10 @@ def _join_torchrun(args: argparse.Namespace) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv  # --gpus with several ids passes them on to torchrun
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -319,7 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     from .cli import run
     p = argparse.ArgumentParser(prog="flexplugin")
     register(p.add_subparsers(dest="command", required=True))
-    return run(p.parse_args(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_args(argv)
+    args.argv = argv  # --gpus with several ids passes them on to torchrun
+    return run(args)
 
 
 if __name__ == "__main__":

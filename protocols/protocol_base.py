@@ -19,7 +19,9 @@ from pyworkflow.protocol.params import PARALLELIZATION
 from pwem.protocols import EMProtocol
 
 from flexplugin import Plugin
+from flexplugin.cli import DISTRIBUTED_COMMANDS
 from flexplugin.engine.errors import EXIT_DISK_FULL
+from flexplugin.launch import TORCHRUN_MODULE
 
 # attribute names of the inputs the shared checks know about
 INPUT_PARTICLES = "inputParticles"
@@ -139,8 +141,9 @@ class FlexPluginProtBase(EMProtocol):
                        help="Run the engine on a GPU (CUDA). Set to No to run on the CPU.")
         form.addHidden(GPU_LIST, params.StringParam, default="0",
                        label="GPU ID",
-                       help="The GPU to use (one id, as numbered by nvidia-smi). Each flexplugin job runs on "
-                            "one GPU.")
+                       help="The GPU to use (one id, as numbered by nvidia-smi). 3DVA, the 3DVA display's "
+                            "reconstructions, 3D flex training and the flex reconstruction also take several ids "
+                            "(e.g. 0 1 2 3): one process per GPU, started by torchrun (docs/distributed.md).")
 
     def _defineParticlesParam(self, form: params.Form, condition: str | None = None) -> None:
         """The input particles: a 3D-aligned set (ALIGN_PROJ) with CTF (shown when `condition` holds)."""
@@ -194,8 +197,8 @@ class FlexPluginProtBase(EMProtocol):
         The id is Scipion's `%(GPU)s` placeholder, which runJob replaces by the GPU given to the step (renumbered
         under queues), so engine steps using it must be inserted with needsGPU=True.
         """
-        if self.usesGpu():
-            return ["--device", f"cuda:{GPU_PLACEHOLDER}"]
+        if self.usesGpu():  # several GPUs: each torchrun process takes its id from --gpus (flexplugin/launch.py)
+            return ["--gpus", GPU_PLACEHOLDER] if self.usesSeveralGpus() else ["--device", f"cuda:{GPU_PLACEHOLDER}"]
         return ["--device", "cpu"]
 
     def allowsCpuFallback(self) -> bool:
@@ -210,6 +213,9 @@ class FlexPluginProtBase(EMProtocol):
         what Scipion's Continue re-runs) do not change with it."""
         env = Plugin.getEnviron()
         env[CPU_FALLBACK_ENV] = "1" if self.allowsCpuFallback() else "0"
+        if self.usesSeveralGpus():  # torchrun's rendezvous, unless a queue template set it (docs/distributed.md)
+            for name, value in TORCHRUN_LOCAL_RDZV.items():
+                env.setdefault(name, value)
         return env
 
     def getThreadsArgs(self) -> list[str]:
@@ -224,11 +230,11 @@ class FlexPluginProtBase(EMProtocol):
         values such as a fuse list '1>3, 1>4' arrive intact (plain words and the `%(GPU)s` placeholder are
         unaffected: Scipion substitutes the placeholder inside the quotes).
         """
-        words = [subcommand] + [shlex.quote(str(a)) for a in args]
+        program, line = engineCommandLine(subcommand, args, len(self.getGpuList()) if self.usesSeveralGpus() else 1)
         logs = [self.getStderrLog(), self.getStdoutLog()]
         starts = [os.path.getsize(p) if os.path.exists(p) else 0 for p in logs]
         try:
-            self.runJob(Plugin.getProgram(), " ".join(words), env=self.getEngineEnviron(), numberOfMpi=1)
+            self.runJob(program, line, env=self.getEngineEnviron(), numberOfMpi=1)
         except subprocess.CalledProcessError as e:
             message = next((m for m in map(self._engineError, logs, starts) if m), None)
             if message is None:
@@ -328,8 +334,49 @@ class FlexPluginProtBase(EMProtocol):
         return errors
 
     def _validateGpu(self) -> list[str]:
-        """Each engine job runs on one device: at most one GPU id."""
-        if self.allowsGpu() and self.usesGpu() and len(self.getGpuList()) != 1:
-            return ["flexplugin runs each job on one GPU: give a single GPU id."]
+        """One GPU id, or several for a protocol whose job runs data-parallel (SEVERAL_GPU_JOBS)."""
+        if not (self.allowsGpu() and self.usesGpu()):
+            return []
+        if not self.getGpuList():
+            return ["Give a GPU id."]
+        if len(set(self.getGpuList())) != len(self.getGpuList()):
+            return ["A GPU id is given twice: one process per GPU."]
+        if self.usesSeveralGpus() and not self.allowsSeveralGpus():
+            return ["This flexplugin job runs on one GPU: give a single GPU id."]
         return []
 
+    def usesSeveralGpus(self) -> bool:
+        """Whether the form gives this protocol's GPU steps more than one GPU id."""
+        return bool(self.allowsGpu() and self.usesGpu() and len(self.getGpuList()) > 1)
+
+    def allowsSeveralGpus(self) -> bool:
+        """Whether this protocol's engine job runs data-parallel, one torchrun process per GPU."""
+        return SEVERAL_GPU_JOBS.get(type(self).__name__) in DISTRIBUTED_COMMANDS
+
+
+# --------------------------- several GPUs: one engine job through torchrun (docs/distributed.md) -----------------
+# the engine job of each protocol that may run on several GPUs (only while the CLI runs that job data-parallel)
+SEVERAL_GPU_JOBS = {"FlexPluginProt3DVA": "3dva", "FlexPluginProt3DVADisplay": "3dva-display",
+                    "FlexPluginProtTrain": "flex-train", "FlexPluginProtReconstruct": "flex-reconstruct"}
+# torchrun's rendezvous on one node (what its --standalone sets), given as torchrun's PET_* environment defaults
+# so that a queue template can replace them with a rendezvous across nodes
+TORCHRUN_LOCAL_RDZV = {"PET_NNODES": "1", "PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": "localhost:0"}
+# a command that starts torchrun once per node (a SLURM template sets "srun --ntasks-per-node=1 ..."); unset on a
+# workstation, where torchrun simply runs
+SRUN_ENV = "FLEXPLUGIN_SRUN"
+
+
+def engineCommandLine(subcommand: str, args: list, gpus: int = 1) -> tuple[str, str]:
+    """Scipion runJob's program and argument line for `flexplugin <subcommand> <args>`: the CLI itself, or for
+    `gpus` > 1 torchrun (torch.distributed.run) starting one CLI process per GPU on each node.
+
+    Each argument is shell-quoted (runJob hands the line to a shell); Scipion's %(GPU)s placeholder inside
+    the quotes still becomes the step's GPU ids. '--' ends torchrun's own options (flexplugin/launch.py). The
+    torchrun command starts with ${FLEXPLUGIN_SRUN}, empty unless a queue template sets it to run torchrun on
+    every node of the job (docs/distributed.md)."""
+    words = [subcommand] + [str(a) for a in args]
+    if gpus <= 1 or subcommand not in DISTRIBUTED_COMMANDS:
+        return Plugin.getProgram(), " ".join(shlex.quote(w) for w in words)
+    program = f"${{{SRUN_ENV}}} {Plugin.getPython()} -m {TORCHRUN_MODULE}"
+    line = [f"--nproc-per-node={gpus}", "-m", "flexplugin.cli", "--", *words]
+    return program, " ".join(shlex.quote(w) for w in line)
