@@ -725,9 +725,10 @@ def add_reconstruct_parser(sub) -> None:
     p.add_argument("--flow-tol", type=float, default=0.25,
                    help="largest flow spread within a latent bin, voxels of the crop box, for 95 %% of the "
                         "particles (default 0.25)")
-    p.add_argument("--max-bins", type=int, default=64,
-                   help="cap on the number of latent bins when chosen from --flow-tol (default 64; memory: two "
-                        "Fourier accumulators per bin and half set)")
+    from .engine.flex.reconstruct_config import MAX_BINS
+    p.add_argument("--max-bins", type=int, default=MAX_BINS,
+                   help=f"cap on the number of latent bins when chosen from --flow-tol (default {MAX_BINS}; memory: "
+                        "two Fourier accumulators per bin and half set)")
     p.add_argument("--no-noflex", action="store_true", help="skip the rigid baseline (flex_do_noflex_recon)")
     p.add_argument("--mask", help="mask for the FSC (particle box or crop box)")
     p.add_argument("--batch-size", type=int, default=128, help="particles per insertion batch (default 128)")

@@ -20,6 +20,8 @@ import pyworkflow.protocol.params as params
 import pyworkflow.utils as pwutils
 from pwem.objects import FSC, SetOfFSCs, Volume
 
+from flexplugin.engine.flex.reconstruct_config import MAX_BINS
+
 from .protocol_base import INPUT_MASK, INPUT_PARTICLES, FlexPluginProtBase
 from .protocol_flex_generate import INPUT_TRAINING, FlexModelInput
 from .protocol_flex_mesh import plainFileName
@@ -112,6 +114,13 @@ class FlexPluginProtReconstruct(FlexPluginProtBase, FlexModelInput):
                       label="Flow tolerance (voxels)",
                       help="When the number of bins is chosen automatically: the largest spread of the flow within a "
                            "latent bin, in voxels of the crop box, for 95 % of the particles (default 0.25).")
+        form.addParam("maxBins", params.IntParam, default=MAX_BINS, validators=[params.GE(1)],
+                      expertLevel=params.LEVEL_ADVANCED,
+                      label="Most latent bins",
+                      help=f"When the number of bins is chosen automatically: the cap on it (default {MAX_BINS}). "
+                           "Each bin holds two Fourier accumulators per half set (6.4 MB at a crop box of 64, 51 MB "
+                           "at 128, about 400 MB at 256): lower it where memory is short, raise it when the log warns "
+                           "that the flow tolerance is not met.")
         form.addParam("batchSize", params.IntParam, default=128, validators=[params.GE(1)],
                       expertLevel=params.LEVEL_ADVANCED,
                       label="Batch size (particles)",
@@ -311,7 +320,8 @@ class FlexPluginProtReconstruct(FlexPluginProtBase, FlexModelInput):
             args += ["--no-noflex"]
         if self.regularisation.get() is not None:
             args += ["--reg", self.regularisation.get()]
-        args += ["--tol", self.tolerance.get(), "--flow-tol", self.flowTolerance.get()]
+        args += ["--tol", self.tolerance.get(), "--flow-tol", self.flowTolerance.get(), "--max-bins",
+                 self.maxBins.get()]
         if self.latentBins.get() is not None:
             args += ["--bins", self.latentBins.get()]
         mask = getattr(self, INPUT_MASK).get()

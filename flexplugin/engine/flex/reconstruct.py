@@ -48,6 +48,7 @@ from ..reconstruct import (
 )
 from .binning import LatentBins, bins_from_labels, choose_bins, vertex_displacements
 from .generate import FlexModel
+from .reconstruct_config import BATCH_SIZE, FLOW_TOL, ITERATIONS, MAX_BINS, TOL
 
 _ssnr_fsc = shell_fsc  # the FSC the Wiener map takes its SSNR from (hard shells)
 
@@ -297,8 +298,9 @@ def pcg(hess, rhs: torch.Tensor, x0: torch.Tensor, precond, iterations: int, tol
     return x, hist, why
 
 
-def check_options(iterations: int = 20, batch_size: int = 128, reg_scale: float = 1.0, tol: float = 1e-2,
-                  bins: int | None = None, flow_tol: float = 0.25, max_bins: int = 64) -> None:
+def check_options(iterations: int = ITERATIONS, batch_size: int = BATCH_SIZE, reg_scale: float = 1.0,
+                  tol: float = TOL, bins: int | None = None, flow_tol: float = FLOW_TOL,
+                  max_bins: int = MAX_BINS) -> None:
     """Raise InputError naming the option for values the solver cannot use (called before any heavy work)."""
     checks = [(iterations >= 1, f"--iterations must be >= 1, got {iterations}"),
               (batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}"),
@@ -336,11 +338,11 @@ def _quiet(line: str) -> None:
     """A progress sink that prints nothing (the ranks other than 0 under torchrun)."""
 
 
-def flex_reconstruct(model: FlexModel, ps: ParticleSet, iterations: int = 20, batch_size: int = 128,
-                     reg_scale: float = 1.0, tol: float = 1e-2, do_noflex: bool = True,
-                     mask: np.ndarray | None = None, seed: int = 0, bins: int | None = None, flow_tol: float = 0.25,
-                     max_bins: int = 64, labels: np.ndarray | None = None, device: torch.device | str = "cpu",
-                     progress=None) -> HighresResult | None:
+def flex_reconstruct(model: FlexModel, ps: ParticleSet, iterations: int = ITERATIONS, batch_size: int = BATCH_SIZE,
+                     reg_scale: float = 1.0, tol: float = TOL, do_noflex: bool = True,
+                     mask: np.ndarray | None = None, seed: int = 0, bins: int | None = None,
+                     flow_tol: float = FLOW_TOL, max_bins: int = MAX_BINS, labels: np.ndarray | None = None,
+                     device: torch.device | str = "cpu", progress=None) -> HighresResult | None:
     """Flex and noflex half maps at the crop box by latent-binned, preconditioned CG (see module docstring).
 
     Under torchrun (engine/distributed.py) every rank inserts its share of the particles, the accumulators are
