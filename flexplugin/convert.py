@@ -375,17 +375,22 @@ def writeZFlexLatents(partSet: SetOfParticlesFlex, path: str) -> tuple[int, int]
 
 
 def readSetOfParticlesFlex(inputSet: SetOfParticles, latentsPath: str, outputSet: SetOfParticlesFlex, progName: str,
-                           extraAttrs: dict[str, str] | None = None, skipMissing: bool = False) -> tuple[int, int]:
+                           flexInfo: FlexInfo | None = None, extraAttrs: dict[str, str] | None = None,
+                           skipMissing: bool = False) -> tuple[int, int]:
     """Fill `outputSet` with the particles of `inputSet` that have a row in the engine's latents file, each with
     its coordinates as zFlex, matched by particle id; returns (particles written, particles without a row).
 
-    `extraAttrs` maps other columns of the file to Float attributes of each particle (3DVA's scale). A particle
-    without a row is an error unless `skipMissing`; a row whose id is not in `inputSet` always is."""
+    `flexInfo` becomes the set's FlexInfo (set after the input's info is copied: a SetOfParticlesFlex input
+    would otherwise pass on its own). `extraAttrs` maps other columns of the file to Float attributes of each
+    particle (3DVA's scale). A particle without a row is an error unless `skipMissing`; a row whose id is not in
+    `inputSet` always is."""
     lat = read_latents(latentsPath)
     rowOf = lat.by_id()
     extras = {attr: lat.extra[col] for col, attr in (extraAttrs or {}).items()}
     outputSet.copyInfo(inputSet)  # sampling, alignment, acquisition, phase flip: not the CTF flag
     outputSet.setHasCTF(inputSet.hasCTF())
+    if flexInfo is not None:
+        outputSet.setFlexInfo(flexInfo)
     written = missing = 0
     for particle in inputSet.iterItems(orderBy="id"):
         row = rowOf.get(int(particle.getObjId()))

@@ -208,11 +208,10 @@ class FlexPluginProt3DVA(ProtFlexBase, FlexPluginProtBase):
         run = self.getRunInfo()
         apix = float(run["apix"])
         outSet = self._createSetOfParticlesFlex(progName=VA3D_PROGNAME)
-        outSet.setFlexInfo(self._makeFlexInfo(run))
         limited = self.numberOfParticles.get() is not None  # the particles beyond the limit have no coordinates
         _, missing = readSetOfParticlesFlex(self._getInputParticles(), self._getRunDir(run["files"]["latents_csv"]),
-                                            outSet, VA3D_PROGNAME, extraAttrs={SCALE_COLUMN: SCALE_ATTR},
-                                            skipMissing=limited)
+                                            outSet, VA3D_PROGNAME, flexInfo=self._makeFlexInfo(run),
+                                            extraAttrs={SCALE_COLUMN: SCALE_ATTR}, skipMissing=limited)
         if missing:
             self.info(f"{missing} particles beyond the first {outSet.getSize()} were not analysed and are left out")
 

@@ -257,8 +257,8 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
         """
         info = self.getTrainInfo()
         outSet = self._createSetOfParticlesFlex(progName=FLEX_PROGNAME)
-        outSet.setFlexInfo(self._makeFlexInfo(info))
-        readSetOfParticlesFlex(self._getInputParticles(), self._getTrainDir(LATENTS_CSV), outSet, FLEX_PROGNAME)
+        readSetOfParticlesFlex(self._getInputParticles(), self._getTrainDir(LATENTS_CSV), outSet, FLEX_PROGNAME,
+                               flexInfo=self._makeFlexInfo(info))
 
         canonical = Volume()
         canonical.setFileName(self._getTrainDir("canonical.mrc"))

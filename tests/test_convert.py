@@ -18,7 +18,8 @@ import pyworkflow.object as pwobj
 from pwem.constants import ALIGN_2D, ALIGN_NONE, ALIGN_PROJ
 from pwem.convert.transformations import euler_matrix
 from pwem.emlib.image import ImageHandler
-from pwem.objects import Acquisition, CTFModel, Particle, ParticleFlex, SetOfParticles, SetOfParticlesFlex, Transform
+from pwem.objects import (Acquisition, CTFModel, FlexInfo, Particle, ParticleFlex, SetOfParticles, SetOfParticlesFlex,
+                          Transform)
 
 from flexplugin import convert
 from flexplugin.engine.errors import InputError
@@ -427,6 +428,23 @@ class TestLatents(ParticleSetCase):
             self.assertEqual(p.getLocation(), inputs[pid].getLocation())
             np.testing.assert_allclose(p.getTransform().getMatrix(), inputs[pid].getTransform().getMatrix())
         self.assertEqual(sorted(p.getObjId() for p in out), sorted(rows))
+
+    def test_output_flex_info_is_not_the_inputs(self):
+        """A SetOfParticlesFlex input (a training seeded from another) must not pass its FlexInfo on."""
+        parts = self.makeFlexSet({3: [0.1, 0.2], 7: [0.3, 0.4]})
+        old = FlexInfo("OLD")
+        old.setAttr("trainingSamplingRate", 8.0)
+        parts.setFlexInfo(old)
+        parts.write()
+        with open(self.path("z.csv"), "w") as fh:
+            fh.write("rlnImageId,z0\n3,0.5\n7,-0.5\n")
+        new = FlexInfo("NEW")
+        new.setAttr("trainingSamplingRate", 6.0)
+        out = SetOfParticlesFlex(filename=self.path("o.sqlite"), progName="NEW")
+        convert.readSetOfParticlesFlex(parts, self.path("z.csv"), out, "NEW", flexInfo=new)
+        self.assertEqual(out.getFlexInfo().getProgName(), "NEW")
+        self.assertEqual(out.getFlexInfo().getAttr("trainingSamplingRate"), 6.0)
+        self.assertEqual({p.getObjId(): list(p.getZFlex()) for p in out}, {3: [0.5], 7: [-0.5]})
 
     def test_old_flex_train_latents_and_unknown_ids(self):
         parts, _ = self.makeSet(spiderStack=False)
