@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_", "bytes_reduced", "init_from_env", "is_main", "merge_rows_", "rank", "say", "shard",
-           "world"]
+__all__ = ["all_reduce_", "bytes_reduced", "init_from_env", "is_main", "merge_rows_", "rank", "reduce_seconds",
+           "say", "shard", "world"]
 
-_TRAFFIC = {"bytes": 0}  # bytes this process has summed over the ranks (the payload of its all-reduces)
+_TRAFFIC = {"bytes": 0, "seconds": 0.0}  # payload of this process's all-reduces, and the time spent in them
 
 
 def world() -> int:
@@ -63,7 +64,9 @@ def all_reduce_(t: torch.Tensor) -> torch.Tensor:
     their real and imaginary parts (gloo has no complex sum); the payload is counted in `bytes_reduced`."""
     if world() > 1:
         flat = torch.view_as_real(t) if t.is_complex() else t
+        t0 = time.perf_counter()
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        _TRAFFIC["seconds"] += time.perf_counter() - t0
         _TRAFFIC["bytes"] += t.numel() * t.element_size()
     return t
 
@@ -84,6 +87,14 @@ def bytes_reduced(reset: bool = False) -> int:
     if reset:
         _TRAFFIC["bytes"] = 0
     return n
+
+
+def reduce_seconds(reset: bool = False) -> float:
+    """Seconds this process has spent in all-reduces (waiting for the slowest rank included); `reset` restarts."""
+    s = _TRAFFIC["seconds"]
+    if reset:
+        _TRAFFIC["seconds"] = 0.0
+    return s
 
 
 def say(*args, **kwargs) -> None:
