@@ -688,7 +688,7 @@ def cmd_flex_reconstruct(a: argparse.Namespace) -> None:
             "mean_deformation_taken_out_vox": r.frame_shift_vox,
             "resolution_flex_A": r.res_flex, "resolution_noflex_A": None if a.no_noflex else r.res_noflex,
             "masked_fsc": mask is not None, "seconds": time.time() - t0,
-            "world_size": world, "particles_per_rank": -(-len(ps) // world),
+            "world_size": world, "particles_per_rank": -(-len(ps) // world), "half_counts": list(r.half_counts),
             "objective_first_last": {k: [v[0], v[-1]] for k, v in r.objective.items()}}
     write_json(out / "reconstruct.json", info)
     from .engine.resolution import write_resolution_outputs  # masked FSC, local resolution, gain (docs/resolution.md)

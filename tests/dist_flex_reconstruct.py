@@ -47,6 +47,7 @@ def main(argv: list[str]) -> None:
     if distributed.is_main():
         torch.save({"flex": np.stack([r.flex_half1, r.flex_half2]), "noflex": np.stack([r.noflex_half1, r.noflex_half2]),
                     "start": np.stack([r.start_half1, r.start_half2]), "bins": r.bins, "objective": r.objective,
+                    "half_counts": r.half_counts,
                     "world": distributed.world()}, out)
 
 

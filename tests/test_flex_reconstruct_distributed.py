@@ -32,6 +32,7 @@ def test_two_processes_reconstruct_what_one_does(small_flex_data, tmp_path):
     two = _run(small_flex_data, tmp_path / "two.pt", 2)
     assert (one["world"], two["world"]) == (1, 2)
     assert one["bins"] == two["bins"] > 1
+    assert one["half_counts"] == two["half_counts"] and sum(two["half_counts"]) == 120  # each particle once
     for key in ("start", "noflex", "flex"):
         scale = float(np.abs(one[key]).max())
         np.testing.assert_allclose(two[key], one[key], rtol=0, atol=1e-4 * scale, err_msg=key)

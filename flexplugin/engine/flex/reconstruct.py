@@ -73,6 +73,7 @@ class HighresResult:
     flow_spread: float = 0.0
     iterations: dict = field(default_factory=dict)
     frame_shift_vox: float = 0.0  # largest vertex displacement of the particles' mean deformation (taken out)
+    half_counts: tuple[int, int] = (0, 0)  # particles inserted into each half set (over all ranks)
 
     @property
     def flex_map(self) -> np.ndarray:
@@ -463,4 +464,4 @@ def flex_reconstruct(model: FlexModel, ps: ParticleSet, iterations: int = ITERAT
                          fsc_resolution(f_flex, ps.apix),
                          fsc_resolution(f_nf, ps.apix) if do_noflex else float("nan"), objectives,
                          halves[1].finish(starts[1]), halves[2].finish(starts[2]), G, lb.spread_at(), whys,
-                         frame_vox)
+                         frame_vox, (int(halves[1].counts.sum()), int(halves[2].counts.sum())))
