@@ -138,6 +138,8 @@ def cmd_flex_mesh(a: argparse.Namespace) -> None:
             raise InputError(f"segmentation box {seg.shape[0]} differs from the volume box {vol.shape[0]}")
     elif a.fuse or a.rigid:
         raise InputError("--fuse and --rigid need --segmentation")
+    if a.crop is not None:
+        vol, mask, seg = _crop_maps(a.crop, vol.shape[0], vol, mask, seg)
     mesh = build_mesh(vol, apix, mask=mask, cells=a.cells, rigidity_min=a.rigidity_min,
                       stiffen_low_density=a.stiffen_low_density, segmentation=seg, fuse_list=a.fuse,
                       rigid_list=a.rigid, lowpass_A=a.mask_lowpass, threshold=a.mask_threshold,
@@ -147,6 +149,8 @@ def cmd_flex_mesh(a: argparse.Namespace) -> None:
     save_mesh(mesh, out / "mesh.pkl")
     write_mesh_pdb(mesh, out / "mesh.pdb")
     write_volume(out / "mesh_mask.mrc", mesh.mask_soft, apix)
+    if a.crop is not None:
+        write_volume(out / "mesh_map.mrc", vol, apix)  # the map the mesh covers, to view with mesh.pdb
     save_plot(plot_mesh, out / "mesh_slices.png", vol, mesh.tetraidx_map(), mesh.rweights)
     info = {"vertices": int(len(mesh.points)), "cells": int(len(mesh.cells)), "box": mesh.N, "apix": apix,
             "cells_across": a.cells, "rigidity_min": float(mesh.rweights.min()),
@@ -154,6 +158,19 @@ def cmd_flex_mesh(a: argparse.Namespace) -> None:
     write_json(out / "mesh.json", info)
     print(f"flex-mesh: {info['vertices']} vertices, {info['cells']} tetrahedra over the mask; "
           f"mesh.pkl, mesh.pdb, mesh_slices.png in {out}", flush=True)
+
+
+def _crop_maps(crop: int, box: int, *maps: np.ndarray | None) -> list[np.ndarray | None]:
+    """The maps cropped about their centre to crop³ (the centring flex-train uses for particles, so the mesh lines
+    up with the cropped training data); --crop must be even, >= 16 and <= the volume box."""
+    import torch
+
+    from .engine.errors import InputError
+    from .engine.fourier import crop_center
+    if crop > box or crop < 16 or crop % 2:
+        raise InputError(f"--crop must be an even number of pixels >= 16 and <= the volume box {box}; got {crop}")
+    return [None if m is None else crop_center(torch.from_numpy(np.ascontiguousarray(m)), crop, 3).numpy().copy()
+            for m in maps]
 
 
 def _check_fuse_syntax(text: str | None) -> None:
@@ -171,6 +188,9 @@ def add_mesh_parser(sub) -> None:
     p.add_argument("--volume", required=True, help="consensus map (at the training or crop box)")
     p.add_argument("--mask", help="solvent mask; made from the map when absent")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--crop", type=int,
+                   help="crop the map, mask and segmentation about their centre to this box in px before meshing, "
+                        "as flex-train --crop crops the particles (box_size_pix; default: the full box)")
     p.add_argument("--cells", type=int, default=20, help="tetra cells across the box (tetra_num_cells; default 20)")
     p.add_argument("--rigidity-min", type=float, default=0.5,
                    help="rigidity weight of empty cells; dense cells get 1.0 (rigidity_penalty_min; default 0.5)")

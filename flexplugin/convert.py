@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import mrcfile
 import numpy as np
-import pandas as pd
 
 import pyworkflow.object as pwobj
 from pwem.constants import ALIGN_NONE, ALIGN_PROJ, NO_INDEX
@@ -33,9 +33,13 @@ from pwem.objects import (
 
 from .engine.atomic import atomic_path
 from .engine.errors import DiskFullError, InputError
-from .engine.geometry import relion_from_scipion_matrix, scipion_matrix_from_relion
-from .engine.io import read_particles, split_image_name, write_particles_star
 from .engine.latents import ID_LABEL, read_latents, write_latents
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# pandas, engine.geometry and engine.io (torch) are imported where used: protocols import this module when
+# Scipion loads the plugin, and the GUI should not pay for them
 
 __all__ = ["writeSetOfParticles", "particlesToStarTables", "readSetOfParticles", "updateParticlesFromStar",
            "rowToParticle", "iterRowsById", "writeZFlexLatents", "readSetOfParticlesFlex", "plainFileName",
@@ -180,6 +184,7 @@ def particlesToStarTables(partSet: SetOfParticles, outputDir: str | None = None,
         row = {"rlnImageName": f"{index if index and index != NO_INDEX else 1:06d}@{stack}", ID_LABEL: pid,
                "rlnOpticsGroup": group}
         if withPoses:
+            from .engine.geometry import relion_from_scipion_matrix
             t = p.getTransform()
             if t is None:
                 raise InputError(f"particle {pid} has no 3D alignment although the set says {ALIGN_PROJ}")
@@ -199,6 +204,7 @@ def particlesToStarTables(partSet: SetOfParticles, outputDir: str | None = None,
         subset = getattr(p, RANDOM_SUBSET_ATTR, None)
         subsets.append(int(subset.get()) if subset is not None and subset.get() is not None else None)
         rows.append(row)
+    import pandas as pd
     particles = pd.DataFrame(rows)
     if all(s is not None for s in subsets):  # RELION needs the column complete or absent
         particles["rlnRandomSubset"] = subsets
@@ -220,6 +226,7 @@ def writeSetOfParticles(partSet: SetOfParticles, starPath: str, outputDir: str |
     atomically (temp file + rename, `flexplugin.engine.atomic`): an interrupted or disk-full write leaves the
     previous file intact and no temp file; a full disk raises `DiskFullError` naming the file.
     """
+    from .engine.io import write_particles_star
     particles, optics = particlesToStarTables(partSet, outputDir, requireAlignment, requireCTF)
     folder = os.path.dirname(os.path.abspath(starPath))
     os.makedirs(folder, exist_ok=True)
@@ -244,6 +251,7 @@ def _storedPath(path: str, relativeTo: str | None) -> str:
 def rowToParticle(row: dict, apix: float, withPoses: bool = True, withCTF: bool = True,
                   relativeTo: str | None = None) -> Particle:
     """A Particle (id, location, sampling, acquisition, CTF, ALIGN_PROJ transform) from one merged STAR row."""
+    from .engine.io import split_image_name
     p = Particle()
     p.setObjId(int(row[ID_LABEL]))
     index, path = split_image_name(str(row["rlnImageName"]))
@@ -266,12 +274,14 @@ def rowToParticle(row: dict, apix: float, withPoses: bool = True, withCTF: bool 
 
 
 def _poseMatrix(row: dict, apix: float) -> np.ndarray:
+    from .engine.geometry import scipion_matrix_from_relion
     return scipion_matrix_from_relion(_float(row, "rlnAngleRot"), _float(row, "rlnAngleTilt"),
                                       _float(row, "rlnAnglePsi"), _float(row, "rlnOriginXAngst") / apix,
                                       _float(row, "rlnOriginYAngst") / apix)
 
 
 def _starRecords(starPath: str) -> tuple[list[dict], object]:
+    from .engine.io import read_particles
     ps = read_particles(starPath)
     records = ps.table.to_dict("records")
     for r in records:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -63,19 +63,39 @@ def plot_slices(volumes: dict[str, np.ndarray], path: str | os.PathLike, title: 
     return str(path)
 
 
-def plot_images(images: np.ndarray, path: str | os.PathLike, ncol: int = 8, title: str = "") -> str:
-    """A montage of 2-D images (B, N, N)."""
+def plot_images(images: np.ndarray, path: str | os.PathLike, ncol: int = 8, title: str = "",
+                labels: Sequence[str] | None = None, shared_scale: bool = False, size: float = 1.3) -> str:
+    """A montage of 2-D images (B, N, N), `ncol` per row, each `size` inches wide; `labels` title the images and
+    `shared_scale` gives them one grey scale (0.5-99.9 percentiles of all), so their densities compare."""
     plt = _plt()
     images = np.asarray(images)
+    ncol = max(1, min(ncol, len(images)))
     nrow = int(np.ceil(len(images) / ncol))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(1.3 * ncol, 1.3 * nrow), dpi=100, squeeze=False)
+    height = size + (0.4 if labels is not None else 0.0)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(size * ncol, height * nrow + (0.3 if title else 0.0)), dpi=100,
+                             squeeze=False)
+    lo, hi = np.percentile(images, [0.5, 99.9]) if shared_scale else (None, None)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, im in zip(axes.ravel(), images):
-        ax.imshow(im, cmap="gray", origin="lower")
+    for i, (ax, im) in enumerate(zip(axes.ravel(), images)):
+        ax.imshow(im, cmap="gray", origin="lower", vmin=lo, vmax=hi)
+        if labels is not None and i < len(labels):
+            ax.set_title(labels[i], fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return str(path)
+
+
+def plot_map_montage(volume_files: Sequence[str], path: str | os.PathLike, labels: Sequence[str], title: str = "",
+                     ncol: int = 10) -> str:
+    """The central z-slices of some MRC maps side by side (one grey scale), e.g. the frames of a series."""
+    import mrcfile
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    slices = []
+    for fn in volume_files:
+        with mrcfile.mmap(fn, mode="r", permissive=True) as m:
+            slices.append(np.array(m.data[m.data.shape[0] // 2], dtype=np.float32))
+    return plot_images(np.stack(slices), path, ncol=ncol, title=title, labels=labels, shared_scale=True, size=1.5)

@@ -1,7 +1,7 @@
 """3D variability analysis (3DVA): a linear subspace model of the particles' heterogeneity.
 
-Mirrors cryoSPARC's "3D Variability" job (docs/algorithms.md §1.2) through `flexplugin 3dva`. Outputs the particles with
-their reaction coordinates (SetOfParticlesFlex, read back by particle id from the engine's latents.csv), the
+Mirrors cryoSPARC's "3D Variability" job (docs/algorithms.md §1.2) through `flexplugin 3dva`. Outputs the particles
+with their reaction coordinates (SetOfParticlesFlex, read back by particle id from the engine's latents.csv), the
 consensus map and the variability components.
 """
 from __future__ import annotations
@@ -15,20 +15,17 @@ import pyworkflow.utils as pwutils
 from pwem.objects import FlexInfo, SetOfParticlesFlex, SetOfVolumes, Volume
 from pwem.protocols import ProtFlexBase
 
-from flexplugin.convert import readSetOfParticlesFlex
+from flexplugin.convert import plainFileName, readSetOfParticlesFlex
 from flexplugin.engine.latents import ID_LABEL
-from flexplugin.engine.va3d.outputs import SCALE_COLUMN
 
-from .protocol_base import INPUT_MASK, INPUT_VOLUME, FlexPluginProtBase
-from .protocol_flex_mesh import plainFileName
+from .constants import VA3D_PROGNAME, VA3D_RUN_JSON, VA3D_VARIANCE_JSON
+from .protocol_base import INPUT_MASK, INPUT_VOLUME, ButterworthFilterParams, FlexPluginProtBase, readJsonFile
 
-__all__ = ["FlexPluginProt3DVA", "VA3D_PROGNAME"]
+__all__ = ["FlexPluginProt3DVA"]
 
-# FlexInfo.progName of flexplugin's 3DVA results (FlexHub consumers and 3D variability display dispatch on it). The
-# set-level FlexInfo also holds runPath (the engine's folder, project-relative), consensusPath, K, box (px),
-# samplingRate (Å/px), workingBox (px), workingSamplingRate (Å/px), filterRes (Å), iterations (done),
-# explainedVariance and explainedVarianceFraction (CSV lists, one value per component).
-VA3D_PROGNAME = "FLEXPLUGIN.3DVA"
+# The set-level FlexInfo (progName VA3D_PROGNAME) also holds runPath (the engine's folder, project-relative),
+# consensusPath, K, box (px), samplingRate (Å/px), workingBox (px), workingSamplingRate (Å/px), filterRes (Å),
+# iterations (done), explainedVariance and explainedVarianceFraction (CSV lists, one value per component).
 SCALE_ATTR = "_flex3dvaScale"  # per-particle scale the engine fitted, kept on each output particle
 INPUT_SCALE_ATTRS = ("_rlnCtfScalefactor", "_rlnGroupScaleCorrection")  # how RELION's scales reach Scipion
 SCALES = ["none", "input", "optimal"]
@@ -44,7 +41,7 @@ class outputs(Enum):
     outputComponents = SetOfVolumes
 
 
-class FlexPluginProt3DVA(ProtFlexBase, FlexPluginProtBase):
+class FlexPluginProt3DVA(ProtFlexBase, FlexPluginProtBase, ButterworthFilterParams):
     """3D variability analysis: fits each particle as the consensus map plus a weighted sum of K variability
     components (V_i = V0 + Σ z_ik V_k, probabilistic PCA solved by EM in Fourier space with the poses and CTFs
     of a consensus refinement fixed). The components live inside the mask and are low-pass filtered at the
@@ -78,26 +75,17 @@ class FlexPluginProt3DVA(ProtFlexBase, FlexPluginProtBase):
                       label="Number of iterations",
                       help="EM iterations (cryoSPARC: var_num_iterations, default 20). With Scipion's Continue, "
                            "a larger number resumes a finished or interrupted run from its last iteration.")
-        form.addParam("filterRes", params.FloatParam, default=None, allowsNull=True, important=True,
-                      label="Filter resolution (Å)",
-                      help="Resolution in Å at which the components are low-pass filtered (cryoSPARC: "
-                           "var_filter_res, required, no default; typically 4-8 Å for real data). It must be "
-                           "at least 2 × the pixel size (Nyquist). The images are Fourier-cropped to this "
-                           "resolution, so coarser values run faster.")
-        form.addParam("filterOrder", params.FloatParam, default=1.5, expertLevel=params.LEVEL_ADVANCED,
-                      label="Filter order",
-                      help="Order of the Butterworth low-pass at the filter resolution (cryoSPARC: "
-                           "var_filter_order, default 1.5; dimensionless, higher is sharper).")
-        form.addParam("highpassRes", params.FloatParam, default=None, allowsNull=True,
-                      expertLevel=params.LEVEL_ADVANCED,
-                      label="Highpass resolution (Å)",
-                      help="Resolution in Å below which variability is ignored: a Butterworth high-pass on the "
-                           "components (cryoSPARC: var_highpass_res, default none). Must be coarser (larger) "
-                           "than the filter resolution. Empty: no high-pass.")
-        form.addParam("highpassOrder", params.FloatParam, default=8.0, expertLevel=params.LEVEL_ADVANCED,
-                      label="Highpass order",
-                      help="Order of the Butterworth high-pass (cryoSPARC: var_highpass_order, default 8; "
-                           "dimensionless).")
+        self._defineButterworthParams(
+            form, required=True, orderLabels=("Filter order", "Highpass order"),
+            lowpassLabel="Filter resolution (Å)",
+            lowpassHelp="Resolution in Å at which the components are low-pass filtered (cryoSPARC: var_filter_res, "
+                        "required, no default; typically 4-8 Å for real data). It must be at least 2 × the pixel "
+                        "size (Nyquist). The images are Fourier-cropped to this resolution, so coarser values run "
+                        "faster.",
+            highpassLabel="Highpass resolution (Å)",
+            highpassHelp="Resolution in Å below which variability is ignored: a Butterworth high-pass on the "
+                         "components (cryoSPARC: var_highpass_res, default none). Must be coarser (larger) than the "
+                         "filter resolution. Empty: no high-pass.")
         form.addParam("varLambda", params.FloatParam, default=0.01, expertLevel=params.LEVEL_ADVANCED,
                       label="Lambda (stabilizing coefficient)",
                       help="Regularisation of the per-voxel solves, as a fraction of the mean data weight per "
@@ -205,6 +193,7 @@ class FlexPluginProt3DVA(ProtFlexBase, FlexPluginProtBase):
 
         `args` are the analysis step's: a Scipion Continue that resumes the analysis also redoes the outputs.
         """
+        from flexplugin.engine.va3d.outputs import SCALE_COLUMN  # (torch: not when Scipion loads the protocol)
         run = self.getRunInfo()
         apix = float(run["apix"])
         outSet = self._createSetOfParticlesFlex(progName=VA3D_PROGNAME)
@@ -261,10 +250,7 @@ class FlexPluginProt3DVA(ProtFlexBase, FlexPluginProtBase):
         if highpass is not None and (highpass <= 0 or (filterRes and highpass <= filterRes)):
             errors.append(f"The highpass resolution ({highpass:g} Å) must be coarser (larger) than the filter "
                           f"resolution ({filterRes} Å), or empty.")
-        for attr, label in (("filterOrder", "filter order"), ("highpassOrder", "highpass order")):
-            value = getattr(self, attr).get()
-            if value is None or value <= 0:
-                errors.append(f"The {label} must be positive.")
+        errors += self._validateFilterOrders()
         if parts is None:
             return errors
         apix, box = parts.getSamplingRate(), parts.getXDim()
@@ -326,6 +312,10 @@ class FlexPluginProt3DVA(ProtFlexBase, FlexPluginProtBase):
     def _getRunDir(self, *paths: str) -> str:
         """The engine's output folder (extra/3dva) or a file in it."""
         return self._getExtraPath("3dva", *paths)
+
+    def getRunFile(self, *paths: str) -> str:
+        """A file of the engine's run folder (a name from run.json's "files"), for viewers and later protocols."""
+        return self._getRunDir(*paths)
 
     def _usesInputScales(self) -> bool:
         return self.scales.get() == SCALES.index("input")
@@ -416,27 +406,17 @@ class FlexPluginProt3DVA(ProtFlexBase, FlexPluginProtBase):
 
     def getRunInfo(self) -> dict | None:
         """3dva's run.json (n_particles, box, apix, working_box, config, history, seconds, files) or None."""
-        path = self._getRunDir("run.json")
-        if not os.path.exists(path):
-            return None
-        with open(path) as fh:
-            return json.load(fh)
+        return readJsonFile(self._getRunDir(VA3D_RUN_JSON))
 
     def getExplainedVariance(self) -> list[dict] | None:
         """Per component (in order): eigenvalue, fraction_of_total_eigenvalue, latent_variance,
         residual_power_fraction (and above_noise_floor with the noise floor), from explained_variance.json."""
-        path = self._getRunDir("explained_variance.json")
-        if not os.path.exists(path):
-            return None
-        with open(path) as fh:
-            return json.load(fh)["components"]
+        info = readJsonFile(self._getRunDir(VA3D_VARIANCE_JSON))
+        return info["components"] if info is not None else None
 
     def _getNoiseFloor(self) -> float | None:
-        path = self._getRunDir("explained_variance.json")
-        if not os.path.exists(path):
-            return None
-        with open(path) as fh:
-            floor = json.load(fh).get("noise_floor")
+        info = readJsonFile(self._getRunDir(VA3D_VARIANCE_JSON))
+        floor = info.get("noise_floor") if info is not None else None
         return floor["floor_eigenvalue"] if floor else None
 
     def getPlotFiles(self) -> dict[str, str]:

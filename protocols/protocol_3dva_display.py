@@ -6,22 +6,22 @@ analysis run itself or its output particles.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-
-import numpy as np
 
 import pyworkflow.object as pwobj
 import pyworkflow.protocol.params as params
 import pyworkflow.utils as pwutils
-from pyworkflow.protocol import Protocol
 from pwem.objects import SetOfClasses3D, SetOfParticlesFlex, SetOfVolumes, Volume
+from pyworkflow.protocol import Protocol
 
-from .protocol_3dva import VA3D_PROGNAME, FlexPluginProt3DVA
-from .protocol_base import FlexPluginProtBase
+from flexplugin.engine.latents import ID_LABEL
+from flexplugin.plots import plot_map_montage
 
-__all__ = ["FlexPluginProt3DVADisplay", "writeSliceMontage", "INPUT_3DVA"]
+from .constants import VA3D_PROGNAME, VA3D_RUN_JSON
+from .protocol_base import ButterworthFilterParams, FlexPluginProtBase, readJsonFile
+
+__all__ = ["FlexPluginProt3DVADisplay", "INPUT_3DVA"]
 
 INPUT_3DVA = "input3DVA"
 MODES = ["simple", "intermediates", "cluster"]
@@ -30,41 +30,10 @@ OUTPUT_COMPONENT = "outputComponent_{}"  # one SetOfVolumes per displayed compon
 OUTPUT_CLASSES, OUTPUT_VOLUMES = "outputClasses", "outputVolumes"
 COORDINATE_ATTR = "_flex3dvaCoordinate"  # on each frame volume: its coordinate along the component
 FRAME_PARTICLES_ATTR = "_flex3dvaParticles"  # on each intermediate frame: the sum of its particles' weights
-ID_COLUMN = "rlnImageId"
 _SPLIT_RE = re.compile(r"[,;\s]+")
 
 
-def writeSliceMontage(volumeFiles: list[str], path: str, labels: list[str], title: str = "",
-                      ncol: int = 10) -> str:
-    """A PNG of the central z-slices of some maps (one row per `ncol` maps, shared grey scale)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import mrcfile
-    slices = []
-    for fn in volumeFiles:
-        with mrcfile.open(fn, permissive=True) as m:
-            slices.append(np.asarray(m.data[m.data.shape[0] // 2], dtype=np.float32))
-    lo, hi = np.percentile(np.stack(slices), [0.5, 99.9])
-    ncol = max(1, min(ncol, len(slices)))
-    nrow = (len(slices) + ncol - 1) // ncol
-    fig, axes = plt.subplots(nrow, ncol, figsize=(1.5 * ncol, 1.7 * nrow + (0.3 if title else 0)), dpi=100,
-                             squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, sl, label in zip(axes.flat, slices, labels):
-        ax.imshow(sl, cmap="gray", origin="lower", vmin=lo, vmax=hi)
-        ax.set_title(label, fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    pwutils.makePath(os.path.dirname(path))
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-class FlexPluginProt3DVADisplay(FlexPluginProtBase):
+class FlexPluginProt3DVADisplay(FlexPluginProtBase, ButterworthFilterParams):
     """Displays a 3D variability analysis. Simple: for each component, a linear series of maps, the consensus plus
     t × the component, t spanning the particles' coordinates (one output set per component, to play as a movie).
     Intermediates: along each component, maps reconstructed from the particles themselves in a sliding window of
@@ -119,25 +88,14 @@ class FlexPluginProt3DVADisplay(FlexPluginProtBase):
                            "(cryoSPARC: var_skip_reconstruction, default No).")
 
         form.addSection(label="Output volumes")
-        form.addParam("filterRes", params.FloatParam, default=None, allowsNull=True,
-                      label="Low-pass resolution (Å)",
-                      help="Low-pass filter the output maps at this resolution in Å (Butterworth; cryoSPARC: "
-                           "var_filter_res, default none). At least 2 × the output pixel size. Empty: no "
-                           "filter.")
-        form.addParam("filterOrder", params.FloatParam, default=1.5, expertLevel=params.LEVEL_ADVANCED,
-                      label="Low-pass order",
-                      help="Order of the Butterworth low-pass (cryoSPARC: var_filter_order, default 1.5; "
-                           "dimensionless).")
-        form.addParam("highpassRes", params.FloatParam, default=None, allowsNull=True,
-                      expertLevel=params.LEVEL_ADVANCED,
-                      label="High-pass resolution (Å)",
-                      help="High-pass filter the output maps at this resolution in Å (cryoSPARC: "
-                           "var_highpass_res, default none). Coarser (larger) than the low-pass resolution. "
-                           "Empty: no filter.")
-        form.addParam("highpassOrder", params.FloatParam, default=8.0, expertLevel=params.LEVEL_ADVANCED,
-                      label="High-pass order",
-                      help="Order of the Butterworth high-pass (cryoSPARC: var_highpass_order, default 8; "
-                           "dimensionless).")
+        self._defineButterworthParams(
+            form, orderLabels=("Low-pass order", "High-pass order"),
+            lowpassLabel="Low-pass resolution (Å)",
+            lowpassHelp="Low-pass filter the output maps at this resolution in Å (Butterworth; cryoSPARC: "
+                        "var_filter_res, default none). At least 2 × the output pixel size. Empty: no filter.",
+            highpassLabel="High-pass resolution (Å)",
+            highpassHelp="High-pass filter the output maps at this resolution in Å (cryoSPARC: var_highpass_res, "
+                         "default none). Coarser (larger) than the low-pass resolution. Empty: no filter.")
         form.addParam("downsample", params.IntParam, default=None, allowsNull=True,
                       label="Downsample to box (px)",
                       help="Fourier-crop the output maps to this box in pixels (cryoSPARC: var_N); even, from 8 to "
@@ -211,8 +169,8 @@ class FlexPluginProt3DVADisplay(FlexPluginProtBase):
                     setattr(vol, FRAME_PARTICLES_ATTR, pwobj.Float(float(counts[f])))
                 volumes.append(vol)
             if series["volumes"]:
-                writeSliceMontage(series["volumes"], series["montage"], [f"frame {f + 1}" for f in series["frames"]],
-                                  f"component {series['component']}: central z-slices")
+                plot_map_montage(series["volumes"], series["montage"], [f"frame {f + 1}" for f in series["frames"]],
+                                 f"component {series['component']}: central z-slices")
             missing = len(coords) - len(series["volumes"])
             if missing > 0:
                 self.info(f"Component {series['component']}: {missing} frame(s) had no particles in a half set and "
@@ -226,7 +184,7 @@ class FlexPluginProt3DVADisplay(FlexPluginProtBase):
         import pandas as pd
         apix = float(summary["apix"])
         table = pd.read_csv(self._getDisplayDir("clusters.csv"))
-        clusterOf = {int(i): int(c) for i, c in zip(table[ID_COLUMN], table["cluster"])}
+        clusterOf = {int(i): int(c) for i, c in zip(table[ID_LABEL], table["cluster"])}
         maps = self.getClusterMapFiles()
         parts = self.get3DVAParticles()
 
@@ -259,8 +217,8 @@ class FlexPluginProt3DVADisplay(FlexPluginProtBase):
                 vol.setObjLabel(f"cluster {c + 1}")
                 volumes.append(vol)
             outs[OUTPUT_VOLUMES] = volumes
-            writeSliceMontage([maps[c] for c in sorted(maps)], self.getClusterMontageFile(),
-                              [f"cluster {c + 1}" for c in sorted(maps)], "cluster maps: central z-slices")
+            plot_map_montage([maps[c] for c in sorted(maps)], self.getClusterMontageFile(),
+                             [f"cluster {c + 1}" for c in sorted(maps)], "cluster maps: central z-slices")
         self._defineOutputs(**outs)
         for obj in outs.values():
             self._defineSourceRelation(parts, obj)
@@ -371,7 +329,7 @@ class FlexPluginProt3DVADisplay(FlexPluginProtBase):
     def get3DVAParticles(self) -> SetOfParticlesFlex | None:
         """The 3DVA's particles with coordinates (None before the analysis has finished)."""
         obj = getattr(self, INPUT_3DVA).get()
-        if isinstance(obj, FlexPluginProt3DVA):
+        if isinstance(obj, Protocol):  # the form only admits a 3D variability analysis run here
             return getattr(obj, "outputParticles", None)
         return obj if isinstance(obj, SetOfParticlesFlex) else None
 
@@ -402,11 +360,7 @@ class FlexPluginProt3DVADisplay(FlexPluginProtBase):
 
     def _getRunJson(self) -> dict | None:
         runDir = self.getRunDir()
-        path = os.path.join(runDir, "run.json") if runDir else None
-        if not path or not os.path.exists(path):
-            return None
-        with open(path) as fh:
-            return json.load(fh)
+        return readJsonFile(os.path.join(runDir, VA3D_RUN_JSON)) if runDir else None
 
     def _getComponents(self) -> list[int] | None:
         """The 1-based components from the form ([] = all); None when unreadable."""
@@ -453,11 +407,7 @@ class FlexPluginProt3DVADisplay(FlexPluginProtBase):
 
     def getDisplaySummary(self) -> dict | None:
         """3dva-display's summary.json (mode, components, apix, box, files, clusters) or None."""
-        path = self._getDisplayDir("summary.json")
-        if not os.path.exists(path):
-            return None
-        with open(path) as fh:
-            return json.load(fh)
+        return readJsonFile(self._getDisplayDir("summary.json"))
 
     def getSeriesFiles(self) -> list[dict]:
         """Per displayed component: {'index' (output order), 'component' (1-based, as in the 3DVA run), 'frames'

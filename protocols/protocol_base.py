@@ -5,6 +5,7 @@ running `python -m flexplugin.cli <subcommand> ...`), never in the protocol's ow
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shlex
@@ -14,13 +15,17 @@ import subprocess
 import numpy as np
 import pyworkflow as pw
 import pyworkflow.protocol.params as params
+from pyworkflow.protocol import Protocol
 from pyworkflow.protocol.constants import GPU_LIST, USE_GPU
 from pyworkflow.protocol.params import PARALLELIZATION
+from pwem.objects import FlexInfo, SetOfParticlesFlex
 from pwem.protocols import EMProtocol
 
 from flexplugin import Plugin
 from flexplugin.cli import DISTRIBUTED_COMMANDS
 from flexplugin.engine.errors import EXIT_DISK_FULL
+
+from .constants import FLEX_PROGNAME, INPUT_TRAINING
 from flexplugin.launch import TORCHRUN_MODULE
 
 # attribute names of the inputs the shared checks know about
@@ -269,6 +274,10 @@ class FlexPluginProtBase(EMProtocol):
         """Where the input particles are written for the engine."""
         return self._getExtraPath("input", "particles.star")
 
+    def getExtraFile(self, *paths: str) -> str:
+        """A file in this run's extra folder, for viewers (e.g. where they write their ChimeraX scripts)."""
+        return self._getExtraPath(*paths)
+
     def writeInputParticles(self, partSet=None, starPath: str | None = None) -> str:
         """Write the input particles (ids, poses, CTF, optics) as the engine's STAR; returns its path.
 
@@ -380,3 +389,130 @@ def engineCommandLine(subcommand: str, args: list, gpus: int = 1) -> tuple[str, 
     program = f"${{{SRUN_ENV}}} {Plugin.getPython()} -m {TORCHRUN_MODULE}"
     line = [f"--nproc-per-node={gpus}", "-m", "flexplugin.cli", "--", *words]
     return program, " ".join(shlex.quote(w) for w in line)
+
+
+# --------------------------- shared pieces of several protocols --------------------------------------------------
+def readJsonFile(path: str) -> dict | None:
+    """The JSON an engine command wrote (run.json, train.json, mesh.json, ...), or None while it does not exist."""
+    if not path or not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def meshEngineArgs(volume: str, outDir: str, mask: str | None = None, cells: int = 20,
+                   rigidityMin: float = 0.5, stiffenLowDensity: bool = False, segmentation: str | None = None,
+                   fuse: str = "", rigid: str = "", maskLowpass: float | None = None,
+                   maskThreshold: float | None = None, maskDilate: float | None = None,
+                   maskPad: float | None = None, crop: int | None = None) -> list:
+    """The `flexplugin flex-mesh` argument list (options left as None keep the engine's defaults; `crop`: the
+    engine crops the map, mask and segmentation about their centre to this box before meshing)."""
+    args = ["--volume", volume, "--out", outDir, "--cells", cells, "--rigidity-min", rigidityMin]
+    if crop:
+        args += ["--crop", crop]
+    if mask:
+        args += ["--mask", mask]
+    if stiffenLowDensity:
+        args += ["--stiffen-low-density"]
+    if segmentation:
+        args += ["--segmentation", segmentation]
+        if fuse and fuse.strip():
+            args += ["--fuse", fuse.strip()]
+        if rigid and rigid.strip():
+            args += ["--rigid", rigid.strip()]
+    if not mask:
+        for option, value in (("--mask-lowpass", maskLowpass), ("--mask-threshold", maskThreshold),
+                              ("--mask-dilate", maskDilate), ("--mask-pad", maskPad)):
+            if value is not None:
+                args += [option, value]
+    return args
+
+
+class FlexModelInput:
+    """A trained 3D Flex model as protocol input: a 3D flex training run or its SetOfParticlesFlex."""
+
+    def _defineTrainingParam(self, form: params.Form) -> None:
+        """The `inputTraining` pointer (a training run or its output particles)."""
+        form.addParam(INPUT_TRAINING, params.PointerParam, pointerClass="FlexPluginProtTrain,SetOfParticlesFlex",
+                      important=True,
+                      label="3D flex training",
+                      help="A finished '3D flex training' run, or the particles it produced (a SetOfParticlesFlex "
+                           "made by flexplugin's 3D flex training: its FlexInfo points at the trained model).")
+
+    def getTrainingParticles(self) -> SetOfParticlesFlex | None:
+        """The training's particles with latents (None before the training has finished)."""
+        obj = getattr(self, INPUT_TRAINING).get()
+        if isinstance(obj, Protocol):  # the form only admits a training run here
+            return getattr(obj, "outputParticles", None)
+        return obj if isinstance(obj, SetOfParticlesFlex) else None
+
+    def getTrainingFlexInfo(self) -> FlexInfo | None:
+        """The set-level FlexInfo of the training's particles."""
+        parts = self.getTrainingParticles()
+        return parts.getFlexInfo() if parts is not None else None
+
+    def getModelPath(self) -> str | None:
+        """model.pt of the training (project-relative), from the FlexInfo."""
+        info = self.getTrainingFlexInfo()
+        return info.getAttr("modelPath") if info is not None and hasattr(info, "modelPath") else None
+
+    def getLatentDim(self) -> int | None:
+        """K, the number of latent dimensions of the model."""
+        info = self.getTrainingFlexInfo()
+        return int(info.getAttr("latentDim")) if info is not None and hasattr(info, "latentDim") else None
+
+    def getTrainingRunName(self) -> str:
+        """The name of the run given as input, or that produced the particles given, for summaries."""
+        ptr = getattr(self, INPUT_TRAINING)
+        owner = ptr.getObjValue()
+        if isinstance(owner, Protocol):
+            return owner.getRunName() + (f" ({ptr.getExtended()})" if ptr.hasExtended() else "")
+        obj = ptr.get()
+        return (obj.getObjLabel() or "the input particles") if obj is not None else "?"
+
+    def _validateTraining(self) -> list[str]:
+        """Errors for an input that is not a finished flexplugin 3D flex training."""
+        if getattr(self, INPUT_TRAINING).get() is None:
+            return ["Choose a 3D flex training run or its output particles."]
+        parts = self.getTrainingParticles()
+        if parts is None:
+            return [f"{self.getTrainingRunName()} has no output particles yet: wait until the training has "
+                    "finished."]
+        prog = parts.getFlexInfo().getProgName()
+        if prog != FLEX_PROGNAME:
+            return [f"The input particles were made by '{prog or 'unknown'}', not by flexplugin's 3D flex "
+                    "training: choose a '3D flex training' run or its output particles."]
+        model = self.getModelPath()
+        if not model or not os.path.exists(model):
+            return [f"The trained model {model} does not exist: did the training run finish (or was it deleted)?"]
+        return []
+
+
+class ButterworthFilterParams:
+    """The Butterworth low-/high-pass fields of the 3DVA forms (cryoSPARC's var_filter_* and var_highpass_*)
+    and their checks and engine options: `filterRes`, `filterOrder`, `highpassRes`, `highpassOrder`."""
+
+    def _defineButterworthParams(self, form: params.Form, lowpassLabel: str, lowpassHelp: str, highpassLabel: str,
+                                 highpassHelp: str, orderLabels: tuple[str, str], required: bool = False) -> None:
+        """The four fields; `required` marks the low-pass resolution important (3DVA needs one)."""
+        form.addParam("filterRes", params.FloatParam, default=None, allowsNull=True, important=required,
+                      label=lowpassLabel, help=lowpassHelp)
+        form.addParam("filterOrder", params.FloatParam, default=1.5, expertLevel=params.LEVEL_ADVANCED,
+                      label=orderLabels[0],
+                      help="Order of the Butterworth low-pass (cryoSPARC: var_filter_order, default 1.5; "
+                           "dimensionless, higher is sharper).")
+        form.addParam("highpassRes", params.FloatParam, default=None, allowsNull=True,
+                      expertLevel=params.LEVEL_ADVANCED, label=highpassLabel, help=highpassHelp)
+        form.addParam("highpassOrder", params.FloatParam, default=8.0, expertLevel=params.LEVEL_ADVANCED,
+                      label=orderLabels[1],
+                      help="Order of the Butterworth high-pass (cryoSPARC: var_highpass_order, default 8; "
+                           "dimensionless).")
+
+    def _validateFilterOrders(self) -> list[str]:
+        """Errors for filter orders that are not positive."""
+        errors = []
+        for attr, label in (("filterOrder", "filter order"), ("highpassOrder", "highpass order")):
+            value = getattr(self, attr).get()
+            if value is None or value <= 0:
+                errors.append(f"The {label} must be positive.")
+        return errors

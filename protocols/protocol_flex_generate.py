@@ -3,12 +3,10 @@ latent of some particles, plus the latent atlas.
 
 Mirrors cryoSPARC's "3D Flex Generator" (docs/algorithms.md §2.5) through `flexplugin flex-generate`. The model is
 found through the FlexInfo of the training's SetOfParticlesFlex (modelPath), so the input can be the training
-run itself or its output particles. `FlexModelInput` holds that shared input logic (also used by 3D flex
-reconstruction).
+run itself or its output particles (protocol_base.FlexModelInput, shared with 3D flex reconstruction).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from enum import Enum
@@ -17,17 +15,16 @@ import numpy as np
 
 import pyworkflow.protocol.params as params
 import pyworkflow.utils as pwutils
-from pyworkflow.protocol import Protocol
-from pwem.objects import FlexInfo, SetOfParticlesFlex, SetOfVolumesFlex, VolumeFlex
+from pwem.objects import FlexInfo, SetOfVolumesFlex, VolumeFlex
 from pwem.protocols import ProtFlexBase
 
-from .protocol_base import FlexPluginProtBase
-from .protocol_flex_mesh import plainFileName
-from .protocol_flex_train import FLEX_PROGNAME, FlexPluginProtTrain
+from flexplugin.convert import plainFileName
 
-__all__ = ["FlexPluginProtGenerate", "FlexModelInput", "parseLatentPoints", "INPUT_TRAINING"]
+from .constants import FLEX_PROGNAME, INPUT_TRAINING
+from .protocol_base import FlexModelInput, FlexPluginProtBase, readJsonFile
 
-INPUT_TRAINING = "inputTraining"
+__all__ = ["FlexPluginProtGenerate", "parseLatentPoints"]
+
 MODE_AXES, MODE_POINTS, MODE_PARTICLES = 0, 1, 2
 BOX_TRAIN, BOX_FULL = 0, 1
 OUTPUT_SERIES = "outputVolumes_{}"  # one set per latent axis, numbered from 1
@@ -54,66 +51,6 @@ def parseLatentPoints(text: str) -> list[list[float]]:
             row.append(value)
         points.append(row)
     return points
-
-
-class FlexModelInput:
-    """A trained 3D Flex model as protocol input: a 3D flex training run or its SetOfParticlesFlex."""
-
-    def _defineTrainingParam(self, form: params.Form) -> None:
-        """The `inputTraining` pointer (a training run or its output particles)."""
-        form.addParam(INPUT_TRAINING, params.PointerParam, pointerClass="FlexPluginProtTrain,SetOfParticlesFlex",
-                      important=True,
-                      label="3D flex training",
-                      help="A finished '3D flex training' run, or the particles it produced (a SetOfParticlesFlex "
-                           "made by flexplugin's 3D flex training: its FlexInfo points at the trained model).")
-
-    def getTrainingParticles(self) -> SetOfParticlesFlex | None:
-        """The training's particles with latents (None before the training has finished)."""
-        obj = getattr(self, INPUT_TRAINING).get()
-        if isinstance(obj, FlexPluginProtTrain):
-            return getattr(obj, "outputParticles", None)
-        return obj if isinstance(obj, SetOfParticlesFlex) else None
-
-    def getTrainingFlexInfo(self) -> FlexInfo | None:
-        """The set-level FlexInfo of the training's particles."""
-        parts = self.getTrainingParticles()
-        return parts.getFlexInfo() if parts is not None else None
-
-    def getModelPath(self) -> str | None:
-        """model.pt of the training (project-relative), from the FlexInfo."""
-        info = self.getTrainingFlexInfo()
-        return info.getAttr("modelPath") if info is not None and hasattr(info, "modelPath") else None
-
-    def getLatentDim(self) -> int | None:
-        """K, the number of latent dimensions of the model."""
-        info = self.getTrainingFlexInfo()
-        return int(info.getAttr("latentDim")) if info is not None and hasattr(info, "latentDim") else None
-
-    def getTrainingRunName(self) -> str:
-        """The name of the run given as input, or that produced the particles given, for summaries."""
-        ptr = getattr(self, INPUT_TRAINING)
-        owner = ptr.getObjValue()
-        if isinstance(owner, Protocol):
-            return owner.getRunName() + (f" ({ptr.getExtended()})" if ptr.hasExtended() else "")
-        obj = ptr.get()
-        return (obj.getObjLabel() or "the input particles") if obj is not None else "?"
-
-    def _validateTraining(self) -> list[str]:
-        """Errors for an input that is not a finished flexplugin 3D flex training."""
-        if getattr(self, INPUT_TRAINING).get() is None:
-            return ["Choose a 3D flex training run or its output particles."]
-        parts = self.getTrainingParticles()
-        if parts is None:
-            return [f"{self.getTrainingRunName()} has no output particles yet: wait until the training has "
-                    "finished."]
-        prog = parts.getFlexInfo().getProgName()
-        if prog != FLEX_PROGNAME:
-            return [f"The input particles were made by '{prog or 'unknown'}', not by flexplugin's 3D flex "
-                    "training: choose a '3D flex training' run or its output particles."]
-        model = self.getModelPath()
-        if not model or not os.path.exists(model):
-            return [f"The trained model {model} does not exist: did the training run finish (or was it deleted)?"]
-        return []
 
 
 class outputs(Enum):
@@ -428,16 +365,11 @@ class FlexPluginProtGenerate(ProtFlexBase, FlexPluginProtBase, FlexModelInput):
 
     def getGenerateInfo(self) -> dict | None:
         """flex-generate's generate.json (box, apix, series [{name, folder, volumes}], atlas) or None."""
-        path = self._getGenerateDir("generate.json")
-        if not os.path.exists(path):
-            return None
-        with open(path) as fh:
-            return json.load(fh)
+        return readJsonFile(self._getGenerateDir("generate.json"))
 
     def _iterVolumeSets(self):
         """(output name, SetOfVolumesFlex) of this run, axis series in order."""
-        for name, obj in self.iterOutputAttributes(SetOfVolumesFlex):
-            yield name, obj
+        yield from self.iterOutputAttributes(SetOfVolumesFlex)
 
     def _seriesLabel(self, k: int) -> str:
         """How series k is named to the user (axes numbered from 1, as in the form; the engine counts from 0)."""

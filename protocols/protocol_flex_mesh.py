@@ -5,78 +5,22 @@ at this protocol to use its mesh; the soft solvent mask the mesh covers is regis
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 from enum import Enum
-
-import mrcfile
-import numpy as np
 
 import pyworkflow.protocol.params as params
 import pyworkflow.utils as pwutils
 from pwem.objects import EMFile, VolumeMask
 
-from .protocol_base import FlexPluginProtBase
+from flexplugin.convert import plainFileName
 
-__all__ = ["FlexPluginProtMeshPrep", "cropMapFile", "plainFileName", "meshEngineArgs", "MESH_FILES"]
+from .constants import MESH_CROPPED_MAP, MESH_FILES
+from .protocol_base import FlexPluginProtBase, meshEngineArgs, readJsonFile
 
-# what `flexplugin flex-mesh` writes into its --out folder
-MESH_FILES = {"mesh": "mesh.pkl", "pdb": "mesh.pdb", "mask": "mesh_mask.mrc", "slices": "mesh_slices.png",
-              "info": "mesh.json"}
+__all__ = ["FlexPluginProtMeshPrep"]
+
 _FUSE_RE = re.compile(r"^\s*\d+\s*>\s*\d+\s*(,\s*\d+\s*>\s*\d+\s*)*$")
 _RIGID_RE = re.compile(r"^\s*\d+\s*([,\s]\s*\d+\s*)*$")
-
-
-def plainFileName(fileName: str) -> str:
-    """A Scipion image file name without its format hint (':mrc', ':mrcs')."""
-    base, sep, hint = fileName.rpartition(":")
-    return base if sep and hint and "/" not in hint and hint.isalnum() else fileName
-
-
-def cropMapFile(src: str, dst: str, box: int) -> str:
-    """Write the central box³ of an MRC map to dst (same pixel size); the centre voxel N//2 stays at box//2.
-
-    This is the centring the engine uses to crop particles and maps (`engine.fourier.crop_center`), so a mesh
-    built on the cropped map lines up with the cropped training data.
-    """
-    with mrcfile.mmap(src, mode="r", permissive=True) as m:
-        n = int(m.data.shape[-1])
-        if box > n:
-            raise ValueError(f"cannot crop {src} ({n} px) to {box} px")
-        lo = n // 2 - box // 2
-        data = np.array(m.data[lo:lo + box, lo:lo + box, lo:lo + box], dtype=np.float32)
-        apix = float(m.voxel_size.x)
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    with mrcfile.new(dst, overwrite=True) as out:
-        out.set_data(data)
-        out.voxel_size = apix
-    return dst
-
-
-def meshEngineArgs(volume: str, outDir: str, mask: str | None = None, cells: int = 20,
-                   rigidityMin: float = 0.5, stiffenLowDensity: bool = False, segmentation: str | None = None,
-                   fuse: str = "", rigid: str = "", maskLowpass: float | None = None,
-                   maskThreshold: float | None = None, maskDilate: float | None = None,
-                   maskPad: float | None = None) -> list:
-    """The `flexplugin flex-mesh` argument list (options left as None keep the engine's defaults)."""
-    args = ["--volume", volume, "--out", outDir, "--cells", cells, "--rigidity-min", rigidityMin]
-    if mask:
-        args += ["--mask", mask]
-    if stiffenLowDensity:
-        args += ["--stiffen-low-density"]
-    if segmentation:
-        args += ["--segmentation", segmentation]
-        if fuse and fuse.strip():
-            args += ["--fuse", fuse.strip()]
-        if rigid and rigid.strip():
-            args += ["--rigid", rigid.strip()]
-    if not mask:
-        for option, value in (("--mask-lowpass", maskLowpass), ("--mask-threshold", maskThreshold),
-                              ("--mask-dilate", maskDilate), ("--mask-pad", maskPad)):
-            if value is not None:
-                args += [option, value]
-    return args
 
 
 class outputs(Enum):
@@ -181,13 +125,8 @@ class FlexPluginProtMeshPrep(FlexPluginProtBase):
 
     # --------------------------- STEPS functions -----------------------------
     def meshStep(self, args: list) -> None:
-        """Crop the inputs if asked, then run `flexplugin flex-mesh` (from scratch: old files are replaced)."""
+        """Run `flexplugin flex-mesh` (it crops the inputs when asked), from scratch: old files are replaced."""
         pwutils.cleanPath(self._getMeshDir())
-        crop = self._getCropBox()
-        if crop is not None:
-            for src, dst in self._getCroppedInputs().items():
-                cropMapFile(src, dst, crop)
-                self.info(f"Cropped {src} to {crop} px: {dst}")
         self.runEngine("flex-mesh", args)
 
     def createOutputStep(self) -> None:
@@ -276,26 +215,14 @@ class FlexPluginProtMeshPrep(FlexPluginProtBase):
             return None
         return crop
 
-    def _getCroppedInputs(self) -> dict[str, str]:
-        """{input file: its cropped copy} for the volume, mask and segmentation given."""
-        files = {}
-        for ptr, name in ((self.inputVolume, "volume"), (self.inputMask, "mask"),
-                          (self.inputSegmentation, "segmentation")):
-            if ptr.get() is not None:
-                files[plainFileName(ptr.get().getFileName())] = self._getExtraPath("input", f"{name}_crop.mrc")
-        return files
-
     def _meshInput(self, ptr) -> str | None:
-        """The file flex-mesh reads for an input: the cropped copy when cropping, else the input itself."""
+        """The file flex-mesh reads for an input (it crops it itself when cropping)."""
         obj = ptr.get()
-        if obj is None:
-            return None
-        fn = plainFileName(obj.getFileName())
-        return self._getCroppedInputs()[fn] if self._getCropBox() is not None else fn
+        return plainFileName(obj.getFileName()) if obj is not None else None
 
     def _getMeshArgs(self) -> list:
         """The `flexplugin flex-mesh` argument list built from the form."""
-        return meshEngineArgs(self._meshInput(self.inputVolume), self._getMeshDir(),
+        return meshEngineArgs(self._meshInput(self.inputVolume), self._getMeshDir(), crop=self._getCropBox(),
                               mask=self._meshInput(self.inputMask), cells=self.numberOfCells.get(),
                               rigidityMin=self.rigidityMin.get(), stiffenLowDensity=self.stiffenLowDensity.get(),
                               segmentation=self._meshInput(self.inputSegmentation), fuse=self.fuseList.get() or "",
@@ -312,16 +239,14 @@ class FlexPluginProtMeshPrep(FlexPluginProtBase):
         return {k: self._getMeshDir(v) for k, v in MESH_FILES.items()}
 
     def getMeshMapFile(self) -> str | None:
-        """The map the mesh was built on (the cropped copy when cropping), to show with mesh.pdb."""
+        """The map the mesh was built on (flex-mesh's cropped copy when cropping), to show with mesh.pdb."""
+        if self._getCropBox() is not None:
+            return self._getMeshDir(MESH_CROPPED_MAP)
         return self._meshInput(self.inputVolume)
 
     def getMeshInfo(self) -> dict | None:
         """mesh.json (vertices, cells, box, apix, rigidity range, segments) once the mesh exists, else None."""
-        path = self._getMeshDir(MESH_FILES["info"])
-        if not os.path.exists(path):
-            return None
-        with open(path) as fh:
-            return json.load(fh)
+        return readJsonFile(self._getMeshDir(MESH_FILES["info"]))
 
     def getMeshExtent(self) -> float | None:
         """Physical width of the meshed box in Å (crop box or volume box × pixel size), known before running."""

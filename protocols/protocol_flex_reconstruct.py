@@ -18,13 +18,15 @@ import numpy as np
 import pyworkflow.object as pwobj
 import pyworkflow.protocol.params as params
 import pyworkflow.utils as pwutils
+from pyworkflow.protocol import Protocol
 from pwem.objects import FSC, SetOfFSCs, Volume
 
 from flexplugin.engine.flex.reconstruct_config import MAX_BINS
 
-from .protocol_base import INPUT_MASK, INPUT_PARTICLES, FlexPluginProtBase
-from .protocol_flex_generate import INPUT_TRAINING, FlexModelInput
-from .protocol_flex_mesh import plainFileName
+from flexplugin.convert import plainFileName
+
+from .constants import INPUT_TRAINING
+from .protocol_base import INPUT_MASK, INPUT_PARTICLES, FlexModelInput, FlexPluginProtBase
 
 __all__ = ["FlexPluginProtReconstruct"]
 
@@ -299,8 +301,7 @@ class FlexPluginProtReconstruct(FlexPluginProtBase, FlexModelInput):
             return ptr if pointer else ptr.get()
         training = getattr(self, INPUT_TRAINING).get()
         if pointer:
-            from .protocol_flex_train import FlexPluginProtTrain
-            if isinstance(training, FlexPluginProtTrain):
+            if isinstance(training, Protocol):  # the form only admits a training run here
                 return pwobj.Pointer(training, extended="outputParticles")
             return getattr(self, INPUT_TRAINING)
         return self.getTrainingParticles()

@@ -6,7 +6,6 @@ read back by particle id) and the canonical map at the training box.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from enum import Enum
@@ -16,21 +15,18 @@ import pyworkflow.utils as pwutils
 from pwem.objects import FlexInfo, SetOfParticlesFlex, Volume
 from pwem.protocols import ProtFlexBase
 
-from flexplugin.convert import readSetOfParticlesFlex, writeZFlexLatents
+from flexplugin.convert import plainFileName, readSetOfParticlesFlex, writeZFlexLatents
 from flexplugin.engine.flex.config import TrainConfig
-from flexplugin.engine.latents import LATENTS_CSV
+
+from .constants import FLEX_PROGNAME, MESH_FILES, TRAIN_FILES, TRAIN_PLOTS
+from .protocol_base import INPUT_MASK, INPUT_VOLUME, FlexPluginProtBase, meshEngineArgs, readJsonFile
 
 D = TrainConfig()  # every training default is declared there, once
 
-from .protocol_base import INPUT_MASK, INPUT_VOLUME, FlexPluginProtBase
-from .protocol_flex_mesh import MESH_FILES, cropMapFile, meshEngineArgs, plainFileName
+__all__ = ["FlexPluginProtTrain"]
 
-__all__ = ["FlexPluginProtTrain", "FLEX_PROGNAME"]
-
-# FlexInfo.progName of flexplugin's 3D Flex results (FlexHub consumers dispatch on it). The set-level FlexInfo
-# also holds modelPath, checkpointPath, meshPath (project-relative), latentDim, trainingBox, cropBox (px),
-# trainingSamplingRate (Å/px) and epochs (finished).
-FLEX_PROGNAME = "FLEXPLUGIN.3DFLEX"
+# The set-level FlexInfo (progName FLEX_PROGNAME) also holds modelPath, checkpointPath, meshPath (project-relative),
+# latentDim, trainingBox, cropBox (px), trainingSamplingRate (Å/px) and epochs (finished).
 MESH_EXTENT_TOLERANCE = 0.02  # relative, as the engine checks it
 
 
@@ -225,13 +221,9 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
             self._writeInitLatents(self._getInitLatentsFile())
 
     def meshStep(self, args: list) -> None:
-        """Build the automatic mesh with flex-mesh's defaults over the (cropped) consensus map."""
+        """Build the automatic mesh with flex-mesh's defaults over the consensus map (flex-mesh crops it to the
+        crop box)."""
         pwutils.cleanPath(self._getAutoMeshDir())
-        crop = self._getCropBox()
-        if crop != self._getParticleBox():
-            for src, dst in self._getAutoMeshCrops().items():
-                cropMapFile(src, dst, crop)
-                self.info(f"Cropped {src} to {crop} px: {dst}")
         self.runEngine("flex-mesh", args)
 
     def trainStep(self, args: list) -> None:
@@ -240,9 +232,9 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
         A checkpoint already in this run's folder (Scipion's Continue of an interrupted or extended run) is always
         resumed, so finished epochs are never lost.
         """
-        ckpt = self._getTrainDir("checkpoint.pt")
+        ckpt = self.getTrainFile("checkpoint")
         if not os.path.exists(ckpt) and self.doContinue.get():
-            prev = self.continueRun.get()._getTrainDir("checkpoint.pt")
+            prev = self.continueRun.get().getTrainFile("checkpoint")
             pwutils.makePath(self._getTrainDir())
             pwutils.copyFile(prev, ckpt)
             self.info(f"Continuing from the checkpoint of {self.continueRun.get().getRunName()}: {prev}")
@@ -257,11 +249,11 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
         """
         info = self.getTrainInfo()
         outSet = self._createSetOfParticlesFlex(progName=FLEX_PROGNAME)
-        readSetOfParticlesFlex(self._getInputParticles(), self._getTrainDir(LATENTS_CSV), outSet, FLEX_PROGNAME,
+        readSetOfParticlesFlex(self._getInputParticles(), self.getTrainFile("latents"), outSet, FLEX_PROGNAME,
                                flexInfo=self._makeFlexInfo(info))
 
         canonical = Volume()
-        canonical.setFileName(self._getTrainDir("canonical.mrc"))
+        canonical.setFileName(self.getTrainFile("canonical"))
         canonical.setSamplingRate(float(info["apix_train"]))
 
         self._defineOutputs(**{outputs.outputParticles.name: outSet, outputs.outputVolume.name: canonical})
@@ -315,7 +307,7 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
             return [f"{prev.getRunName()} is not a 3D flex training run."]
         if prev.getObjId() == self.getObjId() and self.getObjId() is not None:
             return ["A run cannot continue itself: use Scipion's Continue instead."]
-        if not os.path.exists(prev._getTrainDir("checkpoint.pt")):
+        if not os.path.exists(prev.getTrainFile("checkpoint")):
             return [f"{prev.getRunName()} has no checkpoint to continue from (did it train at least one epoch?)."]
         info = prev.getTrainInfo()
         total = (self.epochs.get() or 0) + (self.extraEpochs.get() or 0)
@@ -381,7 +373,7 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
         return ["Punjani2023"]
 
     # --------------------------- UTILS functions -----------------------------
-    def _getSettingsSource(self) -> "FlexPluginProtTrain":
+    def _getSettingsSource(self) -> FlexPluginProtTrain:
         """The run whose inputs and model settings apply: the first run of a chain of continues."""
         prev = self.continueRun.get() if self.doContinue.get() else None
         return prev._getSettingsSource() if isinstance(prev, FlexPluginProtTrain) else self
@@ -446,28 +438,16 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
         folder = os.path.dirname(self._getMeshFile())
         return {k: os.path.join(folder, v) for k, v in MESH_FILES.items()}
 
-    def _getAutoMeshCrops(self) -> dict[str, str]:
-        """{consensus/mask file: its cropped copy} for the automatic mesh."""
-        files = {}
-        for attr, name in ((INPUT_VOLUME, "volume"), (INPUT_MASK, "mask")):
-            obj = getattr(self, attr).get()
-            if obj is not None:
-                files[plainFileName(obj.getFileName())] = self._getExtraPath("input", f"{name}_crop.mrc")
-        return files
-
     def _getAutoMeshArgs(self) -> list:
-        """flex-mesh with its defaults over the consensus map (cropped to the crop box when cropping)."""
-        cropping = self._getCropBox() != self._getParticleBox()
-        crops = self._getAutoMeshCrops()
+        """flex-mesh with its defaults over the consensus map (cropped by flex-mesh to the crop box when cropping)."""
+        crop = self._getCropBox()
 
         def meshInput(attr: str) -> str | None:
             obj = getattr(self, attr).get()
-            if obj is None:
-                return None
-            fn = plainFileName(obj.getFileName())
-            return crops[fn] if cropping else fn
+            return plainFileName(obj.getFileName()) if obj is not None else None
 
-        return meshEngineArgs(meshInput(INPUT_VOLUME), self._getAutoMeshDir(), mask=meshInput(INPUT_MASK))
+        return meshEngineArgs(meshInput(INPUT_VOLUME), self._getAutoMeshDir(), mask=meshInput(INPUT_MASK),
+                              crop=crop if crop != self._getParticleBox() else None)
 
     def _getTrainArgs(self) -> list:
         """The `flexplugin flex-train` argument list: settings of the source run, epochs of this one."""
@@ -515,8 +495,8 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
     def _makeFlexInfo(self, info: dict) -> FlexInfo:
         """Set-level FlexInfo: where the model, checkpoint and mesh are and how the data were prepared."""
         flexInfo = FlexInfo(FLEX_PROGNAME)
-        flexInfo.setAttr("modelPath", self._getTrainDir("model.pt"))
-        flexInfo.setAttr("checkpointPath", self._getTrainDir("checkpoint.pt"))
+        flexInfo.setAttr("modelPath", self.getTrainFile("model"))
+        flexInfo.setAttr("checkpointPath", self.getTrainFile("checkpoint"))
         flexInfo.setAttr("meshPath", self._getMeshFile())
         flexInfo.setAttr("latentDim", int(info["k"]))
         flexInfo.setAttr("trainingBox", int(info["train_box"]))
@@ -525,14 +505,15 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
         flexInfo.setAttr("epochs", int(info["epochs_done"]))
         return flexInfo
 
+    def getTrainFile(self, role: str) -> str:
+        """A file flex-train writes, by role (constants.TRAIN_FILES: model, checkpoint, info, canonical, latents,
+        latents_npy, particles)."""
+        return self._getTrainDir(TRAIN_FILES[role])
+
     def getTrainInfo(self) -> dict | None:
         """flex-train's train.json (epochs_done, seconds, k, train_box, apix_train, crop, ...) or None."""
-        path = self._getTrainDir("train.json")
-        if not os.path.exists(path):
-            return None
-        with open(path) as fh:
-            return json.load(fh)
+        return readJsonFile(self.getTrainFile("info"))
 
     def getPlotFiles(self) -> dict[str, str]:
         """The diagnostics flex-train draws: latents, activations, flow, losses (PNG)."""
-        return {name: self._getTrainDir(f"{name}.png") for name in ("latents", "activations", "flow", "losses")}
+        return {name: self._getTrainDir(f"{name}.png") for name in TRAIN_PLOTS}

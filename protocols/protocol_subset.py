@@ -8,7 +8,6 @@ with any protocol that matches by id.
 from __future__ import annotations
 
 import json
-import os
 from enum import Enum
 
 import numpy as np
@@ -19,7 +18,7 @@ from pwem.protocols import ProtFlexBase
 
 from flexplugin import latent_select as ls
 
-from .protocol_base import INPUT_PARTICLES, FlexPluginProtBase
+from .protocol_base import INPUT_PARTICLES, FlexPluginProtBase, readJsonFile
 
 __all__ = ["FlexPluginProtSubset"]
 
@@ -200,11 +199,7 @@ class FlexPluginProtSubset(ProtFlexBase, FlexPluginProtBase):
     # --------------------------- UTILS functions -----------------------------
     def getSelectionInfo(self) -> dict | None:
         """selection.json: n, kept, k, mode, units, invert and the region (ranges / clusters / centre, radius)."""
-        path = self._getExtraPath(SELECTION_JSON)
-        if not os.path.exists(path):
-            return None
-        with open(path) as fh:
-            return json.load(fh)
+        return readJsonFile(self._getExtraPath(SELECTION_JSON))
 
     def getPlotFile(self) -> str:
         """The latent scatter with the kept particles highlighted (PNG)."""

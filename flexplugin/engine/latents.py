@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from .atomic import save_npy, to_csv
 from .errors import InputError
@@ -69,6 +68,7 @@ class Latents:
 
 def write_latents(path: str | os.PathLike, ids, z, extra: dict[str, np.ndarray] | None = None) -> Path:
     """Write the latents CSV (id, z0..z{K-1}, then the `extra` columns) atomically; returns its path."""
+    import pandas as pd  # here, not at the top: protocols read this module's names when Scipion loads them
     ids = np.asarray(ids, dtype=np.int64)
     z = np.asarray(z)
     if z.ndim != 2 or len(z) != len(ids):
@@ -106,6 +106,7 @@ def _coordinate_index(name: str) -> int | None:
 def read_latents(path: str | os.PathLike) -> Latents:
     """Read a latents CSV (current or older layout); a missing, unreadable or malformed file is an InputError
     naming it (no id column, a repeated id, coordinates that are not 0..K-1, a cell that is not a finite number)."""
+    import pandas as pd
     p = Path(path)
     if not p.exists():
         raise InputError(f"latents file not found: {p}")

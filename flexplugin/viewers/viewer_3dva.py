@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 
 import pyworkflow.protocol.params as params
-from pyworkflow.viewer import DESKTOP_TKINTER, View
 from pwem.viewers import EmProtocolViewer
+from pyworkflow.viewer import DESKTOP_TKINTER, View
 
 from flexplugin.protocols import FlexPluginProt3DVA, FlexPluginProt3DVADisplay
 
@@ -70,12 +70,12 @@ class FlexPlugin3DVAViewer(_ChimeraOrPngMixin, EmProtocolViewer):
         run = self.protocol.getRunInfo()
         if run is None:
             return [self.errorMessage("The analysis has not finished yet.", "Components in ChimeraX")]
-        maps = [self.protocol._getRunDir(run["files"]["consensus"])]
-        maps += [self.protocol._getRunDir(f) for f in run["files"]["components"]]
+        maps = [self.protocol.getRunFile(run["files"]["consensus"])]
+        maps += [self.protocol.getRunFile(f) for f in run["files"]["components"]]
         missing = [m for m in maps if not os.path.exists(m)]
         if missing:
             return [self.errorMessage(f"Missing {', '.join(missing)}: was the run deleted?", "Components in ChimeraX")]
-        script = writeMapsChimeraScript(self.protocol._getExtraPath("chimerax_components.cxc"), maps)
+        script = writeMapsChimeraScript(self.protocol.getExtraFile("chimerax_components.cxc"), maps)
         return self._chimeraOrPngViews(script, [(self.protocol.getPlotFiles()["components"],
                                                  "3DVA: consensus and component slices")])
 
@@ -129,7 +129,7 @@ class FlexPlugin3DVADisplayViewer(_ChimeraOrPngMixin, EmProtocolViewer):
     def _showChimera(self, paramName: str | None = None) -> list[View]:
         """Volume series (or cluster maps) in ChimeraX, or the slice montages when ChimeraX is absent."""
         prot = self.protocol
-        script = prot._getExtraPath("chimerax_display.cxc")
+        script = prot.getExtraFile("chimerax_display.cxc")
         if prot.mode.get() == MODE_CLUSTER:
             maps = [fn for _, fn in sorted(prot.getClusterMapFiles().items())]
             volumes = maps

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 import pyworkflow.protocol.params as params
-from pyworkflow.viewer import DESKTOP_TKINTER, View
 from pwem.viewers import EmProtocolViewer
 from pwem.viewers.views import ImageView
+from pyworkflow.viewer import DESKTOP_TKINTER, View
 
 from flexplugin.protocols import FlexPluginProtMeshPrep, FlexPluginProtTrain
 
@@ -28,6 +28,7 @@ class PngView(ImageView):
     def createPlotter(self):
         """A Plotter whose figure holds the image at its natural size (not shown yet)."""
         import matplotlib.image as mpimg
+
         from pyworkflow.gui.plotter import Plotter
         img = mpimg.imread(self.getImagePath())
         height, width = img.shape[:2]
@@ -119,7 +120,7 @@ class FlexPluginMeshViewer(_FlexViewerMixin, EmProtocolViewer):
     def _showMeshChimera(self, paramName: str | None = None) -> list[View]:
         """mesh.pdb over the (cropped) consensus map."""
         return self._meshChimeraViews(self.protocol.getMeshMapFile(), self.protocol.getMeshFiles()["pdb"],
-                                      self.protocol._getExtraPath("chimerax_mesh.cxc"))
+                                      self.protocol.getExtraFile("chimerax_mesh.cxc"))
 
 
 class FlexPluginTrainViewer(_FlexViewerMixin, EmProtocolViewer):
@@ -172,6 +173,6 @@ class FlexPluginTrainViewer(_FlexViewerMixin, EmProtocolViewer):
 
     def _showMeshChimera(self, paramName: str | None = None) -> list[View]:
         """mesh.pdb over canonical.mrc."""
-        return self._meshChimeraViews(self.protocol._getTrainDir("canonical.mrc"),
+        return self._meshChimeraViews(self.protocol.getTrainFile("canonical"),
                                       self.protocol.getMeshFiles()["pdb"],
-                                      self.protocol._getExtraPath("chimerax_mesh.cxc"))
+                                      self.protocol.getExtraFile("chimerax_mesh.cxc"))

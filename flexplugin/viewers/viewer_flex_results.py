@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 import pyworkflow.protocol.params as params
-from pyworkflow.viewer import DESKTOP_TKINTER, View
 from pwem.viewers import EmProtocolViewer
+from pyworkflow.viewer import DESKTOP_TKINTER, View
 
 from flexplugin.protocols import FlexPluginProtGenerate, FlexPluginProtReconstruct
 
@@ -115,7 +115,7 @@ class FlexPluginGenerateViewer(_ChimeraOrPngMixin, EmProtocolViewer):
         missing = [v for s in series for v in s["volumes"] if not os.path.exists(v)]
         if not series or missing:
             return [self.errorMessage("Generated volumes are missing: has the run finished?", "Volume series")]
-        script = writeSeriesChimeraScript(self.protocol._getExtraPath("chimerax_series.cxc"),
+        script = writeSeriesChimeraScript(self.protocol.getExtraFile("chimerax_series.cxc"),
                                           [s["volumes"] for s in series])
         return self._chimeraOrPngViews(script, [(s["montage"], f"3D flex generate: {s['name']}") for s in series])
 
@@ -174,7 +174,7 @@ class FlexPluginReconstructViewer(_ChimeraOrPngMixin, EmProtocolViewer):
                                       "reconstruction?", "Gain in ChimeraX")]
         gain = (self.protocol.getResolutionInfo() or {}).get("gain", {})
         span = max(abs(gain.get("min_A") or 0.0), abs(gain.get("max_A") or 0.0))
-        script = writeGainChimeraScript(self.protocol._getExtraPath("chimerax_gain.cxc"), maps["flex"][0],
+        script = writeGainChimeraScript(self.protocol.getExtraFile("chimerax_gain.cxc"), maps["flex"][0],
                                         files["gain"], span)
         return self._chimeraOrPngViews(script, [(self.protocol.getPlotFiles()["gain"],
                                                  "3D flex reconstruction: local resolution gain")])
@@ -193,6 +193,6 @@ class FlexPluginReconstructViewer(_ChimeraOrPngMixin, EmProtocolViewer):
         missing = [m for m in maps if not os.path.exists(m)]
         if missing:
             return [self.errorMessage(f"Missing {', '.join(missing)}: has the run finished?", "Maps in ChimeraX")]
-        script = writeMapsChimeraScript(self.protocol._getExtraPath("chimerax_maps.cxc"), maps)
+        script = writeMapsChimeraScript(self.protocol.getExtraFile("chimerax_maps.cxc"), maps)
         return self._chimeraOrPngViews(script, [(self.protocol.getPlotFiles()["maps"],
                                                  "3D flex reconstruction: map slices")])

@@ -3,8 +3,8 @@ particles in Scipion's set viewer. Nothing is computed here (the protocol drew t
 from __future__ import annotations
 
 import pyworkflow.protocol.params as params
-from pyworkflow.viewer import DESKTOP_TKINTER, View
 from pwem.viewers import EmProtocolViewer, ObjectView
+from pyworkflow.viewer import DESKTOP_TKINTER, View
 
 from flexplugin.protocols import FlexPluginProtSubset
 
