@@ -21,9 +21,8 @@ import pyworkflow.utils as pwutils
 from pyworkflow.protocol import Protocol
 from pwem.objects import FSC, SetOfFSCs, Volume
 
-from flexplugin.engine.flex.reconstruct_config import MAX_BINS
-
 from flexplugin.convert import plainFileName
+from flexplugin.engine.flex.reconstruct_config import MAX_BINS
 
 from .constants import INPUT_TRAINING
 from .protocol_base import INPUT_MASK, INPUT_PARTICLES, FlexModelInput, FlexPluginProtBase
