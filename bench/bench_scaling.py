@@ -11,7 +11,8 @@ process start-up, imports and reading the STAR file are left out. Bytes are what
 all_reduce_ counted on rank 0 (each process sends and receives about that much with gloo's ring all-reduce).
 For flex-train the gradient bytes per step are also computed from the parameter sizes, and the difference to
 the measured total is the end-of-epoch latent exchange. The share of rank 0's time spent in all-reduces includes
-waiting for the slower rank. Timings on a shared machine: compare the ratios of one run, not absolute seconds.
+waiting for the slower rank. The CPU time of each rank's loop is printed too: on a machine shared with other work
+a process may get less than a core, which the wall-clock throughput then shows but the CPU time does not. Timings on a shared machine: compare the ratios of one run, not absolute seconds.
 """
 from __future__ import annotations
 
@@ -53,8 +54,9 @@ def _worker(a: argparse.Namespace) -> None:
         barrier()
         distributed.bytes_reduced(reset=True)
         distributed.reduce_seconds(reset=True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         reconstruct_particles(ps, batch_size=256, progress=io.StringIO())
+        cpu = time.process_time() - c0
         barrier()
         sec = time.perf_counter() - t0
         result |= {"seconds": sec, "particles_per_s": len(ps) / sec, "bytes": distributed.bytes_reduced(),
@@ -75,9 +77,10 @@ def _worker(a: argparse.Namespace) -> None:
         barrier()
         distributed.bytes_reduced(reset=True)
         distributed.reduce_seconds(reset=True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(a.epochs):
             tr.run_epoch(progress=lambda s: None)
+        cpu = time.process_time() - c0
         barrier()
         sec = time.perf_counter() - t0
         steps = a.epochs * math.ceil(len(ps) / cfg.batch_size)
@@ -88,6 +91,11 @@ def _worker(a: argparse.Namespace) -> None:
                    "gradient_bytes_per_step": grad if distributed.world() > 1 else 0,
                    "latent_exchange_bytes_per_epoch": (total - grad * steps) / a.epochs if total else 0,
                    "note": f"{a.epochs} epochs of batch 64 at training box {a.train_box}, no latent search"}
+    # CPU seconds of each rank's loop (the machine may give a process less than a core when it is shared)
+    cpus = torch.zeros(distributed.world(), dtype=torch.float64)
+    cpus[distributed.rank()] = cpu
+    distributed.all_reduce_(cpus)
+    result |= {"cpu_seconds_total": float(cpus.sum()), "cpu_seconds_max_rank": float(cpus.max())}
     if distributed.is_main():
         Path(a.result).write_text(json.dumps(result))
 
@@ -135,7 +143,8 @@ def main() -> None:
                 line = (f"{job:12s} {n} process{'es' if n > 1 else '  '}: {r['particles_per_s']:8.1f} particles/s "
                         f"({r['seconds']:.2f} s, x{r['particles_per_s'] / base:.2f}); summed over ranks "
                         f"{r['bytes'] / 1e6:.2f} MB, {r['bytes'] / r['steps'] / 1e6:.3f} MB per step, rank 0 "
-                        f"{100 * r['reduce_seconds'] / r['seconds']:.0f}% of the time in all-reduces")
+                        f"{100 * r['reduce_seconds'] / r['seconds']:.0f}% of the time in all-reduces; CPU time "
+                        f"{r['cpu_seconds_total']:.2f} s in all, {r['cpu_seconds_max_rank']:.2f} s on the busiest rank")
                 if job == "flex-train" and n > 1:
                     line += (f" (gradients {r['gradient_bytes_per_step'] / 1e6:.3f} MB per step, latent exchange "
                              f"{r['latent_exchange_bytes_per_epoch'] / 1e6:.3f} MB per epoch)")
