@@ -23,7 +23,8 @@ output names, as cryoSPARC does; summary.json records the original index of each
 
 Under torchrun (engine/distributed.py) each rank inserts its share of every batch of the reconstructions, the
 accumulators are summed over the ranks, and rank 0 alone prints and writes; summary.json records the number
-of processes ("world_size") and the particles each held ("particles_per_rank").
+of processes ("world_size") and the particles each held ("particles_per_rank"; 0 in simple mode, which reads
+no images).
 """
 from __future__ import annotations
 
