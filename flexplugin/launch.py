@@ -94,7 +94,8 @@ def launch_torchrun(nproc: int, job_argv: list[str]) -> int:
         run(args)
     except ChildFailedError as e:
         codes = {r: f.exitcode for r, f in sorted(e.failures.items())}
-        own = [c for c in codes.values() if c != -signal.SIGTERM]  # torchrun stops the others with SIGTERM
+        own = [c for c in codes.values() if c not in (-signal.SIGTERM, 128 + signal.SIGTERM)]  # the ones torchrun
+        # stopped with SIGTERM after the first failure (engine/distributed.py exits 128 + SIGTERM on it)
         for code in (2, 3):  # the failed ranks printed the error line; keep it the last one in the log
             if own and all(c == code for c in own):
                 return code

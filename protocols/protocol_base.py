@@ -260,6 +260,8 @@ class FlexPluginProtBase(EMProtocol):
         except OSError:
             return None
         lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("error: ")]
+        # under torchrun the processes stopped after a failure say so last: the failure's own line is the message
+        lines = [ln for ln in lines if STOPPED_NOTICE not in ln] or lines
         return lines[-1][len("error: "):] if lines else None
 
     # --------------------------- particles -------------------------------------
@@ -373,6 +375,7 @@ TORCHRUN_LOCAL_RDZV = {"PET_NNODES": "1", "PET_RDZV_BACKEND": "c10d", "PET_RDZV_
 # a command that starts torchrun once per node (a SLURM template sets "srun --ntasks-per-node=1 ..."); unset on a
 # workstation, where torchrun simply runs
 SRUN_ENV = "FLEXPLUGIN_SRUN"
+STOPPED_NOTICE = "was stopped (SIGTERM from torchrun"  # the error line of a process torchrun stopped (engine/distributed.py)
 
 
 def engineCommandLine(subcommand: str, args: list, gpus: int = 1) -> tuple[str, str]:

@@ -177,6 +177,17 @@ def test_scipion_several_gpus_run_torchrun():
     assert "twice" in _protocol(FlexPluginProt3DVA, "1 1")._validateGpu()[0]
 
 
+def test_scipion_error_of_a_failed_torchrun_job(tmp_path):
+    """The protocol's error is the failed process's own line, not the notice of a process torchrun stopped."""
+    from flexplugin.protocols import FlexPluginProt3DVA
+    log = tmp_path / "run.stderr"
+    log.write_text("error: particle STAR file not found: p.star\nerror: rank 1 of 2 was stopped (SIGTERM from "
+                   "torchrun: another process of this job failed, or the job was cancelled); ...\n")
+    assert FlexPluginProt3DVA._engineError(str(log)) == "particle STAR file not found: p.star"
+    log.write_text("error: rank 0 of 2 was stopped (SIGTERM from torchrun: another process of this job failed\n")
+    assert FlexPluginProt3DVA._engineError(str(log)).startswith("rank 0 of 2 was stopped")
+
+
 def test_scipion_protocols_of_distributed_jobs():
     """Every protocol allowed several GPUs runs a job the CLI runs data-parallel, and the display's too."""
     from flexplugin import protocols

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
+import sys
 import time
 
 import numpy as np
@@ -18,6 +20,7 @@ import torch.distributed as dist
 __all__ = ["all_reduce_", "bytes_reduced", "init_from_env", "is_main", "merge_rows_", "rank", "reduce_seconds",
            "say", "shard", "world"]
 
+EXIT_STOPPED = 128 + signal.SIGTERM  # a process stopped by SIGTERM (the shell's convention), after its error line
 _TRAFFIC = {"bytes": 0, "seconds": 0.0}  # payload of this process's all-reduces, and the time spent in them
 
 
@@ -51,7 +54,17 @@ def init_from_env(device: torch.device | str = "cpu", timeout_s: float = 600.0) 
     if dev.type == "cuda":  # this rank's GPU (flexplugin/launch.py: --gpus ids[LOCAL_RANK], else LOCAL_RANK)
         torch.cuda.set_device(dev if dev.index is not None else int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s))
+    signal.signal(signal.SIGTERM, _stopped)
     return True
+
+
+def _stopped(signum: int, frame) -> None:
+    """SIGTERM in a torchrun job (torchrun stops the others when a process fails): an error line naming this
+    rank, then a normal exit, so that context managers release the output folder and unfinished files."""
+    print(f"error: rank {rank()} of {world()} was stopped (SIGTERM from torchrun: another process of this job "
+          "failed, or the job was cancelled); a failed run writes no outputs; jobs with checkpoints continue "
+          "with --continue", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_STOPPED)
 
 
 def shard(rows: np.ndarray) -> np.ndarray:
