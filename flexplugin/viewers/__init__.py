@@ -1,6 +1,7 @@
 """flexplugin's Scipion viewers (found by Scipion through the classes imported here)."""
-from .viewer_flex import FlexPluginMeshViewer, FlexPluginTrainViewer, PngView, chimeraxProgram
+from .viewer_flex import FlexPluginMeshViewer, FlexPluginTrainViewer
 from .viewer_flex_results import FlexPluginGenerateViewer, FlexPluginReconstructViewer
+from .views import PngView, chimeraxProgram
 
 __all__ = ["FlexPluginMeshViewer", "FlexPluginTrainViewer", "PngView", "chimeraxProgram",
            "FlexPluginGenerateViewer", "FlexPluginReconstructViewer"]

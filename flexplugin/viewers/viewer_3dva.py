@@ -11,14 +11,14 @@ from pyworkflow.viewer import DESKTOP_TKINTER, View
 
 from flexplugin.protocols import FlexPluginProt3DVA, FlexPluginProt3DVADisplay
 
-from .viewer_flex_results import _ChimeraOrPngMixin, writeMapsChimeraScript, writeSeriesChimeraScript
+from .views import ChimeraOrPngMixin, writeMapsChimeraScript, writeSeriesChimeraScript
 
 __all__ = ["FlexPlugin3DVAViewer", "FlexPlugin3DVADisplayViewer"]
 
 MODE_SIMPLE, MODE_INTERMEDIATES, MODE_CLUSTER = 0, 1, 2  # FlexPluginProt3DVADisplay.mode
 
 
-class FlexPlugin3DVAViewer(_ChimeraOrPngMixin, EmProtocolViewer):
+class FlexPlugin3DVAViewer(ChimeraOrPngMixin, EmProtocolViewer):
     """3DVA diagnostics: coordinate histograms and pair plots, explained variance, convergence, component slices."""
 
     _label = "3D variability analysis viewer"
@@ -80,7 +80,7 @@ class FlexPlugin3DVAViewer(_ChimeraOrPngMixin, EmProtocolViewer):
                                                  "3DVA: consensus and component slices")])
 
 
-class FlexPlugin3DVADisplayViewer(_ChimeraOrPngMixin, EmProtocolViewer):
+class FlexPlugin3DVADisplayViewer(ChimeraOrPngMixin, EmProtocolViewer):
     """3DVA display results: the frame series (or cluster maps) in ChimeraX or as slice montages, the clusters of
     the coordinates, and the particles per intermediate frame."""
 

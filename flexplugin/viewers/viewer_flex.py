@@ -2,99 +2,18 @@
 over a map in ChimeraX when one is configured. Nothing is computed here."""
 from __future__ import annotations
 
-import os
-
 import pyworkflow.protocol.params as params
 from pwem.viewers import EmProtocolViewer
-from pwem.viewers.views import ImageView
 from pyworkflow.viewer import DESKTOP_TKINTER, View
 
 from flexplugin.protocols import FlexPluginProtMeshPrep, FlexPluginProtTrain
 
-__all__ = ["PngView", "chimeraxProgram", "writeMeshChimeraScript", "FlexPluginMeshViewer", "FlexPluginTrainViewer"]
+from .views import FlexViewerMixin
+
+__all__ = ["FlexPluginMeshViewer", "FlexPluginTrainViewer"]
 
 
-class PngView(ImageView):
-    """A PNG drawn by the engine, shown in a matplotlib window (pyworkflow's Plotter, Tk in the GUI)."""
-
-    def __init__(self, imagePath: str, title: str = ""):
-        super().__init__(imagePath)
-        self._title = title or os.path.basename(imagePath)
-
-    def getTitle(self) -> str:
-        """The window title."""
-        return self._title
-
-    def createPlotter(self):
-        """A Plotter whose figure holds the image at its natural size (not shown yet)."""
-        import matplotlib.image as mpimg
-
-        from pyworkflow.gui.plotter import Plotter
-        img = mpimg.imread(self.getImagePath())
-        height, width = img.shape[:2]
-        dpi = 100
-        plotter = Plotter(figsize=(width / dpi, height / dpi), dpi=dpi, windowTitle=self._title)
-        plotter.tightLayoutOn = False
-        ax = plotter.getFigure().add_axes((0, 0, 1, 1))
-        ax.imshow(img)
-        ax.set_axis_off()
-        return plotter
-
-    def show(self) -> None:
-        """Open the image window."""
-        self.createPlotter().show()
-
-
-def chimeraxProgram() -> str | None:
-    """The ChimeraX binary Scipion is configured with (scipion-em-chimera or pwem's default), if it exists."""
-    try:
-        from pwem.viewers.viewer_chimera import Chimera
-        program = Chimera.getProgram()
-    except Exception:  # noqa: BLE001  (no chimera plugin, broken config: ChimeraX is optional)
-        return None
-    return program if program and os.path.exists(program) else None
-
-
-def writeMeshChimeraScript(scriptPath: str, mapFile: str, pdbFile: str) -> str:
-    """A ChimeraX script opening a map and mesh.pdb in the same frame (map voxel 0 at 0 Å, as in mesh.pdb)."""
-    lines = [f'open "{os.path.abspath(mapFile)}"',
-             "volume #1 origin 0,0,0 style surface transparency 0.6",
-             f'open "{os.path.abspath(pdbFile)}"',
-             "style #2 stick",
-             "color byattribute bfactor #2 palette bluered",
-             "view"]
-    os.makedirs(os.path.dirname(os.path.abspath(scriptPath)), exist_ok=True)
-    with open(scriptPath, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    return scriptPath
-
-
-class _FlexViewerMixin:
-    """Views shared by the mesh and training viewers."""
-
-    def _pngViews(self, path: str, title: str) -> list[View]:
-        """The PNG in a window, or an error message naming the missing file."""
-        if not os.path.exists(path):
-            return [self.errorMessage(f"{path} does not exist: has the run finished?", title)]
-        return [PngView(path, title)]
-
-    def _meshChimeraViews(self, mapFile: str | None, pdbFile: str, scriptPath: str) -> list[View]:
-        """mesh.pdb over a map in ChimeraX; a message (with the script to open by hand) when ChimeraX is absent."""
-        missing = [f for f in (mapFile, pdbFile) if not f or not os.path.exists(f)]
-        if missing:
-            return [self.errorMessage(f"Missing {', '.join(str(m) for m in missing)}: has the run finished?",
-                                      "Mesh in ChimeraX")]
-        writeMeshChimeraScript(scriptPath, mapFile, pdbFile)
-        program = chimeraxProgram()
-        if program is None:
-            return [self.infoMessage("ChimeraX is not configured in Scipion (install scipion-em-chimera). Open "
-                                     f"this script in ChimeraX to see the mesh over the map:\n{scriptPath}",
-                                     "Mesh in ChimeraX")]
-        from pwem.viewers.viewer_chimera import ChimeraView
-        return [ChimeraView(os.path.abspath(scriptPath))]
-
-
-class FlexPluginMeshViewer(_FlexViewerMixin, EmProtocolViewer):
+class FlexPluginMeshViewer(FlexViewerMixin, EmProtocolViewer):
     """Mesh prep results: slices of the tetra cells and rigidity weights; the mesh over the map in ChimeraX."""
 
     _label = "3D flex mesh viewer"
@@ -123,7 +42,7 @@ class FlexPluginMeshViewer(_FlexViewerMixin, EmProtocolViewer):
                                       self.protocol.getExtraFile("chimerax_mesh.cxc"))
 
 
-class FlexPluginTrainViewer(_FlexViewerMixin, EmProtocolViewer):
+class FlexPluginTrainViewer(FlexViewerMixin, EmProtocolViewer):
     """Training diagnostics: latent scatter, generator activations, example flow, losses, and the mesh."""
 
     _label = "3D flex training viewer"

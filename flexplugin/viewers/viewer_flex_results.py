@@ -10,69 +10,12 @@ from pyworkflow.viewer import DESKTOP_TKINTER, View
 
 from flexplugin.protocols import FlexPluginProtGenerate, FlexPluginProtReconstruct
 
-from .viewer_flex import _FlexViewerMixin, chimeraxProgram
+from .views import ChimeraOrPngMixin, writeGainChimeraScript, writeMapsChimeraScript, writeSeriesChimeraScript
 
-__all__ = ["FlexPluginGenerateViewer", "FlexPluginReconstructViewer", "writeSeriesChimeraScript",
-           "writeMapsChimeraScript", "writeGainChimeraScript"]
-
-
-def _quoted(path: str) -> str:
-    return f'"{os.path.abspath(path)}"'
+__all__ = ["FlexPluginGenerateViewer", "FlexPluginReconstructViewer"]
 
 
-def _writeScript(scriptPath: str, lines: list[str]) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(scriptPath)), exist_ok=True)
-    with open(scriptPath, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    return scriptPath
-
-
-def writeSeriesChimeraScript(scriptPath: str, series: list[list[str]]) -> str:
-    """A ChimeraX script opening each list of maps as a volume series (model #1, #2, ...), side by side, playing
-    back and forth."""
-    lines = []
-    for k, files in enumerate(series, 1):
-        lines.append("open " + " ".join(_quoted(f) for f in files) + " vseries true")
-        lines.append(f"vseries play #{k} loop true direction oscillate")
-    if len(series) > 1:
-        lines.append("tile")
-    lines.append("view")
-    return _writeScript(scriptPath, lines)
-
-
-def writeMapsChimeraScript(scriptPath: str, maps: list[str]) -> str:
-    """A ChimeraX script opening maps (model #1, #2, ...) side by side."""
-    lines = [f"open {_quoted(m)}" for m in maps]
-    if len(maps) > 1:
-        lines.append("tile")
-    lines.append("view")
-    return _writeScript(scriptPath, lines)
-
-
-def writeGainChimeraScript(scriptPath: str, mapFile: str, gainFile: str, span: float) -> str:
-    """A ChimeraX script showing the map's surface coloured by the local resolution gain (blue −span … white 0 …
-    red +span Å: red where the flex map is sharper)."""
-    span = max(float(span), 0.1)
-    lines = [f"open {_quoted(mapFile)}", f"open {_quoted(gainFile)}", "volume #2 hide",
-             f"color sample #1 map #2 palette blue:white:red range {-span:g},{span:g}", "view"]
-    return _writeScript(scriptPath, lines)
-
-
-class _ChimeraOrPngMixin(_FlexViewerMixin):
-    """ChimeraX when configured, else the engine's PNGs (their titles say ChimeraX is not configured)."""
-
-    def _chimeraOrPngViews(self, scriptPath: str, pngs: list[tuple[str, str]]) -> list[View]:
-        """The script in ChimeraX, or each (PNG, title) in a window."""
-        if chimeraxProgram() is not None:
-            from pwem.viewers.viewer_chimera import ChimeraView
-            return [ChimeraView(os.path.abspath(scriptPath))]
-        views = []
-        for path, name in pngs:
-            views += self._pngViews(path, f"{name} (ChimeraX is not configured)")
-        return views
-
-
-class FlexPluginGenerateViewer(_ChimeraOrPngMixin, EmProtocolViewer):
+class FlexPluginGenerateViewer(ChimeraOrPngMixin, EmProtocolViewer):
     """Generated volumes: the latent atlas, montages of each series, and the series in ChimeraX."""
 
     _label = "3D flex generate viewer"
@@ -120,7 +63,7 @@ class FlexPluginGenerateViewer(_ChimeraOrPngMixin, EmProtocolViewer):
         return self._chimeraOrPngViews(script, [(s["montage"], f"3D flex generate: {s['name']}") for s in series])
 
 
-class FlexPluginReconstructViewer(_ChimeraOrPngMixin, EmProtocolViewer):
+class FlexPluginReconstructViewer(ChimeraOrPngMixin, EmProtocolViewer):
     """Reconstruction results: flex vs noflex FSC (also masked and corrected), slices of the maps, the local
     resolution gain, and the maps in ChimeraX."""
 

@@ -8,12 +8,12 @@ from pyworkflow.viewer import DESKTOP_TKINTER, View
 
 from flexplugin.protocols import FlexPluginProtSubset
 
-from .viewer_flex import _FlexViewerMixin
+from .views import FlexViewerMixin
 
 __all__ = ["FlexPluginSubsetViewer"]
 
 
-class FlexPluginSubsetViewer(_FlexViewerMixin, EmProtocolViewer):
+class FlexPluginSubsetViewer(FlexViewerMixin, EmProtocolViewer):
     """Latent subset: where the kept particles lie in the latent space, and the kept particles themselves."""
 
     _label = "latent subset viewer"
