@@ -9,10 +9,12 @@ with --data). Each measurement runs this file as a worker under `python -m torch
 (`reconstruct_particles`; flex-train's noise estimate once, then `run_epoch` without latent searches), so
 process start-up, imports and reading the STAR file are left out. Bytes are what `engine/distributed.py`'s
 all_reduce_ counted on rank 0 (each process sends and receives about that much with gloo's ring all-reduce).
-For flex-train the gradient bytes per step are also computed from the parameter sizes, and the difference to
-the measured total is the end-of-epoch latent exchange. The share of rank 0's time spent in all-reduces includes
-waiting for the slower rank. The CPU time of each rank's loop is printed too: on a machine shared with other work
-a process may get less than a core, which the wall-clock throughput then shows but the CPU time does not. Timings on a shared machine: compare the ratios of one run, not absolute seconds.
+For flex-train the gradient bytes per step are also computed from the parameter sizes, and the difference to the
+measured total is the end-of-epoch latent exchange. With --flat-gradients flex-train's gradients are summed in
+one collective per step (an experiment: the bench replaces the trainer's `_sum_gradients`). The share of rank 0's
+time spent in all-reduces includes waiting for the slower rank. The CPU time of each rank's loop is printed too:
+on a machine shared with other work a process may get less than a core, which the wall-clock throughput then
+shows but the CPU time does not. Timings on a shared machine: compare the ratios of one run, not absolute seconds.
 """
 from __future__ import annotations
 
@@ -73,6 +75,14 @@ def _worker(a: argparse.Namespace) -> None:
         cfg = TrainConfig(epochs=a.epochs, batch_size=64, search_every=0, final_search=False, noise_particles=500)
         tr = FlexTrainer(PreparedParticles(ps, spec), prep_volume(vol, spec), build_mesh(vol, apix, cells=12), cfg,
                          "cpu")
+        if a.flat_gradients:  # experiment: the step's gradients summed in one collective instead of one per tensor
+            def summed_flat() -> None:
+                prms = [*tr.gen.parameters(), tr.density]
+                for prm in prms:
+                    if prm.grad is None:
+                        prm.grad = torch.zeros_like(prm)
+                distributed.all_reduce_flat_([prm.grad for prm in prms])
+            tr._sum_gradients = summed_flat
         tr.estimate_noise(progress=lambda s: None)
         barrier()
         distributed.bytes_reduced(reset=True)
@@ -90,7 +100,8 @@ def _worker(a: argparse.Namespace) -> None:
                    "reduce_seconds": distributed.reduce_seconds(),
                    "gradient_bytes_per_step": grad if distributed.world() > 1 else 0,
                    "latent_exchange_bytes_per_epoch": (total - grad * steps) / a.epochs if total else 0,
-                   "note": f"{a.epochs} epochs of batch 64 at training box {a.train_box}, no latent search"}
+                   "note": f"{a.epochs} epochs of batch 64 at training box {a.train_box}, no latent search"
+                           + (", gradients summed in one flat all-reduce per step" if a.flat_gradients else "")}
     # CPU seconds of each rank's loop (the machine may give a process less than a core when it is shared)
     cpus = torch.zeros(distributed.world(), dtype=torch.float64)
     cpus[distributed.rank()] = cpu
@@ -104,7 +115,8 @@ def _measure(job: str, procs: int, data: Path, a: argparse.Namespace, tmp: Path)
     out = tmp / f"{job}_{procs}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
            str(Path(__file__).resolve()), "--worker", job, "--data", str(data), "--result", str(out),
-           "--epochs", str(a.epochs), "--train-box", str(a.train_box)]
+           "--epochs", str(a.epochs), "--train-box", str(a.train_box)] + (["--flat-gradients"] if a.flat_gradients
+                                                                           else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -121,6 +133,9 @@ def main() -> None:
     p.add_argument("--procs", default="1,2", help="numbers of processes (default 1,2)")
     p.add_argument("--jobs", default="reconstruct,flex-train", help="jobs to measure")
     p.add_argument("--data", help="a data folder of `flexplugin simulate` (default: simulate one)")
+    p.add_argument("--flat-gradients", action="store_true",
+                   help="experiment: flex-train sums each step's gradients in one all-reduce (distributed."
+                        "all_reduce_flat_) instead of engine/flex/train.py's one per tensor")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     a = p.parse_args()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_", "bytes_reduced", "init_from_env", "is_main", "merge_rows_", "rank", "reduce_seconds",
+__all__ = ["all_reduce_", "all_reduce_flat_", "bytes_reduced", "init_from_env", "is_main", "merge_rows_", "rank", "reduce_seconds",
            "say", "shard", "world"]
 
 EXIT_STOPPED = 128 + signal.SIGTERM  # a process stopped by SIGTERM (the shell's convention), after its error line
@@ -82,6 +82,19 @@ def all_reduce_(t: torch.Tensor) -> torch.Tensor:
         _TRAFFIC["seconds"] += time.perf_counter() - t0
         _TRAFFIC["bytes"] += t.numel() * t.element_size()
     return t
+
+
+def all_reduce_flat_(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Sum several real tensors of one dtype and device over the ranks in one collective (packed into one flat
+    buffer, then copied back), in place: one exchange instead of one per tensor (e.g. all gradients of a step)."""
+    if world() > 1 and tensors:
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        all_reduce_(flat)
+        i = 0
+        for t in tensors:
+            t.copy_(flat[i:i + t.numel()].view_as(t))
+            i += t.numel()
+    return tensors
 
 
 def merge_rows_(t: torch.Tensor, rows: np.ndarray | torch.Tensor) -> torch.Tensor:

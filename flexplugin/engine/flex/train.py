@@ -47,13 +47,10 @@ from .model import (
 )
 from .prep import PreparedParticles, PrepSpec
 from .search import latent_grid, search_latents
+from .seeding import LATENT_SD, normalize_init_latents
 
 __all__ = ["LATENT_SD", "FlexTrainer", "TrainConfig", "keep_spread", "kmax_schedule", "normalize_init_latents",
            "working_box"]
-
-# spread (sd) of the latents at the start: random ones are drawn with it, seeds are scaled to it; ±1.5 (the
-# latent range) is then ±3.75 sd
-LATENT_SD = 0.4
 
 
 def keep_spread(z: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
@@ -80,49 +77,6 @@ def working_box(train_box: int, kmax_frac: float) -> int:
     """Smallest even box ≤ training box whose Nyquist holds k_max (in training-box Fourier pixels) + 1."""
     r = kmax_frac * train_box / 2
     return int(min(train_box, 2 * math.ceil(r + 1.5)))
-
-
-def normalize_init_latents(z: np.ndarray, k: int, idxs: list[int] | None = None, target_std: float = LATENT_SD,
-                           names: list[str] | None = None, source: str = "initial latents") -> np.ndarray:
-    """Pick K columns of external coordinates (e.g. 3DVA), centre them and scale them all by one factor, so that
-    the widest has std `target_std`.
-
-    3DVA coordinates have an arbitrary overall scale, but their relative variances say how much each component
-    explains: scaling each column to the same spread made a weak (often noise) component as wide as the motion,
-    half the latent plot noise. ±1.5 (the latent range) is ±3.75 sd of the widest column.
-    A NaN/Inf or constant column would give NaN or empty latents: InputError naming `source` and the column
-    (`names[i]` for input column i when given).
-    """
-    try:
-        z = np.asarray(z, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise InputError(f"{source} must hold numbers only") from None
-    if z.ndim != 2 or not z.size:
-        raise InputError(f"{source} must be an N×K array, got shape {z.shape}")
-    if idxs is None and z.shape[1] < k:
-        raise InputError(f"{source} has {z.shape[1]} coordinate column(s) but --k {k} needs {k}")
-    idxs = list(range(k)) if idxs is None else idxs
-    if len(idxs) != k or len(set(idxs)) != k:
-        raise InputError(f"--init-idxs must name {k} distinct columns (one per latent, --k {k}), got {idxs}")
-    if max(idxs) >= z.shape[1] or min(idxs) < 0:
-        raise InputError(f"--init-idxs {idxs} out of range for the {z.shape[1]} coordinate columns of {source} "
-                         f"(0-based: 0 to {z.shape[1] - 1})")
-    sel = z[:, idxs]
-    for j, i in enumerate(idxs):
-        _check_seed_column(sel[:, j], f"{source}: column {names[i] if names else i}")
-    sel = sel - sel.mean(0)
-    return np.clip(sel / sel.std(0).max() * target_std, -1.5, 1.5).astype(np.float32)
-
-
-def _check_seed_column(col: np.ndarray, what: str) -> None:
-    """Refuse a seed column with NaN/Inf (NaN latents) or without variance (it cannot order the particles)."""
-    bad = np.flatnonzero(~np.isfinite(col))
-    if len(bad):
-        raise InputError(f"{what} holds {col[bad[0]]} at row {bad[0]} (the first bad row); initial latents must be "
-                         "finite numbers")
-    if np.ptp(col) == 0:
-        raise InputError(f"{what} is constant ({col[0]:g} in every row): a column without variance cannot seed a "
-                         "latent; pick other columns with --init-idxs (0-based) or another file")
 
 
 _MESH_ARRAYS = {"points_sha256": "vertex positions", "cells_sha256": "cells", "rweights_sha256": "rigidity weights",
