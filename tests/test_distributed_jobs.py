@@ -67,6 +67,22 @@ def data(tmp_path_factory) -> Path:
     return out
 
 
+def test_collectives():
+    """engine/distributed.py's sums in two processes against hand-computed values: a complex all-reduce, rows merged
+    from the rank that owns them, several tensors in one collective, and the bytes counted (tests/dist_collectives.py;
+    the env:// rendezvous set by hand, as torchrun would)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).with_name("dist_collectives.py")
+    procs = [subprocess.Popen([sys.executable, str(worker)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+
+
 def _va3d_args(data: Path, out: Path, iterations: int, *extra: str) -> list[str]:
     return ["3dva", "--particles", str(data / "particles.star"), "--mask", str(data / "mask.mrc"), "--volume",
             str(data / "consensus.mrc"), "--out", str(out), "--k", "2", "--filter-res", "12", "--iterations",

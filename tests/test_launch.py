@@ -7,7 +7,7 @@ the GPU ids, a shell splits the line, torchrun's own parser reads its part and f
 Two runs start real processes on the CPU (about 15 s each): `--gpus 0,1 --cpu-fallback` and the rendered SLURM
 script with stand-ins for srun and scontrol.
 """
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (scipion_project must be imported first)
 
 from . import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
 
@@ -214,6 +214,7 @@ def _render_slurm_script(tmp_path: Path, job: str, args: list, gpus: str, nodes:
     from pyworkflow.protocol.hosts import HostConfig
     from pyworkflow.protocol.protocol import anonimizeGPUs
     from pyworkflow.utils.process import buildRunCommand
+
     from flexplugin.protocols import FlexPluginProt3DVA
     conf = tmp_path / "hosts.conf"
     conf.write_text(_hosts_conf_block())
