@@ -36,7 +36,9 @@ setup(
         "matplotlib>=3.7",
         "pandas>=2.0",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-timeout"]},
+    extras_require={"test": ["pytest>=7", "pytest-timeout"],
+                    # cryoSPARC .cs particle files (engine/cryosparc_cs.py); reading falls back to NumPy
+                    "cryosparc": ["cryosparc-tools>=4.4"]},
     entry_points={
         "pyworkflow.plugin": ["flexplugin = flexplugin"],
         "console_scripts": ["flexplugin = flexplugin.cli:main"],

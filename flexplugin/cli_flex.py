@@ -333,6 +333,8 @@ def _write_outputs(trainer, ps, out: Path, mesh_path: str) -> dict:
     z = trainer.latents.cpu().numpy().astype(np.float32)
     ids = ps.ids
     write_latents_files(out, ids, z)
+    from .engine.cryosparc_cs import write_cs_latents_beside
+    write_cs_latents_beside(ps.star_path, ids, z, out)  # latents.cs too when the particles are a cryoSPARC .cs
     cols = {LATENT_LABEL.format(k + 1): z[:, k] for k in range(z.shape[1])}
     table = ps.table.copy()
     for c, v in cols.items():
@@ -374,13 +376,8 @@ def cmd_flex_train(a: argparse.Namespace) -> None:
     from .engine.io import check_volume_matches, read_particles, read_volume
     dev = _device(a.device)
     say = print if distributed.is_main() else (lambda *args, **kw: None)  # rank 0 alone under torchrun
-    cfg = TrainConfig(k=a.k, layers=a.layers, hidden=a.hidden, epochs=a.epochs, extra_epochs=a.extra_epochs,
-                      batch_size=a.batch_size, lr_flow_init=a.lr_flow_init, lr_flow_final=a.lr_flow_final,
-                      lr_density=a.lr_density, lr_latent=a.lr_latent, rigidity=a.rigidity,
-                      latent_noise=a.latent_noise, latent_prior=a.latent_prior, latent_prior_pow=a.latent_prior_pow,
-                      seed=a.seed, rigidity_cells=a.rigidity_cells, search_start=a.search_start,
-                      search_every=a.search_every, search_points=a.search_points, final_search=not a.no_final_search,
-                      search_kmax=a.search_kmax)
+    from .cli_options import config_from_args
+    cfg = config_from_args(TrainConfig, a)
     cfg.validate()
     idxs = _check_train_args(a)
     ps = read_particles(a.particles)
@@ -424,65 +421,21 @@ def cmd_flex_train(a: argparse.Namespace) -> None:
           f"canonical.mrc and plots in {out}", flush=True)
 
 
-def _add_search_options(p: argparse.ArgumentParser) -> None:
-    """Latent search and rigidity sampling options; their defaults are TrainConfig's (declared once there)."""
-    from .engine.flex.config import TrainConfig
-    d = TrainConfig()
-    p.add_argument("--search-start", type=int, default=d.search_start,
-                   help="first epoch that begins with a latent search: every particle's latent becomes its posterior "
-                        f"mean over a grid of maps decoded by the current model (default {d.search_start}; 0 searches "
-                        "before any training, which only helps when the model is already good)")
-    p.add_argument("--search-every", type=int, default=d.search_every,
-                   help=f"epochs between latent searches (default {d.search_every}; 0: never during training, latents "
-                        "then move only by their per-visit gradient steps)")
-    p.add_argument("--search-points", type=int, default=d.search_points,
-                   help="grid points per latent axis of a search (default: 15 for K=1, 9 for K≥2; K≥3 uses points² "
-                        "quasi-random points); the final search uses about twice as many")
-    p.add_argument("--search-kmax", type=float, default=d.search_kmax,
-                   help="band of the latent searches during training, as a fraction of the training Nyquist, capped "
-                        f"by the epoch's band (default {d.search_kmax}: the epoch's band); the final search uses the final band. "
-                        "A lower band (e.g. 0.5) makes the searches cheaper at some cost in latent accuracy")
-    p.add_argument("--no-final-search", action="store_true",
-                   help="skip the finer latent search after the last epoch (the latents written out)")
-    p.add_argument("--rigidity-cells", type=int, default=d.rigidity_cells,
-                   help=f"mesh cells sampled per step to estimate the rigidity mean (default {d.rigidity_cells}; all "
-                        "cells when the mesh has fewer)")
-
-
 def add_train_parser(sub) -> None:
+    from .cli_options import add_config_options
     from .engine.flex.config import TrainConfig
     p = sub.add_parser("flex-train", help="3D Flex training: flow generator, canonical map and latents")
     p.add_argument("--particles", required=True, help="RELION STAR with poses and CTF")
     p.add_argument("--volume", required=True, help="consensus map (same box and pixel size as the particles)")
     p.add_argument("--mesh", required=True, help="mesh.pkl from flex-mesh, built on the map at the crop box")
     p.add_argument("--out", required=True, help="output folder (checkpoints, model, latents, plots)")
-    p.add_argument("--k", type=int, default=2, help="latent dimensions, 1 to 16 (flex_K; default 2, start with 2)")
     p.add_argument("--init-latents", help="initial latents: .npy in particle order, or .csv/.star keyed by "
                                           "rlnImageId (e.g. 3DVA's latents.csv) (flex_latent_ext_init)")
     p.add_argument("--init-idxs", help="which columns of --init-latents seed the K latents: K distinct 0-based "
                                        "column numbers, e.g. '0,1' (default: the first K)")
     p.add_argument("--crop", type=int, help="real-space crop box in px (default: keep the box)")
     p.add_argument("--train-box", type=int, default=128, help="training box in px (default 128, or the crop box)")
-    p.add_argument("--layers", type=int, default=6, help="flow generator hidden layers (flex_num_layers; 6)")
-    p.add_argument("--hidden", type=int, default=64, help="hidden units per layer (flex_hidden_units; 64)")
-    p.add_argument("--epochs", type=int, default=16, help="base schedule epochs (default 16)")
-    p.add_argument("--extra-epochs", type=int, default=0, help="epochs after the schedule (flex_extra_epochs; 0)")
-    p.add_argument("--batch-size", type=int, default=64, help="particles per step (default 64)")
-    p.add_argument("--lr-flow-init", type=float, default=0.005, help="flow LR at the start (0.005)")
-    p.add_argument("--lr-flow-final", type=float, default=0.0005, help="flow LR at the end (0.0005)")
-    p.add_argument("--lr-density", type=float, default=0.01, help="canonical map LR (0.01)")
-    p.add_argument("--lr-latent", type=float,
-                   help="latent step size (per-particle Adam); default 0.01 when --init-latents seeds them (keeps "
-                        "a good seed), 0.05 from random latents (needed to find the motion)")
-    p.add_argument("--rigidity", type=float, default=TrainConfig.rigidity,
-                   help=f"rigidity prior λ on the volume-weighted mean of the cells' deviation from rigidity, so "
-                        f"independent of the mesh size (flex_sv_lam; {TrainConfig.rigidity:g})")
-    p.add_argument("--latent-noise", type=float, default=0.15, help="noise injection std (flex_latent_samp_std; 0.15)")
-    p.add_argument("--latent-prior", type=float, default=20.0,
-                   help="latent centring strength (flex_latent_prior_lam; 20): raise if many latents hit ±1.5")
-    p.add_argument("--latent-prior-pow", type=float, default=4.0, help="latent centring power (4)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (batch order, noise, initialisation)")
-    _add_search_options(p)
+    add_config_options(p, TrainConfig)  # --k, --layers, ..., --search-kmax: declared once, in TrainConfig
     p.add_argument("--continue", dest="cont", action="store_true",
                    help="resume from the checkpoint in --out (finished epochs are kept)")
     p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: simulate an interruption
@@ -727,32 +680,15 @@ def cmd_flex_reconstruct(a: argparse.Namespace) -> None:
 
 
 def add_reconstruct_parser(sub) -> None:
+    from .cli_options import add_config_options
+    from .engine.flex.reconstruct_config import ReconstructConfig
     p = sub.add_parser("flex-reconstruct", help="3D Flex reconstruction: high-resolution canonical map, motion undone")
     p.add_argument("--model", required=True, help="model.pt from flex-train, or its folder")
     p.add_argument("--particles", required=True, help="the particles of the training (or a subset), RELION STAR")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--iterations", type=int, default=20,
-                   help="most conjugate-gradient iterations per half map (cf. flex_bfgs_num_iters; default 20; the "
-                        "solver usually stops earlier at --tol)")
-    p.add_argument("--tol", type=float, default=0.01,
-                   help="stop when the preconditioned residual is below this fraction of the right-hand side's "
-                        "(default 0.01)")
-    p.add_argument("--reg", type=float, default=1.0,
-                   help="scale of the per-shell regularisation derived from the half-map FSC, as in the Wiener map "
-                        "(default 1; > 1 smooths more)")
-    p.add_argument("--bins", type=int,
-                   help="number of latent bins (default: chosen from --flow-tol; more bins = more exact, slower)")
-    p.add_argument("--flow-tol", type=float, default=0.25,
-                   help="largest flow spread within a latent bin, voxels of the crop box, for 95 %% of the "
-                        "particles (default 0.25)")
-    from .engine.flex.reconstruct_config import MAX_BINS
-    p.add_argument("--max-bins", type=int, default=MAX_BINS,
-                   help=f"cap on the number of latent bins when chosen from --flow-tol (default {MAX_BINS}; memory: "
-                        "two Fourier accumulators per bin and half set)")
+    add_config_options(p, ReconstructConfig)  # --iterations, --tol, ..., --seed: declared once, there
     p.add_argument("--no-noflex", action="store_true", help="skip the rigid baseline (flex_do_noflex_recon)")
     p.add_argument("--mask", help="mask for the FSC (particle box or crop box)")
-    p.add_argument("--batch-size", type=int, default=128, help="particles per insertion batch (default 128)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the half-set split when rlnRandomSubset is absent")
     _add_device(p)
     p.set_defaults(func=cmd_flex_reconstruct)
 

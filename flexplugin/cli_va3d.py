@@ -147,6 +147,8 @@ def cmd_3dva(a: argparse.Namespace) -> None:
         return
     run = write_run_outputs(out, ps, res, vol, a, cfg, floor=floor, seconds=time.time() - t0,
                             objective_final=final["objective"])
+    from .engine.cryosparc_cs import write_cs_latents_beside
+    write_cs_latents_beside(ps.star_path, ps.ids, res.latents, out)  # latents.cs for a cryoSPARC .cs input
     from .engine.va3d.em import dump_json
     dump_json(out / "run.json", run | {"world_size": world, "particles_per_rank": -(-len(ps) // world)})
     ev = ", ".join(f"{v:.4g}" for v in res.eigenvalues)

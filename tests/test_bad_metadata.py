@@ -168,6 +168,27 @@ def _drop(*columns):
     return lambda parts, optics: (parts.drop(columns=list(columns)), optics)
 
 
+def cs_file(mutate=None):
+    """A maker writing the particles as a cryoSPARC .cs file (tests/test_cryosparc_cs.py), `mutate(array)`
+    spoiling it; the file is bad.cs, so the CLI reads it as cryoSPARC's."""
+    def make(d: dict, path: Path) -> Path:
+        from .test_cryosparc_cs import star_to_cs
+        return star_to_cs(d["data"] / "particles.star", path.with_suffix(".cs"), mutate)
+    return make
+
+
+def _cs_set(field: str, value):
+    def mutate(a):
+        a[field][ROW - 1] = value
+        return a
+    return mutate
+
+
+def _cs_drop(*fields):
+    from numpy.lib.recfunctions import repack_fields
+    return lambda a: repack_fields(a[[n for n in a.dtype.names if n not in fields]])
+
+
 P = "particles"
 CASES = [
     # --- silent wrong results before (an all-zero map, a Cholesky traceback, a dropped particle, a truncated id)
@@ -243,6 +264,17 @@ CASES = [
      ["--apix 2 disagrees with the pixel size 4 Å", "rlnImagePixelSize", "omit --apix"]),
     ("apix-negative", "apix", tables(lambda a, o: (relion30(a, o).drop(columns=["rlnMagnification"]), None)),
      ["--apix must be a positive number"]),
+    # --- cryoSPARC .cs particle files (engine/cryosparc_cs.py)
+    ("cs-not-cs", P, lambda d, p: text("not a cryoSPARC file\n")(d, p.with_suffix(".cs")),
+     ["bad.cs", "as a cryoSPARC .cs file"]),
+    ("cs-missing", P, lambda d, p: p.with_name("does_not_exist.cs"), ["cryoSPARC particle file not found"]),
+    ("cs-no-blob-path", P, cs_file(_cs_drop("blob/path")), ["bad.cs", "no blob/path field"]),
+    ("cs-pose-nan", P, cs_file(_cs_set("alignments3D/pose", np.nan)),
+     ["bad.cs", "alignments3D/pose holds", f"row {ROW - 1} (0-based, uid"]),
+    ("cs-stack-missing", P, cs_file(_cs_set("blob/path", b"stacks/missing.mrcs")),
+     ["bad.cs", "stacks/missing.mrcs", f"row {ROW - 1}", "not found"]),
+    ("cs-defocus-negative", P, cs_file(_cs_set("ctf/df1_A", -15000)), ["bad.cs", "rlnDefocusU is -15000", "positive"]),
+    ("cs-no-alignments", P, cs_file(_cs_drop("alignments3D/pose", "alignments3D/shift")), ["3D alignment"]),
     # --- MRC volumes, masks and segmentations
     ("volume-negative-voxel", "volume", mrc("negative-voxel"), ["voxel size -4", "must be positive"]),
     ("volume-complex", "volume", mrc("complex"), ["complex values", "must be real"]),

@@ -24,6 +24,7 @@ import starfile
 import torch
 
 from .atomic import atomic_path
+from .cryosparc_cs import is_cs_file, read_cs_blocks
 from .ctf import CTFParams
 from .errors import InputError
 from .geometry import euler_to_matrix
@@ -356,17 +357,21 @@ def _resolve_image_names(names: pd.Series, star_path: Path) -> pd.Series:
 
 
 def read_particles(star_path: str | os.PathLike, apix: float | None = None) -> ParticleSet:
-    """Read a RELION 3.0/3.1+ particle STAR file (images stay on disk), every used value checked (COLUMN_RULES).
+    """Read a RELION 3.0/3.1+ particle STAR file or a cryoSPARC .cs file (images stay on disk), every used value
+    checked (COLUMN_RULES).
 
     `apix` is for RELION 3.0 files that carry no pixel size; one that disagrees with the file's is an error (a
     silent override would mis-scale the shifts in Å and the CTF)."""
     star_path = Path(star_path)
-    if not star_path.exists():
+    if is_cs_file(star_path):  # a cryoSPARC .cs file, read as the same RELION 3.1 tables (engine/cryosparc_cs.py)
+        blocks = read_cs_blocks(star_path)
+    elif not star_path.exists():
         raise InputError(f"particle STAR file not found: {star_path}")
-    try:
-        blocks = starfile.read(star_path, always_dict=True)
-    except Exception as e:
-        raise InputError(_row_length_error(star_path) or f"cannot parse STAR file {star_path}: {e}") from e
+    else:
+        try:
+            blocks = starfile.read(star_path, always_dict=True)
+        except Exception as e:
+            raise InputError(_row_length_error(star_path) or f"cannot parse STAR file {star_path}: {e}") from e
     parts, block = blocks.get("particles"), "particles"
     optics = blocks.get("optics")
     if parts is None:  # RELION 3.0: a single unnamed/other block

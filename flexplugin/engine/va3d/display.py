@@ -43,6 +43,7 @@ from ..fourier import (butterworth_highpass, butterworth_lowpass, crop_center, f
                        irfft3c, radius_3d, rfft3c)
 from ..atomic import atomic_path, save_plot, to_csv
 from ..cluster import kmeans
+from ..cryosparc_cs import read_blocks
 from ..io import ID_LABEL, read_mask, write_volume
 from ..progress import Progress
 from ..insertion import insert_slices
@@ -162,7 +163,7 @@ def _write_subset_star(ps, ids: np.ndarray, dst: Path, extra: dict | None = None
     """Rows of the particles' source STAR whose particle id is in `ids` (ids as io.ParticleSet defines them),
     with the absolute stack paths io.read_particles resolved, so the file works from any folder."""
     src = ps.star_path
-    blocks = starfile.read(src, always_dict=True)
+    blocks = read_blocks(src)  # a STAR file's blocks, or a cryoSPARC .cs file's tables
     key = "particles" if "particles" in blocks else next(k for k, v in blocks.items()
                                                          if isinstance(v, pd.DataFrame) and "rlnImageName" in v)
     t = blocks[key]

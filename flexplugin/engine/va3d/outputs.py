@@ -24,6 +24,7 @@ import pandas as pd
 import starfile
 
 from ..atomic import atomic_path, save_plot
+from ..cryosparc_cs import read_blocks
 from ..identity import check_same_particles, particle_record
 from ..io import read_particles, read_volume, write_volume
 from ..latents import ID_LABEL, LATENTS_CSV, LATENTS_NPY, read_latents, write_latents_files
@@ -46,7 +47,7 @@ def _write_star_with_latents(src: str, dst: Path, ids: np.ndarray, z: np.ndarray
     rlnImageId is added when the source has none (io.ParticleSet's ids are then the 1-based rows).
     `image_names` (io.read_particles' absolute stack paths, same rows) replace rlnImageName, so the file works
     from any folder, not only from the input STAR's."""
-    blocks = starfile.read(src, always_dict=True)
+    blocks = read_blocks(src)  # a STAR file's blocks, or a cryoSPARC .cs file's tables
     key = "particles" if "particles" in blocks else next(k for k, v in blocks.items()
                                                          if isinstance(v, pd.DataFrame) and "rlnImageName" in v)
     t = blocks[key].iloc[:len(ids)].copy()
