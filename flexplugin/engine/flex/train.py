@@ -32,7 +32,7 @@ import torch
 
 from ..atomic import torch_save
 from ..ctf import compute_ctf
-from ..distributed import all_reduce_, is_main, rank, shard, world
+from ..distributed import all_reduce_, all_reduce_flat_, is_main, rank, shard, world
 from ..errors import InputError
 from ..fourier import fourier_crop_3d, freq_grid_2d, rfft2c, shift_phase_2d
 from ..progress import Progress
@@ -372,10 +372,11 @@ class FlexTrainer:
         """Add the ranks' gradients of the shared parameters (a no-op in one process)."""
         if world() == 1:
             return
-        for prm in [*self.gen.parameters(), self.density]:
+        prms = [*self.gen.parameters(), self.density]
+        for prm in prms:
             if prm.grad is None:
                 prm.grad = torch.zeros_like(prm)
-            all_reduce_(prm.grad)
+        all_reduce_flat_([prm.grad for prm in prms])  # one exchange per step (bench/bench_scaling.py --flat-gradients)
 
     def _sync_latents(self, visited: np.ndarray) -> None:
         """After an epoch under torch.distributed: every rank gets every latent and its optimiser moments from
