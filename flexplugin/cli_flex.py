@@ -552,18 +552,26 @@ def cmd_flex_generate(a: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     apix_m = model.apix_at(m)
     summary = {"box": m, "apix": apix_m, "series": []}
+    from .chimerax import MESH_CMM, mesh_markers, surface_level, write_marker_file, write_series_script
+    markers = write_marker_file(out / MESH_CMM, *mesh_markers(model.mesh),  # the mesh, for the ChimeraX scripts
+                                radius=model.mesh.cube_size * model.mesh.psize_A / 10)
     if pts is not None:
         vols = model.volumes(pts, m, canonical)
         names = _write_series(vols, pts, out, apix_m)
-        summary["series"].append({"name": "points", "folder": ".", "volumes": names})
+        write_series_script(out / "series.cxc", [out / n for n in names], surface_level(vols[len(vols) // 2]),
+                            markers)
+        summary["series"].append({"name": "points", "folder": ".", "volumes": names, "chimerax": "series.cxc"})
         save_plot(plot_series, out / "series.png", vols, title="generated at the given points")
     else:
         for k, pts in enumerate(axis_series(model.latents, a.frames, a.percentile)):
             vols = model.volumes(pts, m, canonical)
             folder = out / f"series_{k:02d}"
             names = _write_series(vols, pts, folder, apix_m)
+            write_series_script(out / f"series_{k:02d}.cxc", [folder / n for n in names],
+                                surface_level(vols[len(vols) // 2]), markers)
             save_plot(plot_series, out / f"series_{k:02d}.png", vols, title=f"latent {k}: {pts[0, k]:.2f} → {pts[-1, k]:.2f}")
-            summary["series"].append({"name": f"latent {k}", "folder": folder.name, "volumes": names})
+            summary["series"].append({"name": f"latent {k}", "folder": folder.name, "volumes": names,
+                                      "chimerax": f"series_{k:02d}.cxc"})
             print(f"flex-generate: latent {k}: {len(vols)} volumes in {folder}", flush=True)
     if ax is not None:
         g = a.atlas_grid
@@ -671,6 +679,10 @@ def cmd_flex_reconstruct(a: argparse.Namespace) -> None:
         halves["noflex"] = (r.noflex_half1, r.noflex_half2)
     res = write_resolution_outputs(out, halves, mask, ps.apix, plot_gain=plot_resolution_gain,
                                    plot_fsc=plot_masked_fsc, device=dev)
+    if res.get("gain", {}).get("file"):  # the flex map coloured by the gain in ChimeraX
+        from .chimerax import gain_span, surface_level, write_gain_script
+        write_gain_script(out / "chimerax_gain.cxc", out / "flex_map.mrc", out / res["gain"]["file"],
+                          surface_level(r.flex_map), gain_span(out / res["gain"]["file"]))
     print("flex-reconstruct: " + ", ".join(f"{k} {v['resolution_A']:.2f} Å" for k, v in res["fsc"].items())
           + (" (masked FSC corrected by phase randomisation)" if mask is not None else " (unmasked FSC)")
           + (f"; local resolution gain noflex - flex: median {res['gain']['median_A']:+.2f} Å in {res['region']}"

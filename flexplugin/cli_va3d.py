@@ -263,6 +263,10 @@ def cmd_3dva_display(a: argparse.Namespace) -> None:
                         frame_particles=a.frame_particles, batch_size=a.batch_size, seed=a.seed,
                         max_memory_gb=a.max_memory_gb, device=str(dev))
     run_display(a.run, a.out, cfg, particles=a.particles)
+    from .engine import distributed
+    if distributed.is_main():  # ChimeraX scripts for the series and the clusters (flexplugin/chimerax.py)
+        from .chimerax import write_display_scripts
+        write_display_scripts(a.out)
 
 
 def add_display_parser(sub) -> argparse.ArgumentParser:
