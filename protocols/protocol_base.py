@@ -24,6 +24,7 @@ from pwem.protocols import EMProtocol
 from flexplugin import Plugin
 from flexplugin.cli import DISTRIBUTED_COMMANDS
 from flexplugin.engine.errors import EXIT_DISK_FULL
+from flexplugin.engine.options import option_args
 
 from .constants import FLEX_PROGNAME, INPUT_TRAINING
 from flexplugin.launch import TORCHRUN_MODULE
@@ -401,6 +402,13 @@ def readJsonFile(path: str) -> dict | None:
         return None
     with open(path) as fh:
         return json.load(fh)
+
+
+def engineArgs(cfgClass: type, values: dict) -> list:
+    """The engine options setting fields of a settings dataclass (e.g. TrainConfig) from a form: `values` maps
+    field names to form values, in the order wanted; None keeps the engine's default, a boolean that is off gives
+    `--no-<name>` (flexplugin/engine/options.py: the option names come from the fields, declared once there)."""
+    return option_args(cfgClass, values)
 
 
 def meshEngineArgs(volume: str, outDir: str, mask: str | None = None, cells: int = 20,

@@ -22,10 +22,15 @@ from pyworkflow.protocol import Protocol
 from pwem.objects import FSC, SetOfFSCs, Volume
 
 from flexplugin.convert import plainFileName
-from flexplugin.engine.flex.reconstruct_config import MAX_BINS
+from flexplugin.engine.flex.reconstruct_config import ReconstructConfig
 
 from .constants import INPUT_TRAINING
-from .protocol_base import INPUT_MASK, INPUT_PARTICLES, FlexModelInput, FlexPluginProtBase
+from .protocol_base import INPUT_MASK, INPUT_PARTICLES, FlexModelInput, FlexPluginProtBase, engineArgs
+
+R = ReconstructConfig()  # every reconstruction default is declared there, once
+# the form parameter of each ReconstructConfig field
+RECONSTRUCT_FORM = {"iterations": "iterations", "tol": "tolerance", "reg": "regularisation", "bins": "latentBins",
+                    "flow_tol": "flowTolerance", "max_bins": "maxBins", "batch_size": "batchSize", "seed": "seed"}
 
 __all__ = ["FlexPluginProtReconstruct"]
 
@@ -82,11 +87,12 @@ class FlexPluginProtReconstruct(FlexPluginProtBase, FlexModelInput):
                                    "density.")
 
         form.addSection(label="Reconstruction")
-        form.addParam("iterations", params.IntParam, default=20,
+        form.addParam("iterations", params.IntParam, default=R.iterations,
                       validators=[params.GE(1, "Use at least one iteration")],
                       label="Most CG iterations",
                       help="Most preconditioned conjugate-gradient iterations per half map (cf. cryoSPARC's "
-                           "flex_bfgs_num_iters, default 20). The solver usually stops earlier, when its residual "
+                           f"flex_bfgs_num_iters, default {R.iterations}). The solver usually stops earlier, when its "
+                           "residual "
                            "falls below the tolerance (advanced).")
         form.addParam("doNoflex", params.BooleanParam, default=True,
                       label="Also reconstruct without flex?",
@@ -97,40 +103,43 @@ class FlexPluginProtReconstruct(FlexPluginProtBase, FlexModelInput):
                       expertLevel=params.LEVEL_ADVANCED,
                       label="Regularisation scale",
                       help="Scale of the per-shell regularisation derived from the half-map FSC, as in the Wiener "
-                           "map (dimensionless). Empty: 1. Above 1 smooths more; raise it if the maps are noisy at "
+                           f"map (dimensionless). Empty: {R.reg:g}. Above 1 smooths more; raise it if the maps are "
+                           "noisy at "
                            "high frequency.")
-        form.addParam("tolerance", params.FloatParam, default=0.01, expertLevel=params.LEVEL_ADVANCED,
+        form.addParam("tolerance", params.FloatParam, default=R.tol, expertLevel=params.LEVEL_ADVANCED,
                       validators=[params.GT(0), params.LT(1)],
                       label="CG tolerance",
                       help="Stop a half map's conjugate gradients when the preconditioned residual is below this "
-                           "fraction of the right-hand side's (default 0.01).")
+                           f"fraction of the right-hand side's (default {R.tol:g}).")
         form.addParam("latentBins", params.IntParam, default=None, allowsNull=True,
                       expertLevel=params.LEVEL_ADVANCED,
                       label="Latent bins",
                       help="Number of latent bins (k-means groups of particles that share one deformation). Empty: "
                            "chosen so that the flow varies by less than the flow tolerance within a bin. More bins "
                            "are more exact and slower.")
-        form.addParam("flowTolerance", params.FloatParam, default=0.25, expertLevel=params.LEVEL_ADVANCED,
+        form.addParam("flowTolerance", params.FloatParam, default=R.flow_tol, expertLevel=params.LEVEL_ADVANCED,
                       validators=[params.GT(0)],
                       label="Flow tolerance (voxels)",
                       help="When the number of bins is chosen automatically: the largest spread of the flow within a "
-                           "latent bin, in voxels of the crop box, for 95 % of the particles (default 0.25).")
-        form.addParam("maxBins", params.IntParam, default=MAX_BINS, validators=[params.GE(1)],
+                           "latent bin, in voxels of the crop box, for 95 % of the particles (default "
+                           f"{R.flow_tol:g}).")
+        form.addParam("maxBins", params.IntParam, default=R.max_bins, validators=[params.GE(1)],
                       expertLevel=params.LEVEL_ADVANCED,
                       label="Most latent bins",
-                      help=f"When the number of bins is chosen automatically: the cap on it (default {MAX_BINS}). "
+                      help=f"When the number of bins is chosen automatically: the cap on it (default {R.max_bins}). "
                            "Each bin holds two Fourier accumulators per half set (6.4 MB at a crop box of 64, 51 MB "
                            "at 128, about 400 MB at 256): lower it where memory is short, raise it when the log warns "
                            "that the flow tolerance is not met.")
-        form.addParam("batchSize", params.IntParam, default=128, validators=[params.GE(1)],
+        form.addParam("batchSize", params.IntParam, default=R.batch_size, validators=[params.GE(1)],
                       expertLevel=params.LEVEL_ADVANCED,
                       label="Batch size (particles)",
-                      help="Particles per batch when streaming the particles (default 128). Larger batches are "
+                      help=f"Particles per batch when streaming the particles (default {R.batch_size}). Larger "
+                           "batches are "
                            "faster and use more GPU memory; the result does not depend on it.")
-        form.addParam("seed", params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED,
+        form.addParam("seed", params.IntParam, default=R.seed, expertLevel=params.LEVEL_ADVANCED,
                       label="Random seed",
                       help="Seed of the random half-set split, used only when the particles carry no RELION random "
-                           "subsets (default 0).")
+                           f"subsets (default {R.seed}).")
         form.addParallelSection(threads=4, mpi=0)
 
     # --------------------------- INSERT steps functions ----------------------
@@ -312,22 +321,19 @@ class FlexPluginProtReconstruct(FlexPluginProtBase, FlexModelInput):
         """The `flexplugin flex-reconstruct` argument list built from the form."""
         args = ["--model", self.getModelPath(),
                 "--particles", self._getInputStarFile(),
-                "--out", self._getReconstructDir(),
-                "--iterations", self.iterations.get(),
-                "--batch-size", self.batchSize.get(),
-                "--seed", self.seed.get()]
+                "--out", self._getReconstructDir()]
+        args += self._settingArgs("iterations", "batch_size", "seed")  # the order runs have always had
         if not self.doNoflex.get():
             args += ["--no-noflex"]
-        if self.regularisation.get() is not None:
-            args += ["--reg", self.regularisation.get()]
-        args += ["--tol", self.tolerance.get(), "--flow-tol", self.flowTolerance.get(), "--max-bins",
-                 self.maxBins.get()]
-        if self.latentBins.get() is not None:
-            args += ["--bins", self.latentBins.get()]
+        args += self._settingArgs("reg", "tol", "flow_tol", "max_bins", "bins")  # empty: the engine's default
         mask = getattr(self, INPUT_MASK).get()
         if mask is not None:
             args += ["--mask", plainFileName(mask.getFileName())]
         return args + self.getDeviceArgs() + ["--threads", max(1, self.numberOfThreads.get() or 1)]
+
+    def _settingArgs(self, *names: str) -> list:
+        """flex-reconstruct's options for these ReconstructConfig fields, from the form (RECONSTRUCT_FORM)."""
+        return engineArgs(ReconstructConfig, {name: getattr(self, RECONSTRUCT_FORM[name]).get() for name in names})
 
     def getReconstructInfo(self) -> dict | None:
         """flex-reconstruct's reconstruct.json (resolution_flex_A, resolution_noflex_A, particles, crop, ...)."""

@@ -19,9 +19,18 @@ from flexplugin.convert import plainFileName, readSetOfParticlesFlex, writeZFlex
 from flexplugin.engine.flex.config import TrainConfig
 
 from .constants import FLEX_PROGNAME, MESH_FILES, TRAIN_FILES, TRAIN_PLOTS
-from .protocol_base import INPUT_MASK, INPUT_VOLUME, FlexPluginProtBase, meshEngineArgs, readJsonFile
+from .protocol_base import INPUT_MASK, INPUT_VOLUME, FlexPluginProtBase, engineArgs, meshEngineArgs, readJsonFile
 
 D = TrainConfig()  # every training default is declared there, once
+# the form parameter of each TrainConfig field the form sets (the others keep the engine's default)
+TRAIN_FORM = {"k": "numberOfLatents", "layers": "layers", "hidden": "hiddenUnits", "epochs": "epochs",
+              "extra_epochs": "extraEpochs", "batch_size": "batchSize", "lr_flow_init": "lrFlowInit",
+              "lr_flow_final": "lrFlowFinal", "lr_density": "lrDensity", "lr_latent": "lrLatent",
+              "rigidity": "rigidity", "latent_noise": "latentNoise", "latent_prior": "latentPrior",
+              "latent_prior_pow": "latentPriorPow", "seed": "seed", "search_start": "searchStart",
+              "search_every": "searchEvery", "search_points": "searchPoints", "search_kmax": "searchKmax",
+              "final_search": "finalSearch"}
+THIS_RUN = ("epochs", "extra_epochs")  # a continued run trains to its own epochs; other settings are the source's
 
 __all__ = ["FlexPluginProtTrain"]
 
@@ -104,17 +113,19 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
         form.addParam("numberOfLatents", params.IntParam, default=D.k, condition=fresh,
                       validators=[params.Range(1, 16, "Use 1 to 16 latent dimensions (start with 2)")],
                       label="Number of latent dims",
-                      help="Dimensions K of the latent space (cryoSPARC: flex_K, default 2). Start with 2 and "
+                      help=f"Dimensions K of the latent space (cryoSPARC: flex_K, default {D.k}). Start with 2 and "
                            "increase when the motion looks richer than the latent plots can hold.")
         form.addParam("epochs", params.IntParam, default=D.epochs, validators=[params.GE(1)],
                       label="Number of epochs",
                       help="Epochs of the base schedule, over which the learning rate is annealed and the "
-                           "resolution is raised to 80 % of training Nyquist (default 16). When continuing, "
+                           f"resolution is raised to {D.kmax_final * 100:g} % of training Nyquist (default {D.epochs}). "
+                           "When continuing, "
                            "training goes on up to this plus the extra epochs.")
         form.addParam("extraEpochs", params.IntParam, default=D.extra_epochs, validators=[params.GE(0)],
                       label="Extra epochs",
                       help="Epochs after the base schedule at its final learning rate and resolution "
-                           "(cryoSPARC: flex_extra_epochs, default 0). Add some when the losses still fall at "
+                           f"(cryoSPARC: flex_extra_epochs, default {D.extra_epochs}). Add some when the losses "
+                           "still fall at "
                            "the end.")
         form.addParam("rigidity", params.FloatParam, default=D.rigidity, condition=fresh,
                       validators=[params.GE(0)],
@@ -127,44 +138,49 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
         form.addParam("latentPrior", params.FloatParam, default=D.latent_prior, condition=fresh, validators=[params.GE(0)],
                       label="Latent centering strength",
                       help="Strength of the prior that keeps latents near 0 (cryoSPARC: flex_latent_prior_lam, "
-                           "default 20). Raise it if many latents reach the ends of the (-1.5, 1.5) range; lower "
+                           f"default {D.latent_prior:g}). Raise it if many latents reach the ends of the (-1.5, 1.5) "
+                           "range; lower "
                            "it if they are bunched at 0.")
         form.addParam("latentNoise", params.FloatParam, default=D.latent_noise, condition=fresh, validators=[params.GE(0)],
                       expertLevel=params.LEVEL_ADVANCED,
                       label="Noise injection stdev",
                       help="Standard deviation of the noise added to latents while training, in latent units "
-                           "(latents span about -1.5..1.5) (cryoSPARC: flex_latent_samp_std, default 0.15). It "
+                           f"(latents span about -1.5..1.5) (cryoSPARC: flex_latent_samp_std, default "
+                           f"{D.latent_noise:g}). It "
                            "smooths the generator over latent space; raise it if nearby latents give very "
                            "different flows.")
         form.addParam("latentPriorPow", params.FloatParam, default=D.latent_prior_pow, condition=fresh,
                       validators=[params.Positive], expertLevel=params.LEVEL_ADVANCED,
                       label="Latent centering power",
                       help="Exponent p of the centring prior strength × |z|^p (cryoSPARC: flex_latent_prior_pow, "
-                           "default 4): higher values leave the centre free and push back harder near the ends.")
+                           f"default {D.latent_prior_pow:g}): higher values leave the centre free and push back "
+                           "harder near the ends.")
         form.addParam("layers", params.IntParam, default=D.layers, condition=fresh, validators=[params.GE(1)],
                       expertLevel=params.LEVEL_ADVANCED,
                       label="Number of layers (flow generator)",
-                      help="Hidden layers of the flow generator network (cryoSPARC: flex_num_layers, default 6).")
+                      help=f"Hidden layers of the flow generator network (cryoSPARC: flex_num_layers, default "
+                           f"{D.layers}).")
         form.addParam("hiddenUnits", params.IntParam, default=D.hidden, condition=fresh, validators=[params.GE(1)],
                       expertLevel=params.LEVEL_ADVANCED,
                       label="Hidden units per layer",
-                      help="Width of each hidden layer (cryoSPARC: flex_hidden_units, default 64). Wider layers "
+                      help=f"Width of each hidden layer (cryoSPARC: flex_hidden_units, default {D.hidden}). Wider "
+                           "layers "
                            "can express more complex motions and overfit more easily.")
         form.addParam("lrFlowInit", params.FloatParam, default=D.lr_flow_init, condition=fresh,
                       validators=[params.Positive], expertLevel=params.LEVEL_ADVANCED,
                       label="Flow learning rate: initial",
                       help="Learning rate of the flow generator at the start of the schedule (cryoSPARC: "
-                           "flex_lr_flex_init, default 0.005).")
+                           f"flex_lr_flex_init, default {D.lr_flow_init:g}).")
         form.addParam("lrFlowFinal", params.FloatParam, default=D.lr_flow_final, condition=fresh,
                       validators=[params.Positive], expertLevel=params.LEVEL_ADVANCED,
                       label="Flow learning rate: final",
                       help="Learning rate of the flow generator at the end of the schedule and during extra "
-                           "epochs (cryoSPARC: flex_lr_flex_final, default 0.0005).")
+                           f"epochs (cryoSPARC: flex_lr_flex_final, default {D.lr_flow_final:g}).")
         form.addParam("lrDensity", params.FloatParam, default=D.lr_density, condition=fresh,
                       validators=[params.Positive], expertLevel=params.LEVEL_ADVANCED,
                       label="Density learning rate",
                       help="Learning rate of the canonical map (cryoSPARC: flex_lr_density_init/_final, default "
-                           "0.01).")
+                           f"{D.lr_density:g}).")
         form.addParam("lrLatent", params.FloatParam, default=None, allowsNull=True, condition=fresh,
                       expertLevel=params.LEVEL_ADVANCED,
                       label="Latent learning rate",
@@ -175,10 +191,11 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
         form.addParam("batchSize", params.IntParam, default=D.batch_size, condition=fresh, validators=[params.GE(1)],
                       expertLevel=params.LEVEL_ADVANCED,
                       label="Batch size (particles)",
-                      help="Particles per optimisation step (default 64). Larger batches use more GPU memory.")
+                      help=f"Particles per optimisation step (default {D.batch_size}). Larger batches use more GPU "
+                           "memory.")
         form.addParam("seed", params.IntParam, default=D.seed, condition=fresh, expertLevel=params.LEVEL_ADVANCED,
                       label="Random seed",
-                      help="Seed of the batch order, the injected noise and the initialisation (default 0).")
+                      help=f"Seed of the batch order, the injected noise and the initialisation (default {D.seed}).")
         group = form.addGroup("Latent search", condition=fresh, expertLevel=params.LEVEL_ADVANCED)
         group.addParam("searchStart", params.IntParam, default=D.search_start, validators=[params.GE(0)],
                        label="First search epoch",
@@ -450,42 +467,36 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
                               crop=crop if crop != self._getParticleBox() else None)
 
     def _getTrainArgs(self) -> list:
-        """The `flexplugin flex-train` argument list: settings of the source run, epochs of this one."""
+        """The `flexplugin flex-train` argument list: settings of the source run, epochs of this one (the options
+        of TrainConfig's fields through engineArgs, in the order runs have always had, so Continue sees no change)."""
         src = self._getSettingsSource()
         args = ["--particles", self._getInputStarFile(),
                 "--volume", plainFileName(getattr(src, INPUT_VOLUME).get().getFileName()),
                 "--mesh", self._getMeshFile(),
-                "--out", self._getTrainDir(),
-                "--k", src.numberOfLatents.get(),
-                "--train-box", src.trainingBox.get()]
+                "--out", self._getTrainDir()]
+        args += self._trainSettingArgs("k") + ["--train-box", src.trainingBox.get()]
         if src.cropBox.get():
             args += ["--crop", src.cropBox.get()]
-        args += ["--layers", src.layers.get(),
-                 "--hidden", src.hiddenUnits.get(),
-                 "--epochs", self.epochs.get(),
-                 "--extra-epochs", self.extraEpochs.get(),
-                 "--batch-size", src.batchSize.get(),
-                 "--lr-flow-init", src.lrFlowInit.get(),
-                 "--lr-flow-final", src.lrFlowFinal.get(),
-                 "--lr-density", src.lrDensity.get(),
-                 "--rigidity", src.rigidity.get(),
-                 "--latent-noise", src.latentNoise.get(),
-                 "--latent-prior", src.latentPrior.get(),
-                 "--latent-prior-pow", src.latentPriorPow.get(),
-                 "--seed", src.seed.get()]
+        args += self._trainSettingArgs("layers", "hidden", "epochs", "extra_epochs", "batch_size", "lr_flow_init",
+                                       "lr_flow_final", "lr_density", "rigidity", "latent_noise", "latent_prior",
+                                       "latent_prior_pow", "seed")
         if src.hasAttribute("searchStart"):  # runs saved before the search options keep the engine's defaults
-            args += ["--search-start", src.searchStart.get(), "--search-every", src.searchEvery.get(),
-                     "--search-points", src.searchPoints.get(), "--search-kmax", src.searchKmax.get()]
-            if not src.finalSearch.get():
-                args += ["--no-final-search"]
-        if src.lrLatent.get() is not None:  # empty: the engine's automatic step size
-            args += ["--lr-latent", src.lrLatent.get()]
+            args += self._trainSettingArgs("search_start", "search_every", "search_points", "search_kmax",
+                                           "final_search")
+        args += self._trainSettingArgs("lr_latent")  # empty: the engine's automatic step size
         if self._seedsLatents():
             args += ["--init-latents", self._getInitLatentsFile()]
             comps = self._getInitComponents()
             if comps:
                 args += ["--init-idxs", ",".join(str(c - 1) for c in comps)]
         return args + self.getDeviceArgs() + self.getThreadsArgs()
+
+    def _trainSettingArgs(self, *names: str) -> list:
+        """flex-train's options for these TrainConfig fields, from the form (TRAIN_FORM): the epochs from this run,
+        the other settings from the run whose settings apply (`_getSettingsSource`)."""
+        src = self._getSettingsSource()
+        return engineArgs(TrainConfig, {name: getattr(self if name in THIS_RUN else src, TRAIN_FORM[name]).get()
+                                        for name in names})
 
     def getThreadsArgs(self) -> list[str]:
         """`--threads N` with the run's Scipion threads, always: torch's default (every core) oversubscribes

@@ -1,48 +1,64 @@
-"""3D Flex training settings: every option's one declaration and default (torch-free, so the CLI and the
-Scipion protocol can read the defaults without importing torch). Names follow the CLI options; cryoSPARC's
-keys are in the comments."""
+"""3D Flex training settings: every option's one declaration, default and help text (torch-free, so the CLI and
+the Scipion protocol can read them without importing torch). Names follow the CLI options (engine/options.py);
+each field's metadata holds the key of the cryoSPARC parameter it mirrors."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
 from ..errors import InputError
+from ..options import setting
 
 __all__ = ["TrainConfig"]
 
 
 @dataclass
 class TrainConfig:
-    """Every training setting; names follow the CLI options (cryoSPARC's keys in comments)."""
+    """Every training setting, declared once: default, help text and cryoSPARC key (engine/options.py); the CLI
+    options and the protocol's defaults are made from these fields."""
 
-    k: int = 2  # flex_K
-    layers: int = 6  # flex_num_layers
-    hidden: int = 64  # flex_hidden_units
-    epochs: int = 16  # base schedule
-    extra_epochs: int = 0  # flex_extra_epochs
-    batch_size: int = 64
-    lr_flow_init: float = 0.005  # flex_lr_flex_init
-    lr_flow_final: float = 0.0005  # flex_lr_flex_final
-    lr_density: float = 0.01  # flex_lr_density_init/_final
-    lr_latent: float | None = None  # None: 0.01 with initial latents (e.g. 3DVA), 0.05 from random ones
-    rigidity: float = 2.0  # flex_sv_lam
-    latent_noise: float = 0.15  # flex_latent_samp_std
-    latent_prior: float = 20.0  # flex_latent_prior_lam
-    latent_prior_pow: float = 4.0  # flex_latent_prior_pow
-    density_l2: float = 1e-3
-    kmax_start: float = 0.4  # fraction of training Nyquist at epoch 0
-    kmax_final: float = 0.8  # fraction of training Nyquist at the end of the base schedule
-    seed: int = 0
-    noise_particles: int = 1000  # particles used to estimate the scale and the noise spectrum
-    rigidity_cells: int = 2048  # cells drawn per step for the rigidity mean (all when the mesh has fewer)
-    search_start: int = 1  # first epoch that starts with a latent search (0: before any training)
-    search_every: int = 1  # epochs between latent searches (0: never during training)
-    search_points: int = 0  # grid points per latent axis (K ≤ 2; K ≥ 3 draws points²); 0: 15 for K=1, 9 otherwise
-    final_search: bool = True  # a finer search after the last epoch (the latents written out)
-    # band of the searches during training, as a fraction of training Nyquist (capped by the epoch's k_max); the
-    # final search uses the final band. A lower band makes the search cheaper (decoded box³ and slice area) at
-    # some cost in latent accuracy: docs/flex_training.md has the figures. 1.0: the epoch's own band
-    search_kmax: float = 1.0
+    k: int = setting(2, "latent dimensions, 1 to 16; start with 2", "flex_K")
+    layers: int = setting(6, "flow generator hidden layers", "flex_num_layers")
+    hidden: int = setting(64, "hidden units per layer", "flex_hidden_units")
+    epochs: int = setting(16, "base schedule epochs: the learning rate is annealed and the band raised over them")
+    extra_epochs: int = setting(0, "epochs after the schedule, at its final learning rate and band",
+                                "flex_extra_epochs")
+    batch_size: int = setting(64, "particles per step")
+    lr_flow_init: float = setting(0.005, "flow generator learning rate at the start", "flex_lr_flex_init")
+    lr_flow_final: float = setting(0.0005, "flow generator learning rate at the end", "flex_lr_flex_final")
+    lr_density: float = setting(0.01, "canonical map learning rate", "flex_lr_density_init/_final")
+    lr_latent: float | None = setting(
+        None, "latent step size (per-particle Adam); default 0.01 when --init-latents seeds them (keeps a good "
+              "seed), 0.05 from random latents (needed to find the motion)")
+    rigidity: float = setting(2.0, "rigidity prior λ on the volume-weighted mean of the cells' deviation from "
+                                   "rigidity, so independent of the mesh size", "flex_sv_lam")
+    latent_noise: float = setting(0.15, "noise injection std, latent units", "flex_latent_samp_std")
+    latent_prior: float = setting(20.0, "latent centring strength: raise if many latents hit ±1.5",
+                                  "flex_latent_prior_lam")
+    latent_prior_pow: float = setting(4.0, "latent centring power p (strength × |z|^p)", "flex_latent_prior_pow")
+    density_l2: float = setting(1e-3, "L2 penalty on the canonical map", cli=False)
+    kmax_start: float = setting(0.4, "band at epoch 0, fraction of training Nyquist", cli=False)
+    kmax_final: float = setting(0.8, "band at the end of the base schedule, fraction of training Nyquist",
+                                cli=False)
+    seed: int = setting(0, "random seed (batch order, noise, initialisation)")
+    noise_particles: int = setting(1000, "particles used to estimate the scale and the noise spectrum", cli=False)
+    rigidity_cells: int = setting(2048, "mesh cells sampled per step to estimate the rigidity mean (all cells when "
+                                        "the mesh has fewer)")
+    search_start: int = setting(1, "first epoch that begins with a latent search: every particle's latent becomes "
+                                   "its posterior mean over a grid of maps decoded by the current model (0 searches "
+                                   "before any training, which only helps when the model is already good)")
+    search_every: int = setting(1, "epochs between latent searches (0: never during training, latents then move "
+                                   "only by their per-visit gradient steps)")
+    search_points: int = setting(0, "grid points per latent axis of a search (K≥3 uses points² quasi-random "
+                                    "points); the final search uses about twice as many",
+                                 default_text="0: 15 for K=1, 9 for K≥2")
+    final_search: bool = setting(True, "the finer latent search after the last epoch (the latents written out)")
+    # A lower band makes the search cheaper (decoded box³ and slice area) at some cost in latent accuracy:
+    # docs/flex_training.md has the figures
+    search_kmax: float = setting(1.0, "band of the latent searches during training, as a fraction of the training "
+                                      "Nyquist, capped by the epoch's band; the final search uses the final band. A "
+                                      "lower band (e.g. 0.5) makes the searches cheaper at some cost in latent "
+                                      "accuracy", default_text="1: the epoch's band")
 
     def validate(self) -> None:
         """Refuse meaningless settings before any heavy work, naming the CLI option and value (NaN/Inf too)."""
