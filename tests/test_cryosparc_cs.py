@@ -163,3 +163,22 @@ def test_3dva_on_cs_equals_star(small_flex_data, tmp_path):
     np.testing.assert_allclose(d["components_mode_1/value"], lat["cs"].z[:, 1], rtol=1e-6)
     assert not (tmp_path / "star" / "latents.cs").exists()
     assert (tmp_path / "cs" / "particles_3dva.star").exists()
+
+
+def test_flex_train_on_cs_writes_latents_cs(small_flex_data, tmp_path):
+    """flex-train on a .cs (one short epoch) writes latents.cs: its uids those of latents.csv's ids."""
+    Dataset = _dataset()
+    from flexplugin.cli import main
+    from flexplugin.engine.latents import read_latents
+    (tmp_path / "stacks").symlink_to(small_flex_data / "stacks")
+    cs_path = star_to_cs(small_flex_data / "particles.star", tmp_path / "particles.cs")
+    main(["flex-mesh", "--volume", str(small_flex_data / "consensus.mrc"), "--cells", "6", "--out",
+          str(tmp_path / "mesh")])
+    main(["flex-train", "--particles", str(cs_path), "--volume", str(small_flex_data / "consensus.mrc"), "--mesh",
+          str(tmp_path / "mesh" / "mesh.pkl"), "--train-box", "16", "--epochs", "1", "--batch-size", "60",
+          "--layers", "2", "--hidden", "16", "--out", str(tmp_path / "train"), "--device", "cpu", "--threads", "1"])
+    lat = read_latents(tmp_path / "train" / "latents.csv")
+    d = Dataset.load(tmp_path / "train" / "latents.cs")
+    np.testing.assert_array_equal(d["uid"], load_cs(cs_path)["uid"][lat.ids - 1])
+    for k in range(lat.k):
+        np.testing.assert_allclose(d[f"components_mode_{k}/value"], lat.z[:, k], rtol=1e-6)
