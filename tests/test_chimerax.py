@@ -107,7 +107,9 @@ def test_gain_script(runs):
     assert color[:6] == ["color", "sample", "#1", "map", "#2", "palette"] and color[7] == "range"
     assert color[6] == "blue:white:red"
     lo, hi = (float(x) for x in color[8].split(","))
-    assert lo == -hi and hi > 0
+    gain = np.abs(_map(frec / "locres_gain.mrc"))  # all 0 in this tiny run (flex = noflex): the ±1 Å fallback
+    expected = max(np.percentile(gain[gain > 0], 95), 0.1) if gain.any() else 1.0
+    assert lo == -hi and hi == pytest.approx(expected, rel=1e-3)
     level = float(next(c for c in cmds if c[:2] == ["volume", "#1"])[5])
     flex = _map(frec / "flex_map.mrc")
     assert flex.min() < level < flex.max()
@@ -119,6 +121,18 @@ def test_3dva_display_scripts(runs):
     assert len(comps) == 2
     for c in comps:
         _check_series(disp / f"{c.name}.cxc", sorted(c.glob("frame_[0-9][0-9][0-9].mrc")), None)
+
+
+def test_gain_span(tmp_path):
+    """The colour range: the 95th percentile of |gain| over the voxels where the gain is set."""
+    from flexplugin.chimerax import gain_span
+    from flexplugin.engine.io import write_volume
+    g = np.zeros((16, 16, 16), np.float32)
+    g[4:12, 4:12, 4:12] = np.linspace(-4, 4, 512).reshape(8, 8, 8)  # |gain| uniform-ish on (0, 4]
+    write_volume(tmp_path / "gain.mrc", g, 2.0)
+    v = np.abs(g[g != 0])
+    assert gain_span(tmp_path / "gain.mrc") == pytest.approx(np.percentile(v, 95))
+    assert 3.5 < gain_span(tmp_path / "gain.mrc") < 4.0
 
 
 def test_surface_level_on_a_ball(tmp_path):
