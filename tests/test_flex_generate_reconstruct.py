@@ -83,6 +83,38 @@ def test_generation_is_deterministic_and_conserves_mass(trained):
     assert abs(full.sum() * (32 / 48) ** 3 - a[0].sum()) < 0.03 * abs(a[0].sum())
 
 
+def test_a_map_of_all_particles_is_convected_from_their_mean_frame(trained):
+    """A generator that moves every particle by the same 8 Å (2 voxels along x): the model's canonical map is
+    convected by it, but a map of all the particles (flex_map.mrc, a consensus) is already at their mean, so
+    generating from it moves nothing."""
+    import dataclasses
+
+    import torch
+
+    model = trained["model"]
+    shift = torch.zeros(len(model.mesh.points), 3)
+    shift[:, 0] = 8.0
+
+    class Common(torch.nn.Module):
+        def forward(self, z):
+            return shift.expand(len(z), -1, -1)
+
+    common = dataclasses.replace(model, gen=Common())
+    assert torch.allclose(common.mean_displacement(), shift)
+    pts = np.array([[0.3, -0.2]], np.float32)
+    ext = trained["consensus"]
+    out = common.volumes(pts, canonical=torch.as_tensor(ext))[0]
+    np.testing.assert_allclose(out, ext, atol=1e-5 * np.abs(ext).max())
+    moved = common.volumes(pts)[0]  # the model's own canonical map, in the model's frame, is moved
+    canon = model.canonical.cpu().numpy()
+    assert np.abs(moved - canon).max() > 0.1 * np.abs(canon).max()
+    def com_x(v):  # W(x) = V(x + u): the density moves by -u, 2 voxels down x (the flow is meshed where the mass is)
+        w = np.clip(v, 0, None)
+        return float((w.sum((0, 1)) * np.arange(v.shape[2])).sum() / w.sum())
+
+    assert com_x(moved) - com_x(canon) == pytest.approx(-2.0, abs=0.25)
+
+
 def test_axis_series_and_points(trained, tmp_path):
     model = trained["model"]
     series = axis_series(model.latents, 41)

@@ -86,15 +86,37 @@ class FlexModel:
         return self.apix_train * self.train_box / m
 
     @torch.no_grad()
-    def flow(self, z: torch.Tensor, m: int) -> torch.Tensor:
-        """Flow (B, m, m, m, 3) in voxels of box m for latent points z (B, K)."""
+    def mean_displacement(self, batch: int = 4096) -> torch.Tensor:
+        """The particles' mean vertex displacement (V, 3) in Å: the deformation common to all particles.
+
+        3D Flex fixes its canonical map only up to such a common deformation, and trained models carry one (up
+        to 1.3 voxels in flex-reconstruct's measurements). A map of all the particles - the consensus, or the
+        flex map, which flex-reconstruct solves in this frame - sits at the particles' mean, not at the model's
+        canonical frame; generation from such a map takes it out of every flow (`volumes`)."""
+        if not hasattr(self, "_mean_d"):
+            z = torch.as_tensor(self.latents, dtype=torch.float32, device=self.device)
+            total = sum(self.gen(z[s:s + batch]).double().sum(0) for s in range(0, len(z), batch))
+            self._mean_d = (total / max(1, len(z))).float()
+        return self._mean_d
+
+    @torch.no_grad()
+    def flow(self, z: torch.Tensor, m: int, mean_frame: bool = False) -> torch.Tensor:
+        """Flow (B, m, m, m, 3) in voxels of box m for latent points z (B, K); `mean_frame`: relative to the
+        particles' mean deformation (for maps in that frame, see mean_displacement)."""
         d = self.gen(z.to(self.device, torch.float32))
+        if mean_frame:
+            d = d - self.mean_displacement()
         return self.raster(m).flow(d, self.apix_at(m))
 
     @torch.no_grad()
     def volumes(self, points: np.ndarray, m: int | None = None, canonical: torch.Tensor | None = None,
-                batch: int = 4) -> np.ndarray:
-        """Convected maps (P, m, m, m) at latent points (P, K); m defaults to the training box."""
+                batch: int = 4, mean_frame: bool | None = None) -> np.ndarray:
+        """Convected maps (P, m, m, m) at latent points (P, K); m defaults to the training box.
+
+        A `canonical` map given by the caller (flex_map.mrc, a consensus) is a map of all the particles, so by
+        default it is taken to be in their mean frame (`mean_frame`, see mean_displacement); the model's own
+        canonical map is in the model's frame."""
+        mean_frame = canonical is not None if mean_frame is None else mean_frame
         points = np.atleast_2d(np.asarray(points, dtype=np.float32))
         if points.shape[1] != self.k:
             raise InputError(f"latent points have {points.shape[1]} values, the model has K={self.k}")
@@ -111,7 +133,7 @@ class FlexModel:
         out = []
         for s in range(0, len(points), batch):
             z = torch.as_tensor(points[s:s + batch])
-            out.append(warp_volume(v.to(self.device), self.flow(z, m)).cpu().numpy())
+            out.append(warp_volume(v.to(self.device), self.flow(z, m, mean_frame)).cpu().numpy())
         return np.concatenate(out)
 
 
