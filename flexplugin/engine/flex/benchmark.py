@@ -6,7 +6,10 @@ of the moving atoms (gt/moving_mask.mrc). A run builds the mesh and trains exact
 `flex-train` do at the settings given (their defaults unless overridden), then scores with scoring.py:
 - the cross-validated |Spearman ρ| of the best linear read-out of the true motion from the latents;
 - maps generated at the mean latent of the particles truly near each state, against that state and against
-  the consensus, inside the moving-domain mask (the gain), and whether the series runs through the states.
+  the consensus, inside the moving-domain mask (the gain), and whether the series runs through the states;
+- the oracle |ρ|: the same read-out of latents searched, with the training's likelihood and band, over the TRUE
+  state maps instead of decoded ones: what the images can tell at that band with a perfect model, the ceiling
+  of any latent inference there.
 """
 from __future__ import annotations
 
@@ -20,14 +23,19 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..ctf import compute_ctf
+from ..fourier import fourier_crop_3d, rfft2c, shift_phase_2d
 from ..io import ParticleSet, read_particles, read_volume
+from ..projector import prepare_volume_ft
+from ..va3d.slicing import make_band
 from .mesh import build_mesh
 from .model import warp_volume
 from .prep import PreparedParticles, prep_spec, prep_volume
 from .scoring import readout_rho, state_metrics
-from .train import FlexTrainer, TrainConfig
+from .search import SearchTables, slice_scores
+from .train import FlexTrainer, TrainConfig, working_box
 
-__all__ = ["Truth", "load_truth", "run_and_score", "score_trainer", "state_points"]
+__all__ = ["Truth", "load_truth", "oracle_rho", "run_and_score", "score_trainer", "state_points"]
 
 
 @dataclass
@@ -80,6 +88,38 @@ def score_trainer(tr: FlexTrainer, truth: Truth) -> dict:
             "max_flow_A": float(flow.max())}
 
 
+@torch.no_grad()
+def oracle_rho(tr: FlexTrainer, truth: Truth, kmax_frac: float | None = None, points: int = 33,
+               batch_size: int = 256) -> float:
+    """|ρ| of the posterior-mean motion of every particle over maps of the true states (linearly interpolated
+    between them at `points` motion values), scored with the trainer's likelihood - scale, noise spectrum,
+    CTF, poses - at band `kmax_frac` of the training Nyquist (default: the final band). A perfect model's
+    latent search could do no better: the ceiling for the latents' |ρ| at that band."""
+    spec, t, dev = tr.spec, tr.spec.train, tr.dev
+    frac = tr.cfg.kmax_final if kmax_frac is None else kmax_frac
+    m = working_box(t, frac)
+    states = torch.stack([prep_volume(v, spec) for v in truth.states]).to(dev)
+    st_t = torch.as_tensor(truth.states_t, dtype=torch.float32)
+    fine = torch.linspace(float(st_t.min()), float(st_t.max()), points)
+    j = torch.searchsorted(st_t, fine).clamp(1, len(st_t) - 1)
+    w = ((fine - st_t[j - 1]) / (st_t[j] - st_t[j - 1])).to(dev)[:, None, None, None]
+    maps = (1 - w) * states[j - 1] + w * states[j]
+    maps = fourier_crop_3d(maps, m) if m != t else maps
+    tables = SearchTables(prepare_volume_ft(maps, pad=2))
+    band = make_band(m, dev, kmax_px=frac * t / 2)
+    wts = band.weight / tr.noise_shell[band.shell.clamp(max=t // 2)]
+    apix_m, amp, lo = spec.apix_train * t / m, (t / m) ** 3 * tr.scale, t // 2 - m // 2
+    z = []
+    for s in range(0, len(tr.p), batch_size):
+        b = tr.p.batch(np.arange(s, min(s + batch_size, len(tr.p))), dev)
+        y = band.take(rfft2c(b["images"])[..., lo:lo + m, : m // 2 + 1])
+        f = shift_phase_2d(m, -b["shifts"] * (m / t)) * compute_ctf(b["ctf"], m, apix_m, tr.p.ps.phase_flipped)
+        a = band.take(f) * amp
+        cross, power = slice_scores(tables, b["rotations"], band, wts * y.conj() * a, wts * a.abs().square())
+        z.append(torch.softmax(cross - 0.5 * power, 1) @ fine.to(dev))
+    return readout_rho(torch.cat(z).cpu().numpy()[:, None], truth.motion)
+
+
 def run_and_score(data: str | Path, train_box: int = 32, cfg: TrainConfig | None = None,
                   init: np.ndarray | None = None, cells: int = 20, mask: np.ndarray | None = None,
                   particles: ParticleSet | None = None, device: str = "cpu", out: str | Path | None = None,
@@ -99,7 +139,9 @@ def run_and_score(data: str | Path, train_box: int = 32, cfg: TrainConfig | None
             tr.fit(tmp, progress=progress)
     else:
         tr.fit(out, progress=progress)
-    score = score_trainer(tr, load_truth(data, ps.ids))
+    truth = load_truth(data, ps.ids)
+    score = score_trainer(tr, truth)
+    score["oracle_rho"] = oracle_rho(tr, truth)
     score.update(seconds=time.monotonic() - t0, cells=len(mesh.cells), train_box=train_box, k=tr.cfg.k,
                  particles=len(ps))
     return tr, score
