@@ -380,6 +380,8 @@ def cmd_flex_train(a: argparse.Namespace) -> None:
     cfg = config_from_args(TrainConfig, a)
     cfg.validate()
     idxs = _check_train_args(a)
+    from .engine.flex.cache import open_cache, scratch_folder
+    scratch = scratch_folder(a.scratch)  # --scratch / FLEXPLUGIN_SCRATCH checked before any heavy work
     ps = read_particles(a.particles)
     ps.require(poses=True, ctf=True)
     ps.check_stacks()
@@ -394,7 +396,8 @@ def cmd_flex_train(a: argparse.Namespace) -> None:
         init = normalize_init_latents(z, a.k, idxs, names=names, source=a.init_latents)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    trainer = FlexTrainer(PreparedParticles(ps, spec), prep_volume(vol, spec), mesh, cfg, dev, init)
+    cache = open_cache(ps, spec, scratch, dev, lambda m: say(m, flush=True)) if scratch else None  # flex/cache.py
+    trainer = FlexTrainer(PreparedParticles(ps, spec, cache), prep_volume(vol, spec), mesh, cfg, dev, init)
     ckpt = out / "checkpoint.pt"
     if a.cont:
         if not ckpt.exists():
@@ -439,6 +442,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--continue", dest="cont", action="store_true",
                    help="resume from the checkpoint in --out (finished epochs are kept)")
     p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: simulate an interruption
+    p.add_argument("--scratch", help="folder for a prepared-particles cache (the images at the training box, "
+                                     "float16, built once and reused; default: $FLEXPLUGIN_SCRATCH, else none)")
     _add_device(p)
     p.set_defaults(func=cmd_flex_train)
 

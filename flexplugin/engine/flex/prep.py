@@ -1,7 +1,8 @@
 """3D Flex data prep: real-space crop and Fourier downsampling of particles and maps to the training box.
 
-Done on the fly while streaming (no copy of the stack is needed), or written out once with
-`flexplugin flex-prep` to speed up repeated training runs. Particle ids are kept.
+Done on the fly while streaming (no copy of the stack is needed), read from a prepared-particles cache in a
+scratch folder (flex-train --scratch, engine/flex/cache.py), or written out once with `flexplugin flex-prep`
+to speed up repeated training runs. Particle ids are kept.
 """
 from __future__ import annotations
 
@@ -63,10 +64,15 @@ def prep_volume(vol: np.ndarray | torch.Tensor, spec: PrepSpec) -> torch.Tensor:
 
 
 class PreparedParticles:
-    """A ParticleSet seen at the training box: images, poses, shifts (training pixels), CTF."""
+    """A ParticleSet seen at the training box: images, poses, shifts (training pixels), CTF.
 
-    def __init__(self, particles: ParticleSet, spec: PrepSpec):
-        self.ps, self.spec = particles, spec
+    With `cache` (engine/flex/cache.py's ParticleCache of these particles at `spec`) the images come from the
+    float16 memory-mapped prepared images instead of the full-box stacks, cropped again each time."""
+
+    def __init__(self, particles: ParticleSet, spec: PrepSpec, cache=None):
+        if cache is not None and len(cache) != len(particles):
+            raise ValueError(f"the particle cache holds {len(cache)} images for {len(particles)} particles")
+        self.ps, self.spec, self.cache = particles, spec, cache
 
     def __len__(self) -> int:
         return len(self.ps)
@@ -75,10 +81,16 @@ class PreparedParticles:
     def ids(self) -> np.ndarray:
         return self.ps.ids
 
+    def images(self, rows: np.ndarray, device) -> torch.Tensor:
+        """Images (B, T, T) float32 at the training box for 0-based table rows `rows`."""
+        if self.cache is not None:
+            return torch.from_numpy(self.cache.images(rows)).to(device)
+        return prep_images(torch.from_numpy(self.ps.images(rows)).to(device), self.spec)
+
     def batch(self, rows: np.ndarray, device) -> dict:
-        imgs = torch.from_numpy(self.ps.images(rows)).to(device)
+        """Everything a training step needs for rows `rows`: images, rotations, shifts, CTF, the rows."""
         return {
-            "images": prep_images(imgs, self.spec),
+            "images": self.images(rows, device),
             "rotations": self.ps.rotations(rows, device),
             "shifts": self.ps.shifts_px(rows, device) * self.spec.shift_scale,
             "ctf": self.ps.ctf_params(rows, device),
