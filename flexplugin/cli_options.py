@@ -20,6 +20,14 @@ def _value_type(cls: type, f: Field) -> type:
     return args[0] if args else hint
 
 
+def _positive_float(s: str) -> float:
+    """A number > 0 (argparse names the option in its error: 'argument --filter-res: must be > 0, got 0')."""
+    v = float(s)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return v
+
+
 def add_config_options(p: argparse.ArgumentParser, cls: type) -> None:
     """Add one option per command-line field of settings dataclass `cls` to parser `p` (dest = the field name;
     a boolean defaulting to True is `--no-<name>`, one defaulting to False `--<name>`)."""
@@ -29,7 +37,10 @@ def add_config_options(p: argparse.ArgumentParser, cls: type) -> None:
             p.add_argument(option_name(f), dest=f.name, action="store_false" if f.default else "store_true",
                            help=text)
         else:
-            p.add_argument(option_name(f), dest=f.name, type=_value_type(cls, f), default=f.default, help=text)
+            kind = _positive_float if f.metadata.get("positive") else _value_type(cls, f)
+            extra = {"required": True} if f.metadata.get("required") else {"default": f.default}
+            p.add_argument(option_name(f), dest=f.name, type=kind, choices=f.metadata.get("choices"), help=text,
+                           **extra)
 
 
 def config_from_args(cls: type, a: argparse.Namespace, **extra: Any) -> Any:

@@ -83,12 +83,9 @@ def _check_inputs(a: argparse.Namespace):
 
 
 def _config(a: argparse.Namespace, device: str):
-    from .engine.va3d.em import VA3DConfig
-    return VA3DConfig(k=a.k, iterations=a.iterations, filter_res=a.filter_res, filter_order=a.filter_order,
-                      highpass_res=a.highpass_res, highpass_order=a.highpass_order, lam=a.lam, scales=a.scales,
-                      white_noise=a.white_noise, gram_schmidt=not a.no_gram_schmidt, box_crop=a.box_crop,
-                      num_particles=a.num_particles, px_em=not a.no_px_em, batch_size=a.batch_size, seed=a.seed,
-                      device=device)
+    from .cli_options import config_from_args
+    from .engine.va3d_config import VA3DConfig
+    return config_from_args(VA3DConfig, a, device=device)
 
 
 def cmd_3dva(a: argparse.Namespace) -> None:
@@ -189,6 +186,8 @@ def _noise_floor(ps, mask, vol, cfg, out: Path, key: dict) -> dict:
 
 
 def add_3dva_parser(sub) -> argparse.ArgumentParser:
+    from .cli_options import add_config_options
+    from .engine.va3d_config import VA3DConfig
     p = sub.add_parser("3dva", help="3D variability analysis (PPCA by EM in Fourier space)",
                        description="3D Variability Analysis: fits V_i = V0 + Σ z_ik V_k to particles with known "
                                    "poses and CTF; writes components, per-particle coordinates and diagnostics.")
@@ -196,40 +195,12 @@ def add_3dva_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--mask", required=True, help="mask (MRC, same box and pixel size) applied to the components")
     p.add_argument("--volume", help="consensus map V0 (MRC); default: reconstructed from the particles")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--k", type=int, default=3, help="number of components to solve [var_K] (default 3)")
-    p.add_argument("--iterations", type=int, default=20, help="EM iterations [var_num_iterations] (default 20)")
-    p.add_argument("--filter-res", type=_positive_float, required=True,
-                   help="resolution (Å) at which the components are low-pass filtered; images are also "
-                        "Fourier-cropped to it for speed [var_filter_res] (required; typically 4–8 Å)")
-    p.add_argument("--filter-order", type=_positive_float, default=1.5,
-                   help="Butterworth order of the low-pass [var_filter_order] (default 1.5)")
-    p.add_argument("--highpass-res", type=_positive_float, default=None,
-                   help="resolution (Å) below which variability is ignored (Butterworth high-pass) "
-                        "[var_highpass_res] (default: none)")
-    p.add_argument("--highpass-order", type=_positive_float, default=8.0,
-                   help="Butterworth order of the high-pass [var_highpass_order] (default 8)")
-    p.add_argument("--lambda", dest="lam", type=float, default=0.01,
-                   help="stabilising coefficient, a fraction of the mean data weight per voxel; raise it if "
-                        "components show artefacts [var_lambda] (default 0.01)")
-    p.add_argument("--scales", choices=("none", "input", "optimal"), default="optimal",
-                   help="per-particle scale: none (one global scale), input (rlnCtfScalefactor), optimal "
-                        "(refitted every iteration) [var_use_scales] (default optimal)")
-    p.add_argument("--white-noise", action="store_true",
-                   help="use a white noise model instead of the coloured per-shell one [var_use_white_noise]")
-    p.add_argument("--no-gram-schmidt", action="store_true",
-                   help="do not orthogonalise and order the components [var_use_gramschmidt]")
-    p.add_argument("--box-crop", type=int, default=None,
-                   help="working box in pixels (default: smallest box whose Nyquist reaches --filter-res) [var_N]")
-    p.add_argument("--num-particles", type=int, default=None,
-                   help="only use the first N particles [var_num_particles] (default: all)")
-    p.add_argument("--no-px-em", action="store_true", help="plain EM without the parameter-expansion step")
+    add_config_options(p, VA3DConfig)  # --k, --iterations, ..., --seed: declared once, in VA3DConfig
     p.add_argument("--noise-floor", action="store_true",
                    help="also run the analysis on pose-shuffled particles and report its explained "
                         "variance as the noise floor (doubles the run time)")
     p.add_argument("--continue", dest="cont", action="store_true",
                    help="resume the run in --out from its last checkpoint (same settings; --iterations may grow)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the initial components (default 0)")
     p.add_argument("--apix", type=float, help="pixel size in Å (only for RELION 3.0 files without it)")
     _add_device(p)
     p.set_defaults(func=cmd_3dva)

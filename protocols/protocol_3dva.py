@@ -17,9 +17,18 @@ from pwem.protocols import ProtFlexBase
 
 from flexplugin.convert import plainFileName, readSetOfParticlesFlex
 from flexplugin.engine.latents import ID_LABEL
+from flexplugin.engine.va3d_config import SCALES as SCALE_MODELS
+from flexplugin.engine.va3d_config import VA3DConfig
 
 from .constants import VA3D_PROGNAME, VA3D_RUN_JSON, VA3D_VARIANCE_JSON
-from .protocol_base import INPUT_MASK, INPUT_VOLUME, ButterworthFilterParams, FlexPluginProtBase, readJsonFile
+from .protocol_base import (
+    INPUT_MASK,
+    INPUT_VOLUME,
+    ButterworthFilterParams,
+    FlexPluginProtBase,
+    engineArgs,
+    readJsonFile,
+)
 
 __all__ = ["FlexPluginProt3DVA"]
 
@@ -28,8 +37,15 @@ __all__ = ["FlexPluginProt3DVA"]
 # iterations (done), explainedVariance and explainedVarianceFraction (CSV lists, one value per component).
 SCALE_ATTR = "_flex3dvaScale"  # per-particle scale the engine fitted, kept on each output particle
 INPUT_SCALE_ATTRS = ("_rlnCtfScalefactor", "_rlnGroupScaleCorrection")  # how RELION's scales reach Scipion
-SCALES = ["none", "input", "optimal"]
-SCALES_OPTIMAL = 2
+V = VA3DConfig()  # every 3DVA default is declared there, once
+SCALES = list(SCALE_MODELS)  # the form's choices: the engine's --scales values
+SCALES_OPTIMAL = SCALES.index(V.scales)
+# the form parameter of each VA3DConfig field the form sets (the scales field's value is the index of its choice)
+VA3D_FORM = {"k": "numberOfComponents", "iterations": "iterations", "filter_res": "filterRes",
+             "filter_order": "filterOrder", "highpass_res": "highpassRes", "highpass_order": "highpassOrder",
+             "lam": "varLambda", "scales": "scales", "white_noise": "whiteNoise", "gram_schmidt": "gramSchmidt",
+             "box_crop": "workingBox", "num_particles": "numberOfParticles", "px_em": "pxEm",
+             "batch_size": "batchSize", "seed": "seed"}
 CHECKPOINT = "checkpoint.pt"
 # arguments that may change when Scipion's Continue resumes a checkpoint (the engine ignores them in its key)
 RESUMABLE_OPTIONS = ("--iterations", "--batch-size", "--device", "--threads")
@@ -67,13 +83,15 @@ class FlexPluginProt3DVA(ProtFlexBase, FlexPluginProtBase, ButterworthFilterPara
                                      "particles (Wiener filtered, FSC-weighted half maps).")
 
         form.addSection(label="3D variability")
-        form.addParam("numberOfComponents", params.IntParam, default=3,
+        form.addParam("numberOfComponents", params.IntParam, default=V.k,
                       label="Number of modes to solve",
-                      help="K, the number of variability components (cryoSPARC: var_K, default 3). Each particle "
+                      help=f"K, the number of variability components (cryoSPARC: var_K, default {V.k}). Each "
+                           "particle "
                            "gets K reaction coordinates.")
-        form.addParam("iterations", params.IntParam, default=20,
+        form.addParam("iterations", params.IntParam, default=V.iterations,
                       label="Number of iterations",
-                      help="EM iterations (cryoSPARC: var_num_iterations, default 20). With Scipion's Continue, "
+                      help=f"EM iterations (cryoSPARC: var_num_iterations, default {V.iterations}). With Scipion's "
+                           "Continue, "
                            "a larger number resumes a finished or interrupted run from its last iteration.")
         self._defineButterworthParams(
             form, required=True, orderLabels=("Filter order", "Highpass order"),
@@ -86,10 +104,11 @@ class FlexPluginProt3DVA(ProtFlexBase, FlexPluginProtBase, ButterworthFilterPara
             highpassHelp="Resolution in Å below which variability is ignored: a Butterworth high-pass on the "
                          "components (cryoSPARC: var_highpass_res, default none). Must be coarser (larger) than the "
                          "filter resolution. Empty: no high-pass.")
-        form.addParam("varLambda", params.FloatParam, default=0.01, expertLevel=params.LEVEL_ADVANCED,
+        form.addParam("varLambda", params.FloatParam, default=V.lam, expertLevel=params.LEVEL_ADVANCED,
                       label="Lambda (stabilizing coefficient)",
                       help="Regularisation of the per-voxel solves, as a fraction of the mean data weight per "
-                           "voxel (cryoSPARC: var_lambda, default 0.01, dimensionless). 0.01 suits almost all "
+                           f"voxel (cryoSPARC: var_lambda, default {V.lam:g}, dimensionless). {V.lam:g} suits "
+                           "almost all "
                            "data; raise it if the components show artefacts or the run diverges.")
         form.addParam("scales", params.EnumParam, default=SCALES_OPTIMAL, choices=SCALES,
                       display=params.EnumParam.DISPLAY_HLIST,
@@ -98,12 +117,12 @@ class FlexPluginProt3DVA(ProtFlexBase, FlexPluginProtBase, ButterworthFilterPara
                            "optimal). none: one global scale for all particles. input: the scale the particles "
                            "carry from RELION (rlnCtfScalefactor or rlnGroupScaleCorrection) times a global "
                            "scale. optimal: refitted to each particle after every iteration.")
-        form.addParam("whiteNoise", params.BooleanParam, default=False, expertLevel=params.LEVEL_ADVANCED,
+        form.addParam("whiteNoise", params.BooleanParam, default=V.white_noise, expertLevel=params.LEVEL_ADVANCED,
                       label="Use white noise model?",
                       help="Use one noise variance for all frequencies instead of the coloured (per-shell) "
                            "noise model estimated from the residuals (cryoSPARC: var_use_white_noise, default "
                            "No).")
-        form.addParam("gramSchmidt", params.BooleanParam, default=True, expertLevel=params.LEVEL_ADVANCED,
+        form.addParam("gramSchmidt", params.BooleanParam, default=V.gram_schmidt, expertLevel=params.LEVEL_ADVANCED,
                       label="Use Gram-Schmidt?",
                       help="Orthogonalise the components after every iteration and order them by explained "
                            "variance (cryoSPARC: var_use_gramschmidt, default Yes).")
@@ -118,7 +137,7 @@ class FlexPluginProt3DVA(ProtFlexBase, FlexPluginProtBase, ButterworthFilterPara
                       label="Only use this many particles",
                       help="Analyse only the first N particles, in particle id order (cryoSPARC: "
                            "var_num_particles). Empty: all. The output then holds those N particles only.")
-        form.addParam("pxEm", params.BooleanParam, default=True, expertLevel=params.LEVEL_ADVANCED,
+        form.addParam("pxEm", params.BooleanParam, default=V.px_em, expertLevel=params.LEVEL_ADVANCED,
                       label="Parameter-expanded EM?",
                       help="Rescale the components after every M-step so the coordinates keep unit variance "
                            "(parameter-expanded EM, Liu, Rubin & Wu 1998): same model, much faster convergence "
@@ -128,14 +147,15 @@ class FlexPluginProt3DVA(ProtFlexBase, FlexPluginProtBase, ButterworthFilterPara
                       help="Also run the analysis on the particles with shuffled poses, where true 3D variability "
                            "cancels, and report its largest explained variance as the floor a real component "
                            "must exceed (default No; doubles the run time).")
-        form.addParam("batchSize", params.IntParam, default=256, expertLevel=params.LEVEL_ADVANCED,
+        form.addParam("batchSize", params.IntParam, default=V.batch_size, expertLevel=params.LEVEL_ADVANCED,
                       validators=[params.GE(1, "Use at least one particle per batch")],
                       label="Batch size (particles)",
-                      help="Images per batch (default 256). Larger batches are faster and use more (GPU) memory; "
+                      help=f"Images per batch (default {V.batch_size}). Larger batches are faster and use more "
+                           "(GPU) memory; "
                            "the result does not depend on it.")
-        form.addParam("seed", params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED,
+        form.addParam("seed", params.IntParam, default=V.seed, expertLevel=params.LEVEL_ADVANCED,
                       label="Random seed",
-                      help="Seed of the random initial components (default 0).")
+                      help=f"Seed of the random initial components (default {V.seed}).")
         form.addParallelSection(threads=4, mpi=0)
 
     # --------------------------- INSERT steps functions ----------------------
@@ -348,30 +368,23 @@ class FlexPluginProt3DVA(ProtFlexBase, FlexPluginProtBase, ButterworthFilterPara
         vol = getattr(self, INPUT_VOLUME).get()
         if vol is not None:
             args += ["--volume", plainFileName(vol.getFileName())]
-        args += ["--out", self._getRunDir(),
-                 "--k", self.numberOfComponents.get(),
-                 "--iterations", self.iterations.get(),
-                 "--filter-res", self.filterRes.get(),
-                 "--filter-order", self.filterOrder.get()]
-        if self.highpassRes.get() is not None:
-            args += ["--highpass-res", self.highpassRes.get()]
-        args += ["--highpass-order", self.highpassOrder.get(),
-                 "--lambda", self.varLambda.get(),
-                 "--scales", SCALES[self.scales.get()]]
-        if self.whiteNoise.get():
-            args += ["--white-noise"]
-        if not self.gramSchmidt.get():
-            args += ["--no-gram-schmidt"]
-        if self.workingBox.get() is not None:
-            args += ["--box-crop", self.workingBox.get()]
-        if self.numberOfParticles.get() is not None:
-            args += ["--num-particles", self.numberOfParticles.get()]
-        if not self.pxEm.get():
-            args += ["--no-px-em"]
+        args += ["--out", self._getRunDir()]
+        # VA3DConfig's options in the order runs have always had (Continue compares the step's arguments)
+        args += self._settingArgs("k", "iterations", "filter_res", "filter_order", "highpass_res", "highpass_order",
+                                  "lam", "scales", "white_noise", "gram_schmidt", "box_crop", "num_particles",
+                                  "px_em")
         if self.noiseFloor.get():
             args += ["--noise-floor"]
-        args += ["--batch-size", self.batchSize.get(), "--seed", self.seed.get()]
+        args += self._settingArgs("batch_size", "seed")
         return args + self.getDeviceArgs() + ["--threads", max(1, self.numberOfThreads.get() or 1)]
+
+    def _settingArgs(self, *names: str) -> list:
+        """3dva's options for these VA3DConfig fields, from the form (VA3D_FORM; empty fields keep the engine's
+        defaults)."""
+        values = {name: getattr(self, VA3D_FORM[name]).get() for name in names}
+        if values.get("scales") is not None:
+            values["scales"] = SCALES[values["scales"]]
+        return engineArgs(VA3DConfig, values)
 
     def _getModelSettings(self, args: list) -> list[str]:
         """The arguments that shape the model (what a checkpoint must share with a run resuming it), plus the

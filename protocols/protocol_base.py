@@ -25,6 +25,7 @@ from flexplugin import Plugin
 from flexplugin.cli import DISTRIBUTED_COMMANDS
 from flexplugin.engine.errors import EXIT_DISK_FULL
 from flexplugin.engine.options import option_args
+from flexplugin.engine.va3d_config import VA3DConfig
 
 from .constants import FLEX_PROGNAME, INPUT_TRAINING
 from flexplugin.launch import TORCHRUN_MODULE
@@ -42,6 +43,7 @@ VOLTAGE_LABEL = "_acquisition._voltage"
 MATRIX_LABEL = "_transform._matrix"
 LISTED_IDS = 5  # particle ids named in an error
 COUNTED_IDS = 1000  # bad particles counted at most (the rest is "or more")
+VA3D = VA3DConfig()  # the Butterworth filter defaults of the 3DVA forms are 3DVA's, declared there once
 
 
 def _positive(value) -> bool:
@@ -508,15 +510,18 @@ class ButterworthFilterParams:
         """The four fields; `required` marks the low-pass resolution important (3DVA needs one)."""
         form.addParam("filterRes", params.FloatParam, default=None, allowsNull=True, important=required,
                       label=lowpassLabel, help=lowpassHelp)
-        form.addParam("filterOrder", params.FloatParam, default=1.5, expertLevel=params.LEVEL_ADVANCED,
+        form.addParam("filterOrder", params.FloatParam, default=VA3D.filter_order, expertLevel=params.LEVEL_ADVANCED,
                       label=orderLabels[0],
-                      help="Order of the Butterworth low-pass (cryoSPARC: var_filter_order, default 1.5; "
+                      help="Order of the Butterworth low-pass (cryoSPARC: var_filter_order, default "
+                           f"{VA3D.filter_order:g}; "
                            "dimensionless, higher is sharper).")
         form.addParam("highpassRes", params.FloatParam, default=None, allowsNull=True,
                       expertLevel=params.LEVEL_ADVANCED, label=highpassLabel, help=highpassHelp)
-        form.addParam("highpassOrder", params.FloatParam, default=8.0, expertLevel=params.LEVEL_ADVANCED,
+        form.addParam("highpassOrder", params.FloatParam, default=VA3D.highpass_order,
+                      expertLevel=params.LEVEL_ADVANCED,
                       label=orderLabels[1],
-                      help="Order of the Butterworth high-pass (cryoSPARC: var_highpass_order, default 8; "
+                      help="Order of the Butterworth high-pass (cryoSPARC: var_highpass_order, default "
+                           f"{VA3D.highpass_order:g}; "
                            "dimensionless).")
 
     def _validateFilterOrders(self) -> list[str]:

@@ -11,6 +11,7 @@ from flexplugin.cli_options import config_from_args
 from flexplugin.engine.flex.config import TrainConfig
 from flexplugin.engine.flex.reconstruct_config import ReconstructConfig
 from flexplugin.engine.options import cli_fields, option_args, option_name
+from flexplugin.engine.va3d_config import VA3DConfig
 
 from . import scipion_project  # Scipion's throwaway environment (tests/__init__.py sets it up first)
 
@@ -21,6 +22,8 @@ CASES = {
                   ("protocol_flex_train", "FlexPluginProtTrain", "TRAIN_FORM"), {"rigidity_cells"}),
     ReconstructConfig: (["flex-reconstruct", "--model", "m.pt", "--particles", "p.star", "--out", "o"],
                         ("protocol_flex_reconstruct", "FlexPluginProtReconstruct", "RECONSTRUCT_FORM"), set()),
+    VA3DConfig: (["3dva", "--particles", "p.star", "--mask", "m.mrc", "--out", "o", "--filter-res", "8"],
+                 ("protocol_3dva", "FlexPluginProt3DVA", "VA3D_FORM"), set()),
 }
 CLASSES = list(CASES)
 by_name = {"ids": lambda c: c.__name__}
@@ -52,6 +55,8 @@ def test_cli_defaults_are_the_dataclass_defaults(cls):
         assert act.option_strings == [option_name(f)]
         if isinstance(f.default, bool):
             assert getattr(a, f.name) is f.default
+        elif f.metadata.get("required"):  # 3dva --filter-res: no default on the command line
+            assert act.required and "required" in act.help, f.name
         else:
             assert act.default == f.default and type(getattr(a, f.name)) is type(f.default), f.name
             if f.default is not None or f.metadata.get("default_text"):
@@ -65,6 +70,7 @@ def test_help_names_cryosparc_key_and_default():
     assert actions["rigidity"].help.endswith("(flex_sv_lam; default 2)")
     assert actions["final_search"].option_strings == ["--no-final-search"]
     assert actions["final_search"].help.startswith("skip the finer latent search")
+    assert _actions("3dva")["lam"].option_strings == ["--lambda"]
 
 
 @pytest.mark.parametrize("cls", CLASSES, **by_name)
@@ -76,6 +82,8 @@ def test_engine_args_round_trip(cls):
         d = f.default
         changed[f.name] = (not d if isinstance(d, bool) else d + 1 if isinstance(d, int)
                            else d / 2 if isinstance(d, float) else None)
+        if f.metadata.get("choices"):
+            changed[f.name] = next(c for c in f.metadata["choices"] if c != d)
         if changed[f.name] is None:  # a None default: a value of the field's type
             changed[f.name] = 0.0125 if "float" in str(f.type) else 3
     args = option_args(cls, changed)
@@ -103,4 +111,6 @@ def test_form_defaults_are_the_dataclass_defaults(cls):
     for f in cli_fields(cls):
         if f.name in form:
             value = getattr(prot, form[f.name]).get()
+            if f.metadata.get("choices") and value is not None:  # an EnumParam holds the index of the choice
+                value = f.metadata["choices"][value]
             assert value is None or (value == f.default and type(value) is type(f.default)), f.name

@@ -10,17 +10,23 @@ __all__ = ["cli_fields", "help_text", "option_args", "option_name", "setting"]
 
 
 def setting(default: Any, help: str, cryosparc: str | None = None, cli: bool = True,
-            default_text: str | None = None) -> Any:
+            default_text: str | None = None, option: str | None = None, choices: tuple | None = None,
+            required: bool = False, positive: bool = False) -> Any:
     """A dataclass field with its `default` and its description: `help` (what it does, units), `cryosparc` (the
-    key of the cryoSPARC parameter it mirrors), `cli` (False: an internal setting without a command-line option)
-    and `default_text` (how the help states the default, e.g. 'automatic' for None; None: the value itself)."""
+    key of the cryoSPARC parameter it mirrors), `cli` (False: an internal setting without a command-line option),
+    `default_text` (how the help states the default, e.g. 'automatic' for None; None: the value itself), `option`
+    (a command-line name other than the field's), `choices` (the values allowed), `required` (the command line
+    must give it) and `positive` (the command line refuses values <= 0 as it parses them)."""
     return field(default=default, metadata={"help": help, "cryosparc": cryosparc, "cli": cli,
-                                            "default_text": default_text})
+                                            "default_text": default_text, "option": option, "choices": choices,
+                                            "required": required, "positive": positive})
 
 
 def option_name(f: Field) -> str:
     """The command-line option of a field: its name in kebab case (`extra_epochs` -> `--extra-epochs`); a boolean
     that defaults to True is turned off by `--no-<name>`."""
+    if f.metadata.get("option"):
+        return f.metadata["option"]
     name = "--" + f.name.replace("_", "-")
     return "--no-" + name[2:] if f.default is True else name
 
@@ -41,7 +47,8 @@ def help_text(f: Field) -> str:
                                                                 else "")
     default = meta.get("default_text") or (None if f.default is None else f"{f.default:g}"
                                            if isinstance(f.default, float) else str(f.default))
-    notes = [n for n in (meta.get("cryosparc"), f"default {default}" if default else None) if n]
+    said = ("" if meta.get("required") else "default ") + default if default else None
+    notes = [n for n in (meta.get("cryosparc"), said) if n]
     return meta["help"] + (f" ({'; '.join(notes)})" if notes else "")
 
 

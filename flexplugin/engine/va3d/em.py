@@ -74,7 +74,7 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -90,6 +90,7 @@ from ..fourier import (butterworth_highpass, butterworth_lowpass, crop_center, i
 from ..io import ParticleSet
 from ..progress import Progress
 from ..projector import prepare_volume_ft
+from ..va3d_config import VA3DConfig  # the settings, torch-free (declared once there)
 from .slicing import Band, insert_slices, make_band, scatter_band, slice_band
 
 __all__ = ["VA3DConfig", "VA3DResult", "VA3D", "working_box", "fourier_crop_ft_2d", "fourier_resize_3d",
@@ -97,35 +98,6 @@ __all__ = ["VA3DConfig", "VA3DResult", "VA3D", "working_box", "fourier_crop_ft_2
 
 INPUT_SCALE_LABELS = ("rlnCtfScalefactor", "rlnGroupScaleCorrection")
 CHECKPOINT = "checkpoint.pt"
-
-
-@dataclass
-class VA3DConfig:
-    """Parameters of a 3DVA run (cryoSPARC's var_3D names in brackets)."""
-
-    k: int = 3  # number of components [var_K]
-    iterations: int = 20  # [var_num_iterations]
-    filter_res: float = 8.0  # Å [var_filter_res]
-    filter_order: float = 1.5  # [var_filter_order]
-    highpass_res: float | None = None  # Å [var_highpass_res]
-    highpass_order: float = 8.0  # [var_highpass_order]
-    lam: float = 0.01  # fractional stabiliser [var_lambda]
-    scales: str = "optimal"  # none | input | optimal [var_use_scales]
-    white_noise: bool = False  # [var_use_white_noise]
-    gram_schmidt: bool = True  # [var_use_gramschmidt]
-    box_crop: int | None = None  # working box [var_N]
-    num_particles: int | None = None  # use only the first N particles [var_num_particles]
-    px_em: bool = True  # parameter-expanded EM step (see module docstring)
-    batch_size: int = 256
-    seed: int = 0
-    device: str = "cpu"
-
-    def key(self) -> dict:
-        """The settings a checkpoint must share with the run that resumes it."""
-        d = asdict(self)
-        for k in ("iterations", "batch_size", "device"):
-            d.pop(k)
-        return d
 
 
 @dataclass
