@@ -106,6 +106,11 @@ CASES = [(f"{cmd}-out-{kind}", cmd, [], words, kind) for cmd in BASE for kind, w
     ("flex-train-k3-3dva-scale", "flex-train", ["--k", "3", "--init-latents", "{good}/va/latents.csv"],
      ["latents.csv", "--k 3"], "fresh"),
     ("flex-train-volume-blank", "flex-train", ["--volume", "{t}/zeros.mrc"], ["zeros.mrc", "every voxel"], "fresh"),
+    ("flex-train-scratch-file", "flex-train", ["--scratch", "{t}/zeros.mrc"],
+     ["--scratch", "zeros.mrc", "is a file, not a folder"], "fresh"),
+    ("flex-train-scratch-under-file", "flex-train", ["--scratch", "{t}/zeros.mrc/cache"],
+     ["--scratch", "cannot create the scratch folder"], "fresh"),
+    ("flex-train-scratch-empty", "flex-train", ["--scratch", " "], ["--scratch is empty"], "fresh"),
     # --- flex-generate: options, points, model files, memory
     ("flex-generate-box-text", "flex-generate", ["--box", "abc"], ["--box 'abc'", "'train', 'full' or a number"],
      "copy"),
@@ -198,7 +203,9 @@ CASES = [(f"{cmd}-out-{kind}", cmd, [], words, kind) for cmd in BASE for kind, w
 ]
 # disk full: exit 3, the earlier outputs intact (a 4 kB file-size limit during the job)
 DISK_FULL = [("reconstruct-disk-full", "reconstruct", ["--seed", "5"], ["File too large", "earlier outputs are intact"]),
-             ("3dva-display-disk-full", "3dva-display", ["--mode", "cluster"], ["File too large"])]
+             ("3dva-display-disk-full", "3dva-display", ["--mode", "cluster"], ["File too large"]),
+             ("flex-train-scratch-disk-full", "flex-train", ["--scratch", "{t}/scratch_full"],
+              ["File too large", "prepared-particles cache", "scratch_full"])]
 
 _DRIVER = """
 import contextlib, io, json, resource, shutil, signal, sys, time, traceback
