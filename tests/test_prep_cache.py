@@ -152,3 +152,48 @@ def test_not_enough_space_is_refused_before_writing(data, tmp_path, monkeypatch)
         open_cache(ps, spec, tmp_path, progress=_quiet)
     assert e.value.errno == errno.ENOSPC and "prepared-particles cache" in str(e.value)
     assert "GiB free" in str(e.value) and not list(tmp_path.iterdir())
+
+
+_WORKER = '''
+import json, os, sys
+from pathlib import Path
+import numpy as np
+from flexplugin.engine import distributed
+from flexplugin.engine.flex.cache import open_cache
+from flexplugin.engine.flex.prep import prep_spec
+from flexplugin.engine.io import read_particles
+star, scratch, node_local = sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "1"
+distributed.init_from_env("cpu")
+if node_local:  # as if each rank ran on its own node, with its own node-local scratch folder
+    os.environ["LOCAL_RANK"] = "0"
+    scratch = scratch / str(distributed.rank())
+ps = read_particles(star)
+lines = []
+c = open_cache(ps, prep_spec(ps.box, ps.apix, 28, 16), scratch, "cpu", lines.append)
+print(json.dumps({"rank": distributed.rank(), "folder": str(c.folder), "lines": lines,
+                  "images": c.images(np.arange(len(c))).tolist()}))
+'''
+
+
+@pytest.mark.parametrize("node_local", [False, True])
+def test_two_ranks_share_one_build(small_flex_data, tmp_path, node_local):
+    """torchrun, two gloo processes: on a shared scratch folder rank 0 alone builds and rank 1 reads the same
+    cache; with a scratch folder per node (each rank made LOCAL_RANK 0 of its own node) rank 1 finds none after
+    rank 0's build and builds its own. Both ranks see the same images either way."""
+    import json
+    import subprocess
+    import sys
+    worker = tmp_path / "worker.py"
+    worker.write_text(_WORKER)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        str(worker), str(small_flex_data / "particles.star"), str(tmp_path / "scratch"),
+                        "1" if node_local else "0"], capture_output=True, text=True, timeout=300, check=False,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = sorted((json.loads(s) for s in r.stdout.splitlines() if s.startswith("{")), key=lambda d: d["rank"])
+    assert [d["rank"] for d in out] == [0, 1]
+    built = [any("preparing" in s for s in d["lines"]) for d in out]
+    assert built == [True, node_local]
+    assert (out[0]["folder"] != out[1]["folder"]) == node_local
+    np.testing.assert_array_equal(out[0]["images"], out[1]["images"])
+    assert not list(tmp_path.rglob("*.tmp-*"))
