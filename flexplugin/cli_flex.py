@@ -184,6 +184,8 @@ def _check_fuse_syntax(text: str | None) -> None:
 
 
 def add_mesh_parser(sub) -> None:
+    from .cli_options import add_config_options
+    from .engine.flex.mesh_config import MeshConfig
     p = sub.add_parser("flex-mesh", help="3D Flex mesh prep: tetrahedral mesh and rigidity weights")
     p.add_argument("--volume", required=True, help="consensus map (at the training or crop box)")
     p.add_argument("--mask", help="solvent mask; made from the map when absent")
@@ -191,19 +193,10 @@ def add_mesh_parser(sub) -> None:
     p.add_argument("--crop", type=int,
                    help="crop the map, mask and segmentation about their centre to this box in px before meshing, "
                         "as flex-train --crop crops the particles (box_size_pix; default: the full box)")
-    p.add_argument("--cells", type=int, default=20, help="tetra cells across the box (tetra_num_cells; default 20)")
-    p.add_argument("--rigidity-min", type=float, default=0.5,
-                   help="rigidity weight of empty cells; dense cells get 1.0 (rigidity_penalty_min; default 0.5)")
-    p.add_argument("--stiffen-low-density", action="store_true",
-                   help="peripheral non-empty cells get weight 3.0 (rigidity_penalty_stiffen_low_density)")
     p.add_argument("--segmentation", help="MRC with integer segment labels (0 = none): one sub-mesh per segment")
     p.add_argument("--fuse", help="segments to fuse, a tree breadth-first root first, e.g. '1>3, 1>4, 3>2'")
     p.add_argument("--rigid", help="segments made rigid (weight 20), e.g. '2,4'")
-    p.add_argument("--mask-lowpass", type=float, default=10.0, help="auto mask: low-pass in Å (default 10)")
-    p.add_argument("--mask-threshold", type=float,
-                   help="auto mask: absolute threshold (default: 5 %% of the low-passed map's maximum)")
-    p.add_argument("--mask-dilate", type=float, default=2.0, help="auto mask: dilation in Å (default 2)")
-    p.add_argument("--mask-pad", type=float, default=5.0, help="auto mask: soft edge in Å (default 5)")
+    add_config_options(p, MeshConfig)  # --cells, ..., --mask-pad: declared once, in MeshConfig
     p.set_defaults(func=cmd_flex_mesh)
 
 

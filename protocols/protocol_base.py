@@ -24,6 +24,7 @@ from pwem.protocols import EMProtocol
 from flexplugin import Plugin
 from flexplugin.cli import DISTRIBUTED_COMMANDS
 from flexplugin.engine.errors import EXIT_DISK_FULL
+from flexplugin.engine.flex.mesh_config import MeshConfig
 from flexplugin.engine.options import option_args
 from flexplugin.engine.va3d_config import VA3DConfig
 
@@ -44,6 +45,7 @@ MATRIX_LABEL = "_transform._matrix"
 LISTED_IDS = 5  # particle ids named in an error
 COUNTED_IDS = 1000  # bad particles counted at most (the rest is "or more")
 VA3D = VA3DConfig()  # the Butterworth filter defaults of the 3DVA forms are 3DVA's, declared there once
+MESH = MeshConfig()  # flex-mesh's defaults (the automatic mesh of the training protocol uses them)
 
 
 def _positive(value) -> bool:
@@ -413,20 +415,19 @@ def engineArgs(cfgClass: type, values: dict) -> list:
     return option_args(cfgClass, values)
 
 
-def meshEngineArgs(volume: str, outDir: str, mask: str | None = None, cells: int = 20,
-                   rigidityMin: float = 0.5, stiffenLowDensity: bool = False, segmentation: str | None = None,
-                   fuse: str = "", rigid: str = "", maskLowpass: float | None = None,
+def meshEngineArgs(volume: str, outDir: str, mask: str | None = None, cells: int = MESH.cells,
+                   rigidityMin: float = MESH.rigidity_min, stiffenLowDensity: bool = MESH.stiffen_low_density,
+                   segmentation: str | None = None, fuse: str = "", rigid: str = "", maskLowpass: float | None = None,
                    maskThreshold: float | None = None, maskDilate: float | None = None,
                    maskPad: float | None = None, crop: int | None = None) -> list:
-    """The `flexplugin flex-mesh` argument list (options left as None keep the engine's defaults; `crop`: the
-    engine crops the map, mask and segmentation about their centre to this box before meshing)."""
-    args = ["--volume", volume, "--out", outDir, "--cells", cells, "--rigidity-min", rigidityMin]
+    """The `flexplugin flex-mesh` argument list (options left as None keep the engine's defaults, MeshConfig's;
+    `crop`: the engine crops the map, mask and segmentation about their centre to this box before meshing)."""
+    args = ["--volume", volume, "--out", outDir] + engineArgs(MeshConfig, {"cells": cells, "rigidity_min": rigidityMin})
     if crop:
         args += ["--crop", crop]
     if mask:
         args += ["--mask", mask]
-    if stiffenLowDensity:
-        args += ["--stiffen-low-density"]
+    args += engineArgs(MeshConfig, {"stiffen_low_density": stiffenLowDensity})
     if segmentation:
         args += ["--segmentation", segmentation]
         if fuse and fuse.strip():
@@ -434,10 +435,8 @@ def meshEngineArgs(volume: str, outDir: str, mask: str | None = None, cells: int
         if rigid and rigid.strip():
             args += ["--rigid", rigid.strip()]
     if not mask:
-        for option, value in (("--mask-lowpass", maskLowpass), ("--mask-threshold", maskThreshold),
-                              ("--mask-dilate", maskDilate), ("--mask-pad", maskPad)):
-            if value is not None:
-                args += [option, value]
+        args += engineArgs(MeshConfig, {"mask_lowpass": maskLowpass, "mask_threshold": maskThreshold,
+                                        "mask_dilate": maskDilate, "mask_pad": maskPad})
     return args
 
 

@@ -17,11 +17,13 @@ from pwem.protocols import ProtFlexBase
 
 from flexplugin.convert import plainFileName, readSetOfParticlesFlex, writeZFlexLatents
 from flexplugin.engine.flex.config import TrainConfig
+from flexplugin.engine.flex.mesh_config import MeshConfig
 
 from .constants import FLEX_PROGNAME, MESH_FILES, TRAIN_FILES, TRAIN_PLOTS
 from .protocol_base import INPUT_MASK, INPUT_VOLUME, FlexPluginProtBase, engineArgs, meshEngineArgs, readJsonFile
 
 D = TrainConfig()  # every training default is declared there, once
+M = MeshConfig()  # the automatic mesh's settings: flex-mesh's defaults
 # the form parameter of each TrainConfig field the form sets (the others keep the engine's default)
 TRAIN_FORM = {"k": "numberOfLatents", "layers": "layers", "hidden": "hiddenUnits", "epochs": "epochs",
               "extra_epochs": "extraEpochs", "batch_size": "batchSize", "lr_flow_init": "lrFlowInit",
@@ -88,13 +90,15 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
                       condition=fresh,
                       label="Mesh (3D flex mesh prep run)",
                       help="A '3D flex mesh prep' run whose mesh spans the crop box below. Leave empty to build a "
-                           "default mesh automatically (20 cells across the crop box, minimum rigidity 0.5) over "
+                           f"default mesh automatically ({M.cells} cells across the crop box, minimum rigidity "
+                           f"{M.rigidity_min:g}) over "
                            "the mask below, or over a mask made from the consensus map.")
         self._defineMaskParam(form, condition=f"{fresh} and meshRun is None",
                               label="Solvent mask (automatic mesh)",
                               help="Only for the automatic mesh: a mask around the particle (values in [0, 1], "
-                                   "same box and pixel size as the particles). Empty: made from the map (10 Å "
-                                   "low-pass, 5 % of the maximum, 2 Å dilation, 5 Å soft edge).")
+                                   "same box and pixel size as the particles). Empty: made from the map "
+                                   f"({M.mask_lowpass:g} Å low-pass, 5 % of the maximum, {M.mask_dilate:g} Å "
+                                   f"dilation, {M.mask_pad:g} Å soft edge).")
 
         form.addSection(label="Data prep")
         form.addParam("cropBox", params.IntParam, default=None, allowsNull=True, condition=fresh,

@@ -9,6 +9,7 @@ import pytest
 from flexplugin.cli import build_parser
 from flexplugin.cli_options import config_from_args
 from flexplugin.engine.flex.config import TrainConfig
+from flexplugin.engine.flex.mesh_config import MeshConfig
 from flexplugin.engine.flex.reconstruct_config import ReconstructConfig
 from flexplugin.engine.options import cli_fields, option_args, option_name
 from flexplugin.engine.va3d_config import VA3DConfig
@@ -22,6 +23,12 @@ CASES = {
                   ("protocol_flex_train", "FlexPluginProtTrain", "TRAIN_FORM"), {"rigidity_cells"}),
     ReconstructConfig: (["flex-reconstruct", "--model", "m.pt", "--particles", "p.star", "--out", "o"],
                         ("protocol_flex_reconstruct", "FlexPluginProtReconstruct", "RECONSTRUCT_FORM"), set()),
+    # the mesh prep protocol maps its form here (its module keeps no map: it passes values to meshEngineArgs)
+    MeshConfig: (["flex-mesh", "--volume", "v.mrc", "--out", "o"],
+                 ("protocol_flex_mesh", "FlexPluginProtMeshPrep",
+                  {"cells": "numberOfCells", "rigidity_min": "rigidityMin", "stiffen_low_density": "stiffenLowDensity",
+                   "mask_lowpass": "maskLowpass", "mask_threshold": "maskThreshold", "mask_dilate": "maskDilate",
+                   "mask_pad": "maskPad"}), set()),
     VA3DConfig: (["3dva", "--particles", "p.star", "--mask", "m.mrc", "--out", "o", "--filter-res", "8"],
                  ("protocol_3dva", "FlexPluginProt3DVA", "VA3D_FORM"), set()),
 }
@@ -106,7 +113,8 @@ def test_form_defaults_are_the_dataclass_defaults(cls):
     scipion_project.loadPlugins()
     (module, protocol, form_map), cli_only = CASES[cls][1:]
     mod = importlib.import_module(f"flexplugin.protocols.{module}")
-    form, prot = getattr(mod, form_map), getattr(mod, protocol)()  # its attributes hold the form's defaults, typed
+    form = form_map if isinstance(form_map, dict) else getattr(mod, form_map)
+    prot = getattr(mod, protocol)()  # its attributes hold the form's defaults, typed
     assert set(form) | cli_only == {f.name for f in cli_fields(cls)}
     for f in cli_fields(cls):
         if f.name in form:
