@@ -113,6 +113,18 @@ def test_changed_input_or_box_rebuilds_and_same_reuses(data, small_flex_data, tm
     assert not list(tmp_path.glob("*.tmp-*"))  # no temporary folder left
 
 
+def test_reads_after_releasing_pages_are_unchanged(data, tmp_path, monkeypatch):
+    """The cache drops the map's pages from the process after every RELEASE_BYTES read (flat RSS); reading again
+    maps them back from the page cache, the same values."""
+    ps, spec = data
+    c = open_cache(ps, spec, tmp_path, progress=_quiet)
+    ref = c.images(np.arange(len(c)))
+    monkeypatch.setattr(cache_mod, "RELEASE_BYTES", 1)
+    for rows in (np.arange(0, 120, 7), np.arange(120)):
+        np.testing.assert_array_equal(c.images(rows), ref[rows])
+    assert c._read == 0  # released after each read
+
+
 def test_damaged_cache_is_rebuilt(data, tmp_path):
     ps, spec = data
     c = open_cache(ps, spec, tmp_path, progress=_quiet)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import socket
@@ -43,6 +44,7 @@ __all__ = ["SCRATCH_ENV", "ParticleCache", "cache_bytes", "fingerprint", "open_c
 SCRATCH_ENV = "FLEXPLUGIN_SCRATCH"
 FORMAT = 1  # bump when the stored layout changes: older caches are then not reused
 CHUNK = 256  # particles prepared per step of the build
+RELEASE_BYTES = 256 * 2**20  # read this much from the cache's map, then drop its pages from this process's RSS
 
 
 def scratch_folder(option: str | None) -> Path | None:
@@ -101,6 +103,7 @@ class ParticleCache:
         self.images16 = np.load(folder / "images.npy", mmap_mode="r")
         self.scales = np.load(folder / "scales.npy")
         self.info = json.loads((folder / "info.json").read_text())
+        self._read = 0
 
     def __len__(self) -> int:
         return len(self.scales)
@@ -109,7 +112,18 @@ class ParticleCache:
         """Images (B, T, T) float32 for 0-based table rows `rows`."""
         rows = np.asarray(rows, dtype=np.int64)
         x = np.asarray(self.images16[rows], dtype=np.float32)
+        self._read += x.size * 2
+        if self._read >= RELEASE_BYTES:
+            self._release()
         return x * self.scales[rows, None, None]
+
+    def _release(self) -> None:
+        """Unmap the pages read so far from this process (they stay in the kernel's page cache, a later read
+        maps them again): the resident memory of an epoch then stays flat in the number of particles."""
+        self._read = 0
+        mm = getattr(self.images16, "_mmap", None)
+        if isinstance(mm, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
 
 
 def _local_rank() -> int:
