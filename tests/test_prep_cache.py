@@ -209,3 +209,20 @@ def test_two_ranks_share_one_build(small_flex_data, tmp_path, node_local):
     assert (out[0]["folder"] != out[1]["folder"]) == node_local
     np.testing.assert_array_equal(out[0]["images"], out[1]["images"])
     assert not list(tmp_path.rglob("*.tmp-*"))
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_loader_workers_give_the_same_batches(data, tmp_path, cached):
+    """PreparedParticles.loader with two DataLoader workers (prefetching) yields exactly the batches of
+    batch(), in order, from the stacks or from the cache."""
+    ps, spec = data
+    pp = PreparedParticles(ps, spec, open_cache(ps, spec, tmp_path, progress=_quiet) if cached else None)
+    order = np.random.default_rng(1).permutation(len(pp))
+    batches = [order[s:s + 25] for s in range(0, len(order), 25)]
+    got = list(pp.loader(batches, "cpu", workers=2, prefetch=2))
+    assert len(got) == len(batches)
+    for rows, b in zip(batches, got):
+        ref = pp.batch(rows, "cpu")
+        for k in ("images", "rotations", "shifts", "rows"):
+            torch.testing.assert_close(b[k], ref[k], rtol=0, atol=0)
+        torch.testing.assert_close(b["ctf"].defocus_u, ref["ctf"].defocus_u, rtol=0, atol=0)

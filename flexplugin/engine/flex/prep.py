@@ -6,6 +6,7 @@ to speed up repeated training runs. Particle ids are kept.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,3 +97,37 @@ class PreparedParticles:
             "ctf": self.ps.ctf_params(rows, device),
             "rows": torch.as_tensor(rows, device=device),
         }
+
+    def loader(self, batches: list[np.ndarray], device, workers: int = 0, prefetch: int = 2) -> Iterator[dict]:
+        """`batch(rows, device)` for each of `batches`, in order; with `workers` > 0 the batches are read and
+        prepared ahead by that many DataLoader worker processes (`prefetch` batches each), on the CPU, while
+        the caller computes, then moved to `device` (pinned memory for a GPU)."""
+        if workers <= 0:
+            for rows in batches:
+                yield self.batch(rows, device)
+            return
+        dev = torch.device(device)
+        dl = torch.utils.data.DataLoader(_Batches(self, batches), batch_size=None, shuffle=False,
+                                         num_workers=workers, prefetch_factor=prefetch, collate_fn=_as_is,
+                                         pin_memory=dev.type == "cuda", persistent_workers=False)
+        for b in dl:
+            yield {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v.to(dev)
+                   for k, v in b.items()}
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Batch i of a list of row arrays, prepared on the CPU (what a DataLoader worker computes)."""
+
+    def __init__(self, particles: PreparedParticles, batches: list[np.ndarray]):
+        self.p, self.batches = particles, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.p.batch(self.batches[i], "cpu")
+
+
+def _as_is(batch: dict) -> dict:
+    """DataLoader collate for batches that are already whole (batch_size=None)."""
+    return batch
