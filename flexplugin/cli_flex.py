@@ -98,15 +98,13 @@ def cmd_flex_prep(a: argparse.Namespace) -> None:
 
 
 def add_prep_parser(sub) -> None:
+    from .cli_options import add_config_options
+    from .engine.flex.prep_config import PrepConfig
     p = sub.add_parser("flex-prep", help="3D Flex data prep: crop and downsample particles to a training box")
     p.add_argument("--particles", required=True, help="RELION STAR with poses and CTF")
     p.add_argument("--volume", help="consensus map to prepare alongside (same box and pixel size)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--crop", type=int, help="real-space crop box in px (box_size_pix; default: keep the box)")
-    p.add_argument("--train-box", type=int, default=128,
-                   help="training box in px after Fourier cropping (bin_size_pix; default 128, or the crop box "
-                        "when smaller). Keep training Nyquist below the consensus resolution so the high-res "
-                        "reconstruction can be validated")
+    add_config_options(p, PrepConfig)  # --crop, --train-box: declared once, in PrepConfig
     p.add_argument("--num-particles", type=int, help="use a random subset of this many particles (keep_num_particles)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset")
     p.set_defaults(func=cmd_flex_prep)
@@ -420,6 +418,7 @@ def cmd_flex_train(a: argparse.Namespace) -> None:
 def add_train_parser(sub) -> None:
     from .cli_options import add_config_options
     from .engine.flex.config import TrainConfig
+    from .engine.flex.prep_config import PrepConfig
     p = sub.add_parser("flex-train", help="3D Flex training: flow generator, canonical map and latents")
     p.add_argument("--particles", required=True, help="RELION STAR with poses and CTF")
     p.add_argument("--volume", required=True, help="consensus map (same box and pixel size as the particles)")
@@ -429,8 +428,7 @@ def add_train_parser(sub) -> None:
                                           "rlnImageId (e.g. 3DVA's latents.csv) (flex_latent_ext_init)")
     p.add_argument("--init-idxs", help="which columns of --init-latents seed the K latents: K distinct 0-based "
                                        "column numbers, e.g. '0,1' (default: the first K)")
-    p.add_argument("--crop", type=int, help="real-space crop box in px (default: keep the box)")
-    p.add_argument("--train-box", type=int, default=128, help="training box in px (default 128, or the crop box)")
+    add_config_options(p, PrepConfig)  # --crop, --train-box
     add_config_options(p, TrainConfig)  # --k, --layers, ..., --search-kmax: declared once, in TrainConfig
     p.add_argument("--continue", dest="cont", action="store_true",
                    help="resume from the checkpoint in --out (finished epochs are kept)")

@@ -18,12 +18,15 @@ from pwem.protocols import ProtFlexBase
 from flexplugin.convert import plainFileName, readSetOfParticlesFlex, writeZFlexLatents
 from flexplugin.engine.flex.config import TrainConfig
 from flexplugin.engine.flex.mesh_config import MeshConfig
+from flexplugin.engine.flex.prep_config import PrepConfig
 
 from .constants import FLEX_PROGNAME, MESH_FILES, TRAIN_FILES, TRAIN_PLOTS
 from .protocol_base import INPUT_MASK, INPUT_VOLUME, FlexPluginProtBase, engineArgs, meshEngineArgs, readJsonFile
 
 D = TrainConfig()  # every training default is declared there, once
 M = MeshConfig()  # the automatic mesh's settings: flex-mesh's defaults
+P = PrepConfig()  # the data prep's boxes
+PREP_FORM = {"crop": "cropBox", "train_box": "trainingBox"}  # the form parameter of each PrepConfig field
 # the form parameter of each TrainConfig field the form sets (the others keep the engine's default)
 TRAIN_FORM = {"k": "numberOfLatents", "layers": "layers", "hidden": "hiddenUnits", "epochs": "epochs",
               "extra_epochs": "extraEpochs", "batch_size": "batchSize", "lr_flow_init": "lrFlowInit",
@@ -106,10 +109,11 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
                       help="Real-space crop of particles and map about their centre before downsampling "
                            "(cryoSPARC Data Prep: box_size_pix). Empty: keep the full particle box. Crop away "
                            "empty solvent to save time; a mesh prep run must use the same crop box.")
-        form.addParam("trainingBox", params.IntParam, default=128, condition=fresh,
+        form.addParam("trainingBox", params.IntParam, default=P.train_box, condition=fresh,
                       label="Training box size (pix)",
                       help="Particles and map are Fourier-cropped from the crop box to this box for training "
-                           "(cryoSPARC Data Prep: bin_size_pix, default 128). Even, at least 16 and at most the "
+                           f"(cryoSPARC Data Prep: bin_size_pix, default {P.train_box}). Even, at least 16 and at "
+                           "most the "
                            "crop box. The training pixel size is pixel size × crop box / training box. Keep "
                            "training Nyquist below the consensus resolution; boxes above 256 become very slow.")
 
@@ -478,9 +482,8 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
                 "--volume", plainFileName(getattr(src, INPUT_VOLUME).get().getFileName()),
                 "--mesh", self._getMeshFile(),
                 "--out", self._getTrainDir()]
-        args += self._trainSettingArgs("k") + ["--train-box", src.trainingBox.get()]
-        if src.cropBox.get():
-            args += ["--crop", src.cropBox.get()]
+        args += self._trainSettingArgs("k") + engineArgs(PrepConfig, {"train_box": src.trainingBox.get(),
+                                                                     "crop": src.cropBox.get() or None})
         args += self._trainSettingArgs("layers", "hidden", "epochs", "extra_epochs", "batch_size", "lr_flow_init",
                                        "lr_flow_final", "lr_density", "rigidity", "latent_noise", "latent_prior",
                                        "latent_prior_pow", "seed")

@@ -10,6 +10,7 @@ from flexplugin.cli import build_parser
 from flexplugin.cli_options import config_from_args
 from flexplugin.engine.flex.config import TrainConfig
 from flexplugin.engine.flex.mesh_config import MeshConfig
+from flexplugin.engine.flex.prep_config import PrepConfig
 from flexplugin.engine.flex.reconstruct_config import ReconstructConfig
 from flexplugin.engine.options import cli_fields, option_args, option_name
 from flexplugin.engine.va3d_config import VA3DConfig
@@ -23,6 +24,8 @@ CASES = {
                   ("protocol_flex_train", "FlexPluginProtTrain", "TRAIN_FORM"), {"rigidity_cells"}),
     ReconstructConfig: (["flex-reconstruct", "--model", "m.pt", "--particles", "p.star", "--out", "o"],
                         ("protocol_flex_reconstruct", "FlexPluginProtReconstruct", "RECONSTRUCT_FORM"), set()),
+    PrepConfig: (["flex-prep", "--particles", "p.star", "--out", "o"],
+                 ("protocol_flex_train", "FlexPluginProtTrain", "PREP_FORM"), set()),
     # the mesh prep protocol maps its form here (its module keeps no map: it passes values to meshEngineArgs)
     MeshConfig: (["flex-mesh", "--volume", "v.mrc", "--out", "o"],
                  ("protocol_flex_mesh", "FlexPluginProtMeshPrep",
@@ -78,6 +81,8 @@ def test_help_names_cryosparc_key_and_default():
     assert actions["final_search"].option_strings == ["--no-final-search"]
     assert actions["final_search"].help.startswith("skip the finer latent search")
     assert _actions("3dva")["lam"].option_strings == ["--lambda"]
+    train = build_parser().parse_args(CASES[TrainConfig][0])  # flex-train has the data prep's boxes too
+    assert config_from_args(PrepConfig, train) == PrepConfig()
 
 
 @pytest.mark.parametrize("cls", CLASSES, **by_name)
