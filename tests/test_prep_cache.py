@@ -113,16 +113,21 @@ def test_changed_input_or_box_rebuilds_and_same_reuses(data, small_flex_data, tm
     assert not list(tmp_path.glob("*.tmp-*"))  # no temporary folder left
 
 
-def test_reads_after_releasing_pages_are_unchanged(data, tmp_path, monkeypatch):
-    """The cache drops the map's pages from the process after every RELEASE_BYTES read (flat RSS); reading again
-    maps them back from the page cache, the same values."""
+def test_positioned_reads_equal_the_stored_array(data, tmp_path):
+    """ParticleCache.images (os.preadv of each row) equals the .npy read by numpy times the stored scales, for
+    rows in any order; a row outside the cache and a truncated file are errors, not garbage."""
     ps, spec = data
     c = open_cache(ps, spec, tmp_path, progress=_quiet)
-    ref = c.images(np.arange(len(c)))
-    monkeypatch.setattr(cache_mod, "RELEASE_BYTES", 1)
-    for rows in (np.arange(0, 120, 7), np.arange(120)):
-        np.testing.assert_array_equal(c.images(rows), ref[rows])
-    assert c._read == 0  # released after each read
+    full = np.load(c.folder / "images.npy").astype(np.float32) * np.load(c.folder / "scales.npy")[:, None, None]
+    rows = np.array([119, 0, 64, 63, 5, 5])
+    np.testing.assert_array_equal(c.images(rows), full[rows])
+    with pytest.raises(IndexError, match="row 120"):
+        c.images(np.array([120]))
+    path = c.folder / "images.npy"
+    with open(path, "r+b") as fh:
+        fh.truncate(os.path.getsize(path) - 100)
+    with pytest.raises(InputError, match="shorter than its header"):
+        c.images(np.array([119]))  # a cache truncated while in use
 
 
 def test_damaged_cache_is_rebuilt(data, tmp_path):
