@@ -1,10 +1,11 @@
-"""Prepared-particles cache: the images at the training box, float16, memory-mapped, in a scratch folder.
+"""Prepared-particles cache: the images at the training box, float16, in a scratch folder, built once.
 
 flex-train reads every particle once per epoch. Without a cache each batch re-reads the full-box images and
 re-crops them (real-space crop to C, Fourier crop to T, `prep.prep_images`). With `--scratch DIR` (or the
 FLEXPLUGIN_SCRATCH environment variable) the prepared images are written once to DIR as a float16 .npy
-(`images.npy`, N x T x T) read memory-mapped, so an epoch reads 2·T² bytes per particle instead of 4·N², and
-memory stays flat in the number of particles (only the batch is in RAM). Each image is stored divided by its
+(`images.npy`, N x T x T, written through np.lib.format.open_memmap), so an epoch reads 2·T² bytes per particle
+instead of 4·B² (B the particle box) and crops nothing. Batches read their rows with positioned reads (ParticleCache), so the
+process holds only the batch: memory stays flat in the number of particles. Each image is stored divided by its
 RMS (kept in float32 in `scales.npy`), so float16 keeps its full 11-bit relative precision whatever the
 images' normalisation (no overflow of raw counts, no subnormal loss of tiny values).
 
