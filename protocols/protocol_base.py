@@ -27,9 +27,9 @@ from flexplugin.engine.errors import EXIT_DISK_FULL
 from flexplugin.engine.flex.mesh_config import MeshConfig
 from flexplugin.engine.options import option_args
 from flexplugin.engine.va3d_config import VA3DConfig
+from flexplugin.launch import TORCHRUN_MODULE
 
 from .constants import FLEX_PROGNAME, INPUT_TRAINING
-from flexplugin.launch import TORCHRUN_MODULE
 
 # attribute names of the inputs the shared checks know about
 INPUT_PARTICLES = "inputParticles"
@@ -370,35 +370,6 @@ class FlexPluginProtBase(EMProtocol):
         return SEVERAL_GPU_JOBS.get(type(self).__name__) in DISTRIBUTED_COMMANDS
 
 
-# --------------------------- several GPUs: one engine job through torchrun (docs/distributed.md) -----------------
-# the engine job of each protocol that may run on several GPUs (only while the CLI runs that job data-parallel)
-SEVERAL_GPU_JOBS = {"FlexPluginProt3DVA": "3dva", "FlexPluginProt3DVADisplay": "3dva-display",
-                    "FlexPluginProtTrain": "flex-train", "FlexPluginProtReconstruct": "flex-reconstruct"}
-# torchrun's rendezvous on one node (what its --standalone sets), given as torchrun's PET_* environment defaults
-# so that a queue template can replace them with a rendezvous across nodes
-TORCHRUN_LOCAL_RDZV = {"PET_NNODES": "1", "PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": "localhost:0"}
-# a command that starts torchrun once per node (a SLURM template sets "srun --ntasks-per-node=1 ..."); unset on a
-# workstation, where torchrun simply runs
-SRUN_ENV = "FLEXPLUGIN_SRUN"
-STOPPED_NOTICE = "was stopped (SIGTERM from torchrun"  # the error line of a process torchrun stopped (engine/distributed.py)
-
-
-def engineCommandLine(subcommand: str, args: list, gpus: int = 1) -> tuple[str, str]:
-    """Scipion runJob's program and argument line for `flexplugin <subcommand> <args>`: the CLI itself, or for
-    `gpus` > 1 torchrun (torch.distributed.run) starting one CLI process per GPU on each node.
-
-    Each argument is shell-quoted (runJob hands the line to a shell); Scipion's %(GPU)s placeholder inside
-    the quotes still becomes the step's GPU ids. '--' ends torchrun's own options (flexplugin/launch.py). The
-    torchrun command starts with ${FLEXPLUGIN_SRUN}, empty unless a queue template sets it to run torchrun on
-    every node of the job (docs/distributed.md)."""
-    words = [subcommand] + [str(a) for a in args]
-    if gpus <= 1 or subcommand not in DISTRIBUTED_COMMANDS:
-        return Plugin.getProgram(), " ".join(shlex.quote(w) for w in words)
-    program = f"${{{SRUN_ENV}}} {Plugin.getPython()} -m {TORCHRUN_MODULE}"
-    line = [f"--nproc-per-node={gpus}", "-m", "flexplugin.cli", "--", *words]
-    return program, " ".join(shlex.quote(w) for w in line)
-
-
 # --------------------------- shared pieces of several protocols --------------------------------------------------
 def readJsonFile(path: str) -> dict | None:
     """The JSON an engine command wrote (run.json, train.json, mesh.json, ...), or None while it does not exist."""
@@ -531,3 +502,32 @@ class ButterworthFilterParams:
             if value is None or value <= 0:
                 errors.append(f"The {label} must be positive.")
         return errors
+
+
+# --------------------------- several GPUs: one engine job through torchrun (docs/distributed.md) -----------------
+# the engine job of each protocol that may run on several GPUs (only while the CLI runs that job data-parallel)
+SEVERAL_GPU_JOBS = {"FlexPluginProt3DVA": "3dva", "FlexPluginProt3DVADisplay": "3dva-display",
+                    "FlexPluginProtTrain": "flex-train", "FlexPluginProtReconstruct": "flex-reconstruct"}
+# torchrun's rendezvous on one node (what its --standalone sets), given as torchrun's PET_* environment defaults
+# so that a queue template can replace them with a rendezvous across nodes
+TORCHRUN_LOCAL_RDZV = {"PET_NNODES": "1", "PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": "localhost:0"}
+# a command that starts torchrun once per node (a SLURM template sets "srun --ntasks-per-node=1 ..."); unset on a
+# workstation, where torchrun simply runs
+SRUN_ENV = "FLEXPLUGIN_SRUN"
+STOPPED_NOTICE = "was stopped (SIGTERM from torchrun"  # the error line of a process torchrun stopped (engine/distributed.py)
+
+
+def engineCommandLine(subcommand: str, args: list, gpus: int = 1) -> tuple[str, str]:
+    """Scipion runJob's program and argument line for `flexplugin <subcommand> <args>`: the CLI itself, or for
+    `gpus` > 1 torchrun (torch.distributed.run) starting one CLI process per GPU on each node.
+
+    Each argument is shell-quoted (runJob hands the line to a shell); Scipion's %(GPU)s placeholder inside
+    the quotes still becomes the step's GPU ids. '--' ends torchrun's own options (flexplugin/launch.py). The
+    torchrun command starts with ${FLEXPLUGIN_SRUN}, empty unless a queue template sets it to run torchrun on
+    every node of the job (docs/distributed.md)."""
+    words = [subcommand] + [str(a) for a in args]
+    if gpus <= 1 or subcommand not in DISTRIBUTED_COMMANDS:
+        return Plugin.getProgram(), " ".join(shlex.quote(w) for w in words)
+    program = f"${{{SRUN_ENV}}} {Plugin.getPython()} -m {TORCHRUN_MODULE}"
+    line = [f"--nproc-per-node={gpus}", "-m", "flexplugin.cli", "--", *words]
+    return program, " ".join(shlex.quote(w) for w in line)
