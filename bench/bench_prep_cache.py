@@ -9,7 +9,9 @@ its own, at training box 64:
 * `fly`: one epoch of PreparedParticles.batch over all particles in a shuffled order, batches of 64 (what
   flex-train's epoch reads), cropping the full-box images on the fly;
 * `build`: building the cache (reading and cropping every image once, writing float16);
-* `cached`: the same epoch read from the cache.
+* `cached`: the same epoch read from the cache;
+* with `--workers W`, also `fly+W` and `cached+W`: the same epochs through PreparedParticles.loader, W DataLoader
+  worker processes preparing the batches ahead (peak memory then is the main process's only).
 
 Printed per N and mode: seconds, the process's peak resident memory (VmHWM) and its peak anonymous memory
 (RssAnon sampled after every batch; memory-mapped file pages are counted in VmHWM but are page cache the
@@ -77,7 +79,7 @@ def _status(key: str) -> int:
     return 0
 
 
-def measure(star: str, mode: str, scratch: str, train_box: int, batch: int) -> dict:
+def measure(star: str, mode: str, scratch: str, train_box: int, batch: int, workers: int = 0) -> dict:
     """One mode in this process: seconds, peak VmHWM and peak RssAnon."""
     import torch
     torch.set_num_threads(1)
@@ -88,15 +90,15 @@ def measure(star: str, mode: str, scratch: str, train_box: int, batch: int) -> d
     spec = prep_spec(ps.box, ps.apix, None, train_box)
     anon = _status("RssAnon")
     t0 = time.perf_counter()
-    cache = open_cache(ps, spec, Path(scratch), "cpu", lambda s: None) if mode != "fly" else None
+    cache = open_cache(ps, spec, Path(scratch), "cpu", lambda s: None) if not mode.startswith("fly") else None
     if mode == "build":
         return {"seconds": time.perf_counter() - t0, "peak_rss": _status("VmHWM"),
                 "peak_anon": max(anon, _status("RssAnon")), "cache_bytes": cache.images16.nbytes}
     pp = PreparedParticles(ps, spec, cache)
     order = np.random.default_rng(0).permutation(len(pp))
+    batches = [np.sort(order[s:s + batch]) for s in range(0, len(order), batch)]
     t0 = time.perf_counter()
-    for s in range(0, len(order), batch):
-        b = pp.batch(np.sort(order[s:s + batch]), "cpu")
+    for b in pp.loader(batches, "cpu", workers if "+" in mode else 0):
         assert b["images"].shape[-1] == train_box
         anon = max(anon, _status("RssAnon"))
     return {"seconds": time.perf_counter() - t0, "peak_rss": _status("VmHWM"), "peak_anon": anon}
@@ -108,11 +110,12 @@ def main() -> None:
     ap.add_argument("--box", type=int, default=128)
     ap.add_argument("--train-box", type=int, default=64)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=0, help="also time the epochs with this many loader workers")
     ap.add_argument("--dir", default="/tmp", help="where the synthetic sets and the cache are written (deleted)")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # star mode scratch: one measurement
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(measure(a.child[0], a.child[1], a.child[2], a.train_box, a.batch)))
+        print(json.dumps(measure(a.child[0], a.child[1], a.child[2], a.train_box, a.batch, a.workers)))
         return
     gib = 2.0 ** 30
     print(f"box {a.box}, training box {a.train_box}, batches of {a.batch}; {os.cpu_count()} CPUs; "
@@ -128,15 +131,21 @@ def main() -> None:
             print(f"(N={n}: wrote {stack:.2f} GiB of stacks in {time.perf_counter() - t0:.0f} s)", file=sys.stderr,
                   flush=True)
             res = {}
-            for mode in ("fly", "build", "cached"):
+            extra = [f"fly+{a.workers}", f"cached+{a.workers}"] if a.workers > 0 else []
+            for mode in ["fly", "build", "cached", *extra]:
                 r = subprocess.run([sys.executable, __file__, "--child", str(star), mode, str(root / "scratch"),
-                                    "--train-box", str(a.train_box), "--batch", str(a.batch)],
+                                    "--train-box", str(a.train_box), "--batch", str(a.batch),
+                                    "--workers", str(a.workers)],
                                    capture_output=True, text=True, check=True)
                 res[mode] = json.loads(r.stdout.splitlines()[-1])
                 print(f"| {n} | {stack:.2f} | {mode} | {res[mode]['seconds']:.1f} | {res[mode]['peak_rss'] / gib:.2f} "
                       f"| {res[mode]['peak_anon'] / gib:.3f} |", flush=True)
             print(f"(N={n}: cache {res['build']['cache_bytes'] / gib:.2f} GiB; epoch without/with the cache "
                   f"{res['fly']['seconds'] / res['cached']['seconds']:.1f}x)", flush=True)
+            if extra:
+                print(f"(N={n}: epoch with {a.workers} loader workers / without: fly "
+                      f"{res[extra[0]]['seconds'] / res['fly']['seconds']:.2f}, cached "
+                      f"{res[extra[1]]['seconds'] / res['cached']['seconds']:.2f})", flush=True)
         finally:
             shutil.rmtree(root, ignore_errors=True)
 
