@@ -68,6 +68,7 @@ class PeakMemory:
 
 def _setup(data: Path, n: int | None, device: str, batch: int):
     import numpy as np
+
     from flexplugin.engine.io import read_mask, read_particles, read_volume
     from flexplugin.engine.va3d.em import VA3D, VA3DConfig
     ps = read_particles(data / "particles.star")
@@ -102,6 +103,7 @@ def naive_iteration(va, rows) -> None:
     """One EM iteration over `rows`, one particle at a time, with the library's single-image operators."""
     import torch
     from torch_fourier_slice import insert_central_slices_rfft_3d
+
     from flexplugin.engine.ctf import compute_ctf
     from flexplugin.engine.fourier import irfft2c, pad_images, rfft2c
     from flexplugin.engine.projector import prepare_volume_ft, slice_volume_ft

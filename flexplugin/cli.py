@@ -28,6 +28,7 @@ def resolve_device(name: str, cpu_fallback: bool = False, log=None) -> str:
     """The torch device for --device: 'auto' picks CUDA when present; a GPU that is missing (no CUDA, or an id
     beyond the GPUs present) is an InputError naming the GPUs, or with `cpu_fallback` a WARNING and 'cpu'."""
     import torch
+
     from .engine.errors import InputError
     name = name.strip()
     if name == "auto":
@@ -60,7 +61,7 @@ def resolve_device(name: str, cpu_fallback: bool = False, log=None) -> str:
                      "missing")
 
 
-def _device(name: str) -> "torch.device":  # noqa: F821
+def _device(name: str) -> torch.device:  # noqa: F821 (torch is imported lazily)
     """--device as a torch.device (main() has already resolved it, applying --cpu-fallback)."""
     import torch
     return torch.device(resolve_device(name))
@@ -91,7 +92,7 @@ def cmd_simulate(a: argparse.Namespace) -> None:
 def cmd_reconstruct(a: argparse.Namespace) -> None:
     from .engine.atomic import save_plot, savetxt, write_json
     from .engine.errors import InputError
-    from .engine.io import read_mask, read_particles, write_volume, check_volume_matches
+    from .engine.io import check_volume_matches, read_mask, read_particles, write_volume
     from .engine.reconstruct import reconstruct_particles
     from .plots import plot_fsc, plot_slices
     if a.batch_size < 1:

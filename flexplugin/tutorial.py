@@ -90,9 +90,15 @@ class TutorialRun:
 
     def run(self, steps: tuple[str, ...] | None = None) -> dict:
         """Run the chain (or the named steps of it, in order); returns {step name: finished protocol}."""
-        from flexplugin.protocols import (FlexPluginProt3DVA, FlexPluginProt3DVADisplay, FlexPluginProtGenerate,
-                                          FlexPluginProtMeshPrep, FlexPluginProtReconstruct,
-                                          FlexPluginProtSimulate, FlexPluginProtTrain)
+        from flexplugin.protocols import (
+            FlexPluginProt3DVA,
+            FlexPluginProt3DVADisplay,
+            FlexPluginProtGenerate,
+            FlexPluginProtMeshPrep,
+            FlexPluginProtReconstruct,
+            FlexPluginProtSimulate,
+            FlexPluginProtTrain,
+        )
         p, want = self.preset, (lambda s: steps is None or s in steps)
 
         def new(cls, objLabel: str, **params):
@@ -157,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu", action="store_true", help="run the engine jobs on GPU 0 (default: CPU)")
     a = ap.parse_args(argv)
 
-    from pyworkflow.project import Manager
     from pyworkflow.plugin import Domain
+    from pyworkflow.project import Manager
     Domain.getPlugins()
     Domain.getProtocols()
     manager = Manager()

@@ -13,13 +13,14 @@ import shutil
 import subprocess
 
 import numpy as np
+
 import pyworkflow as pw
 import pyworkflow.protocol.params as params
+from pwem.objects import FlexInfo, SetOfParticlesFlex
+from pwem.protocols import EMProtocol
 from pyworkflow.protocol import Protocol
 from pyworkflow.protocol.constants import GPU_LIST, USE_GPU
 from pyworkflow.protocol.params import PARALLELIZATION
-from pwem.objects import FlexInfo, SetOfParticlesFlex
-from pwem.protocols import EMProtocol
 
 from flexplugin import Plugin
 from flexplugin.cli import DISTRIBUTED_COMMANDS

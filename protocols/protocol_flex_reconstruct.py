@@ -18,8 +18,8 @@ import numpy as np
 import pyworkflow.object as pwobj
 import pyworkflow.protocol.params as params
 import pyworkflow.utils as pwutils
-from pyworkflow.protocol import Protocol
 from pwem.objects import FSC, SetOfFSCs, Volume
+from pyworkflow.protocol import Protocol
 
 from flexplugin.convert import plainFileName
 from flexplugin.engine.flex.reconstruct_config import ReconstructConfig

@@ -143,14 +143,13 @@ def _shoot(scipion_project, gd, display: str, out: Path, preset: str = "tiny", r
     from unittest import mock
 
     import matplotlib.pyplot as plt
-    from pyworkflow.gui.project import ProjectWindow  # first: pyworkflow.gui.form alone is a circular import
-    from pyworkflow.gui.form import FormWindow
-
     from PIL import Image
-    from pyworkflow.plugin import Domain
-    from pyworkflow.viewer import DESKTOP_TKINTER
 
+    from pyworkflow.gui.form import FormWindow
+    from pyworkflow.gui.project import ProjectWindow  # first: pyworkflow.gui.form alone is a circular import
+    from pyworkflow.plugin import Domain
     from pyworkflow.project import Manager
+    from pyworkflow.viewer import DESKTOP_TKINTER
     scipion_project.loadPlugins()
     if reuse:
         import pyworkflow as pw

@@ -6,13 +6,13 @@ Scipion's runner find their test cases; pytest collects every test module direct
 """
 from . import scipion_project  # noqa: F401  (must stay first)
 from .test_convert import *  # noqa: F401,F403
-from .test_scipion_plugin import *  # noqa: F401,F403
-from .test_scipion_simulate import *  # noqa: F401,F403
+from .test_gui import *  # noqa: F401,F403
+from .test_scipion_3dva import *  # noqa: F401,F403
+from .test_scipion_bad_metadata import *  # noqa: F401,F403
+from .test_scipion_chaining import *  # noqa: F401,F403
+from .test_scipion_faults import *  # noqa: F401,F403
 from .test_scipion_flex import *  # noqa: F401,F403
 from .test_scipion_flex_results import *  # noqa: F401,F403
-from .test_scipion_3dva import *  # noqa: F401,F403
+from .test_scipion_plugin import *  # noqa: F401,F403
+from .test_scipion_simulate import *  # noqa: F401,F403
 from .test_scipion_workflow import *  # noqa: F401,F403
-from .test_scipion_chaining import *  # noqa: F401,F403
-from .test_gui import *  # noqa: F401,F403
-from .test_scipion_faults import *  # noqa: F401,F403
-from .test_scipion_bad_metadata import *  # noqa: F401,F403

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-from typing import Optional
 
 __all__ = ["Xvfb", "xvfbMissing", "requireXvfb", "RootLogging", "pump", "grab", "grabWidget", "isBlank",
            "runTinyWorkflow"]
@@ -20,7 +19,7 @@ SCREEN = (1400, 900)
 _HINT = "install Debian's xvfb and x11-xkb-utils (`make test-setup` does it as root)"
 
 
-def xvfbMissing() -> Optional[str]:
+def xvfbMissing() -> str | None:
     """Why the GUI cannot run here (no Xvfb, no xkbcomp, no tkinter), or None when it can."""
     for program in ("Xvfb", "xkbcomp"):
         if shutil.which(program) is None:
@@ -58,12 +57,12 @@ class Xvfb:
 
     def __init__(self, width: int = SCREEN[0], height: int = SCREEN[1], depth: int = 24):
         self.size = (width, height, depth)
-        self.display: Optional[str] = None
-        self._proc: Optional[subprocess.Popen] = None
-        self._oldDisplay: Optional[str] = None
+        self.display: str | None = None
+        self._proc: subprocess.Popen | None = None
+        self._oldDisplay: str | None = None
         self._log = None
 
-    def start(self, timeout: float = 30.0) -> "Xvfb":
+    def start(self, timeout: float = 30.0) -> Xvfb:
         """Start the server and wait until it has chosen its display."""
         read, write = os.pipe()
         w, h, d = self.size
@@ -116,7 +115,7 @@ class Xvfb:
             self._log.close()
             self._log = None
 
-    def __enter__(self) -> "Xvfb":
+    def __enter__(self) -> Xvfb:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -170,7 +169,7 @@ def pump(widget, seconds: float = 0.5) -> None:
         time.sleep(0.02)
 
 
-def grab(display: str, bbox: Optional[tuple] = None):
+def grab(display: str, bbox: tuple | None = None):
     """A screenshot of the display (or of bbox = (left, top, right, bottom)) as a Pillow RGB image."""
     from PIL import ImageGrab
     return ImageGrab.grab(bbox=bbox, xdisplay=display).convert("RGB")

@@ -3,8 +3,6 @@
 The pose oracle is independent of flexplugin.engine.geometry: the relion plugin's convention written with
 pwem.convert.transformations (Minv = euler_matrix(-rot, -tilt, -psi, 'szyz'), Minv[:3, 3] = -s, M = inv(Minv)).
 """
-from . import scipion_project  # noqa: F401  (sets up Scipion's environment before pwem is imported)
-
 import math
 import os
 import shutil
@@ -18,14 +16,23 @@ import pyworkflow.object as pwobj
 from pwem.constants import ALIGN_2D, ALIGN_NONE, ALIGN_PROJ
 from pwem.convert.transformations import euler_matrix
 from pwem.emlib.image import ImageHandler
-from pwem.objects import (Acquisition, CTFModel, FlexInfo, Particle, ParticleFlex, SetOfParticles, SetOfParticlesFlex,
-                          Transform)
+from pwem.objects import (
+    Acquisition,
+    CTFModel,
+    FlexInfo,
+    Particle,
+    ParticleFlex,
+    SetOfParticles,
+    SetOfParticlesFlex,
+    Transform,
+)
 
 from flexplugin import convert
 from flexplugin.engine.errors import InputError
-from flexplugin.engine.geometry import (euler_to_matrix_np, relion_from_scipion_matrix,
-                                        scipion_matrix_from_relion)
+from flexplugin.engine.geometry import euler_to_matrix_np, relion_from_scipion_matrix, scipion_matrix_from_relion
 from flexplugin.engine.io import read_particles, write_particles_star
+
+from . import scipion_project  # noqa: F401  (sets up Scipion's environment before pwem is imported)
 
 __all__ = ["TestPoseConvention", "TestWriteStar", "TestReadStar", "TestLatents"]  # what tests/__init__.py re-exports
 

@@ -21,8 +21,8 @@ import torch
 from flexplugin import cli
 from flexplugin.engine import atomic
 from flexplugin.engine.errors import EXIT_DISK_FULL, EXIT_INPUT, DiskFullError
-from flexplugin.engine.outdir import LOCK_NAME
 from flexplugin.engine.io import read_volume
+from flexplugin.engine.outdir import LOCK_NAME
 
 PY = [sys.executable, "-m", "flexplugin.cli"]
 EPOCHS = 3

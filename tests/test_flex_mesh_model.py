@@ -1,5 +1,4 @@
 """3D Flex mesh and model pieces against geometric facts (no training)."""
-import math
 import pickle
 from collections import Counter
 
@@ -8,10 +7,23 @@ import pytest
 import torch
 
 from flexplugin.engine.errors import InputError
-from flexplugin.engine.flex.mesh import (auto_mask, build_mesh, load_mesh, parse_fuse_list, rasterize_weights,
-                                         save_mesh, write_mesh_pdb)
-from flexplugin.engine.flex.model import (FlowGenerator, MeshRaster, deformation_gradients, project_warped,
-                                          rigidity_penalty, warp_volume)
+from flexplugin.engine.flex.mesh import (
+    auto_mask,
+    build_mesh,
+    load_mesh,
+    parse_fuse_list,
+    rasterize_weights,
+    save_mesh,
+    write_mesh_pdb,
+)
+from flexplugin.engine.flex.model import (
+    FlowGenerator,
+    MeshRaster,
+    deformation_gradients,
+    project_warped,
+    rigidity_penalty,
+    warp_volume,
+)
 from flexplugin.engine.geometry import euler_to_matrix
 
 
@@ -76,8 +88,8 @@ def test_save_load_and_pdb(mesh, tmp_path):
     np.testing.assert_allclose(m2.rweights, mesh.rweights)
     write_mesh_pdb(mesh, tmp_path / "m.pdb")
     lines = (tmp_path / "m.pdb").read_text().splitlines()
-    assert sum(l.startswith("HETATM") for l in lines) == len(mesh.points)
-    assert any(l.startswith("CONECT") for l in lines)
+    assert sum(line.startswith("HETATM") for line in lines) == len(mesh.points)
+    assert any(line.startswith("CONECT") for line in lines)
     with pytest.raises(InputError, match="not found"):
         load_mesh(tmp_path / "none.pkl")
     with open(tmp_path / "bad.pkl", "wb") as fh:

@@ -10,7 +10,7 @@ import torch
 from scipy.stats import spearmanr
 
 from flexplugin.engine.errors import InputError
-from flexplugin.engine.flex.mesh import build_mesh, save_mesh
+from flexplugin.engine.flex.mesh import build_mesh
 from flexplugin.engine.flex.model import deformation_gradients
 from flexplugin.engine.flex.prep import PreparedParticles, prep_spec, prep_volume
 from flexplugin.engine.flex.train import FlexTrainer, TrainConfig, normalize_init_latents

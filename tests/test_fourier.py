@@ -5,9 +5,21 @@ import numpy as np
 import pytest
 import torch
 
-from flexplugin.engine.fourier import (butterworth_highpass, butterworth_lowpass, fourier_crop_2d,
-                                       fourier_crop_3d, fourier_pad_2d, fsc, fsc_resolution, irfft2c,
-                                       irfft3c, radius_2d, rfft2c, rfft3c, shift_phase_2d)
+from flexplugin.engine.fourier import (
+    butterworth_highpass,
+    butterworth_lowpass,
+    fourier_crop_2d,
+    fourier_crop_3d,
+    fourier_pad_2d,
+    fsc,
+    fsc_resolution,
+    irfft2c,
+    irfft3c,
+    radius_2d,
+    rfft2c,
+    rfft3c,
+    shift_phase_2d,
+)
 
 
 def _gauss2d(n, sigma, cx=0.0, cy=0.0, step=1.0):

@@ -4,8 +4,13 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from flexplugin.engine.geometry import (euler_to_matrix, euler_to_matrix_np, matrix_to_euler_np,
-                                        relion_from_scipion_matrix, scipion_matrix_from_relion)
+from flexplugin.engine.geometry import (
+    euler_to_matrix,
+    euler_to_matrix_np,
+    matrix_to_euler_np,
+    relion_from_scipion_matrix,
+    scipion_matrix_from_relion,
+)
 
 RNG = np.random.default_rng(0)
 ANGLES = np.concatenate([

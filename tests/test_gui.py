@@ -5,8 +5,6 @@ ProjectWindow with the Flexibility Hub view on a private Xvfb display. Protocols
 flexplugin.protocols and flexplugin.viewers, so new ones are covered without editing this file. Needs Debian's
 xvfb and x11-xkb-utils: skipped without them locally, failed under CI=true.
 """
-from . import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
-
 import inspect
 import os
 import time
@@ -23,8 +21,8 @@ from pyworkflow.viewer import DESKTOP_TKINTER, MessageView, ProtocolViewer
 import flexplugin.protocols
 import flexplugin.viewers
 
-from .gui_display import (RootLogging, Xvfb, closeAllWindows, grabWidget, isBlank, pump, requireXvfb,
-                          runTinyWorkflow)
+from . import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
+from .gui_display import RootLogging, Xvfb, closeAllWindows, grabWidget, isBlank, pump, requireXvfb, runTinyWorkflow
 
 __all__ = ["TestGui"]  # what tests/__init__.py re-exports
 
@@ -172,8 +170,10 @@ class TestGui(unittest.TestCase):
         """Each flexplugin viewer is Scipion's viewer for a finished run; its form opens and every PNG view it
         offers is an existing, non-blank image that opens in a matplotlib window (table views: their file exists)."""
         import matplotlib.pyplot as plt
-        from pyworkflow.plugin import Domain
+
         from pyworkflow.gui.form import FormWindow
+        from pyworkflow.plugin import Domain
+
         from flexplugin.viewers import PngView
         for viewerClass in flexViewerClasses():
             with self.subTest(viewer=viewerClass.__name__):

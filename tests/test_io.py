@@ -1,13 +1,20 @@
 """STAR/MRC I/O: ids, lazy stacks, RELION 3.0 files, and clear errors for bad input."""
 import mrcfile
 import numpy as np
-import pandas as pd
 import pytest
 import starfile
 
 from flexplugin.engine.errors import InputError
-from flexplugin.engine.io import (ID_LABEL, check_volume_matches, read_mask, read_particles, read_segmentation,
-                                  read_volume, write_particles_star, write_volume)
+from flexplugin.engine.io import (
+    ID_LABEL,
+    check_volume_matches,
+    read_mask,
+    read_particles,
+    read_segmentation,
+    read_volume,
+    write_particles_star,
+    write_volume,
+)
 
 
 def _tables(star):

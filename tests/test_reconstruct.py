@@ -49,7 +49,8 @@ def test_shell_regulariser_is_noise_over_signal_power():
     n, d = 200_000, 4.0
     tau2 = torch.tensor([8.0, 1.0, 0.25, 0.05])
     sigma2 = 1.0
-    cn = lambda: torch.complex(torch.randn(len(tau2), n, generator=g), torch.randn(len(tau2), n, generator=g)) / 2 ** .5
+    def cn():
+        return torch.complex(torch.randn(len(tau2), n, generator=g), torch.randn(len(tau2), n, generator=g)) / 2 ** .5
     S = cn() * tau2.sqrt()[:, None]
     halves = [S + cn() * (sigma2 / d) ** 0.5 for _ in range(2)]  # num/den of each half
     f = (halves[0] * halves[1].conj()).real.sum(1) / (halves[0].abs().square().sum(1) * halves[1].abs().square().sum(1)).sqrt()

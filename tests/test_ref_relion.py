@@ -145,7 +145,8 @@ def test_ctf_matches_relion_pixel_by_pixel(projections):
     assert e < 5e-3, e  # measured 5.2e-4 (RELION writes float32 images)
     # the DC term is +A (amplitude contrast), as in RELION
     assert ratio.real[:, BOX // 2, 0] == pytest.approx(0.1, abs=1e-3)
-    shifted = lambda **kw: CTFParams(**{**params.__dict__, **kw})
+    def shifted(**kw):
+        return CTFParams(**{**params.__dict__, **kw})
     assert err(params, -1.0) > 0.5  # each wrong convention: measured ~2.0
     assert err(shifted(defocus_angle=params.defocus_angle + 90)) > 0.5  # angle from y / U, V swapped
     assert err(shifted(defocus_angle=-params.defocus_angle)) > 0.5  # clockwise angle

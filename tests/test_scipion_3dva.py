@@ -5,8 +5,6 @@ FlexInfo, consensus map, components), Scipion's Continue from the engine's check
 three display modes (frame series per component, classes by id with their maps), the protocol tree and that the
 viewers point at existing files.
 """
-from . import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
-
 import json
 import os
 import shutil
@@ -20,8 +18,17 @@ import numpy as np
 import pandas as pd
 
 from pwem.constants import ALIGN_NONE, ALIGN_PROJ
-from pwem.objects import (Class3D, FlexInfo, ParticleFlex, SetOfClasses3D, SetOfParticles, SetOfParticlesFlex,
-                          SetOfVolumes, Volume, VolumeMask)
+from pwem.objects import (
+    Class3D,
+    FlexInfo,
+    ParticleFlex,
+    SetOfClasses3D,
+    SetOfParticles,
+    SetOfParticlesFlex,
+    SetOfVolumes,
+    Volume,
+    VolumeMask,
+)
 from pyworkflow.object import Float
 from pyworkflow.plugin import Domain
 from pyworkflow.protocol.constants import MODE_RESUME
@@ -30,6 +37,8 @@ from pyworkflow.viewer import MessageView
 from flexplugin import Plugin
 from flexplugin.engine.io import read_particles
 from flexplugin.protocols import VA3D_PROGNAME, FlexPluginProt3DVA, FlexPluginProt3DVADisplay
+
+from . import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
 
 __all__ = ["Test3DVAProtocols"]  # what tests/__init__.py re-exports
 

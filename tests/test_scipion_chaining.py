@@ -8,8 +8,6 @@ particle's simulated motion). Output to the framework: FlexPluginProtSubset (box
 exactly against numpy, pwem's subset / join sets / filter set (a zFlex formula) on our SetOfParticlesFlex and subset
 of our SetOfVolumes, and a 3DVA run downstream of a latent subset.
 """
-from . import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
-
 import json
 import os
 import unittest
@@ -25,6 +23,8 @@ from pwem.protocols import ProtImportParticles, ProtSetFilter, ProtSubSet, ProtU
 
 from flexplugin.engine.io import read_particles
 from flexplugin.protocols import VA3D_PROGNAME, FlexPluginProt3DVA, FlexPluginProtSubset
+
+from . import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
 
 __all__ = ["TestChaining"]  # what tests/__init__.py re-exports
 
@@ -293,10 +293,11 @@ class TestChaining(scipion_project.ProjectRuns, unittest.TestCase):
         self.assertIn("widen the region", prot.getErrorMessage())
 
     def test_subset_viewer(self):
-        from flexplugin.viewers import PngView
-        from flexplugin.viewers.viewer_subset import FlexPluginSubsetViewer
         from pwem.viewers import ObjectView
         from pyworkflow.plugin import Domain
+
+        from flexplugin.viewers import PngView
+        from flexplugin.viewers.viewer_subset import FlexPluginSubsetViewer
         self.assertIn(FlexPluginSubsetViewer, Domain.findViewers(self.clusters, "tkinter"))  # Scipion finds it
         viewer = FlexPluginSubsetViewer(project=self.project, protocol=self.clusters)
         viewer.setProtocol(self.clusters)

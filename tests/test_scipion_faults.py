@@ -6,8 +6,6 @@ A 3D flex training protocol SIGKILLed mid-epoch (protocol process and engine chi
 the GUI does it, then continued with Scipion's Continue (MODE_RESUME): TestKilledTraining. A full disk while
 convert.py writes the engine's input: TestConvertDiskFull. The same faults on the bare CLI: tests/test_faults.py.
 """
-from . import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
-
 import ctypes
 import errno
 import io
@@ -38,6 +36,7 @@ from flexplugin.engine.errors import DiskFullError
 from flexplugin.engine.io import read_particles
 from flexplugin.protocols import FlexPluginProt3DVA, FlexPluginProtBase, FlexPluginProtMeshPrep, FlexPluginProtTrain
 
+from . import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
 from .test_convert import ParticleSetCase
 
 __all__ = ["TestFaultProtocols", "TestKilledTraining", "TestConvertDiskFull"]  # what tests/__init__.py re-exports

@@ -4,8 +4,6 @@ Checks outputs (classes, ids, poses, CTF, sampling rates, FlexInfo), validation 
 from another run and with Scipion's own Continue, latent seeding from a SetOfParticlesFlex with the automatic
 (cropped) mesh, and that the viewers point at existing files.
 """
-from . import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
-
 import os
 import shlex
 import shutil
@@ -25,6 +23,8 @@ from pyworkflow.protocol.constants import MODE_RESUME
 from pyworkflow.viewer import MessageView
 
 from flexplugin.protocols import FLEX_PROGNAME, FlexPluginProtMeshPrep, FlexPluginProtTrain
+
+from . import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
 
 __all__ = ["TestFlexProtocols"]  # what tests/__init__.py re-exports
 

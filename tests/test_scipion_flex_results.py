@@ -6,8 +6,6 @@ latent of a subset; a reconstruction with an FSC mask. Checks the SetOfVolumesFl
 points.csv, the maps, half maps and FSC objects against the engine's files, validation of bad inputs, the protocol
 tree and that the viewers show existing files.
 """
-from . import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
-
 import functools
 import os
 import shutil
@@ -18,14 +16,29 @@ import mrcfile
 import numpy as np
 import pandas as pd
 
-from pwem.objects import (FSC, SetOfFSCs, SetOfParticles, SetOfParticlesFlex, SetOfVolumesFlex,
-                          Volume, VolumeFlex, VolumeMask)
+from pwem.objects import (
+    FSC,
+    SetOfFSCs,
+    SetOfParticles,
+    SetOfParticlesFlex,
+    SetOfVolumesFlex,
+    Volume,
+    VolumeFlex,
+    VolumeMask,
+)
 from pwem.protocols import ProtSplitSet
 from pyworkflow.plugin import Domain
 from pyworkflow.viewer import MessageView
 
-from flexplugin.protocols import (FLEX_PROGNAME, FlexPluginProtGenerate, FlexPluginProtMeshPrep,
-                                  FlexPluginProtReconstruct, FlexPluginProtTrain)
+from flexplugin.protocols import (
+    FLEX_PROGNAME,
+    FlexPluginProtGenerate,
+    FlexPluginProtMeshPrep,
+    FlexPluginProtReconstruct,
+    FlexPluginProtTrain,
+)
+
+from . import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
 
 __all__ = ["TestFlexResultsProtocols"]  # what tests/__init__.py re-exports
 

@@ -1,6 +1,4 @@
 """flexplugin as Scipion sees it: plugin discovery, protocols, protocols.conf tree, citations, base logic."""
-from . import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
-
 import configparser
 import json
 import os
@@ -9,12 +7,14 @@ import unittest
 
 import pyworkflow as pw
 import pyworkflow.protocol.params as params
-from pyworkflow.protocol.constants import GPU_LIST, USE_GPU
 from pyworkflow.plugin import Domain
+from pyworkflow.protocol.constants import GPU_LIST, USE_GPU
 
 import flexplugin
 from flexplugin import Plugin
 from flexplugin.protocols import FlexPluginProtBase, FlexPluginProtSimulate
+
+from . import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
 
 __all__ = ["TestPluginDiscovery", "TestProtocolsConf", "TestCitations", "TestBaseProtocol", "TestHelpTexts"]  # re-exported
 
@@ -150,6 +150,7 @@ class TestBaseProtocol(unittest.TestCase):
 def _pluginProtocols() -> list[type]:
     """Every protocol class the plugin exports (the hidden base excluded): new protocols are covered too."""
     import inspect
+
     import flexplugin.protocols as mod
     return [c for _, c in inspect.getmembers(mod, inspect.isclass)
             if issubclass(c, FlexPluginProtBase) and not c.isBase()]

@@ -1,6 +1,4 @@
 """Headless Scipion: run FlexPluginProtSimulate in a real project and check its outputs end to end."""
-from . import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
-
 import os
 import shutil
 import tempfile
@@ -17,6 +15,8 @@ from flexplugin import convert
 from flexplugin.engine.geometry import euler_to_matrix_np, relion_from_scipion_matrix
 from flexplugin.engine.io import read_particles, read_volume, split_image_name, write_volume
 from flexplugin.protocols import FlexPluginProtBase
+
+from . import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
 
 __all__ = ["TestSimulateProtocol"]  # what tests/__init__.py re-exports
 

@@ -5,8 +5,6 @@ simulate (stacks split over several files) → 3D variability analysis → 3D va
 id) → 3D flex generate → 3D flex reconstruction. Every output is checked for its class, size, ids (the simulated ids
 all the way through), sampling rate, zFlex dimensions, FlexInfo and files.
 """
-from . import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
-
 import os
 import unittest
 
@@ -14,13 +12,25 @@ import numpy as np
 import pandas as pd
 
 from pwem.constants import ALIGN_PROJ
-from pwem.objects import (EMFile, ParticleFlex, SetOfClasses3D, SetOfFSCs, SetOfParticlesFlex, SetOfVolumes, SetOfVolumesFlex,
-                          Volume, VolumeFlex, VolumeMask)
+from pwem.objects import (
+    EMFile,
+    ParticleFlex,
+    SetOfClasses3D,
+    SetOfFSCs,
+    SetOfParticlesFlex,
+    SetOfVolumes,
+    SetOfVolumesFlex,
+    Volume,
+    VolumeFlex,
+    VolumeMask,
+)
 
 from flexplugin.engine.io import read_particles
 from flexplugin.engine.latents import latent_columns
-from flexplugin.tutorial import PRESETS, TutorialRun
 from flexplugin.protocols import FLEX_PROGNAME, VA3D_PROGNAME
+from flexplugin.tutorial import PRESETS, TutorialRun
+
+from . import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
 
 __all__ = ["TestWorkflow"]  # what tests/__init__.py re-exports
 

@@ -4,7 +4,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from flexplugin.engine.io import read_particles, read_volume
 from flexplugin.engine.simulate import SimConfig, build_object, project_atoms, render_volumes, simulate_dataset

@@ -80,6 +80,7 @@ def test_slice_band_equals_projector_slices():
 
 def test_insert_slices_equals_torch_fourier_slice():
     from torch_fourier_slice import insert_central_slices_rfft_3d_multichannel
+
     from flexplugin.engine.geometry import euler_to_matrix
     from flexplugin.engine.va3d.slicing import insert_slices
     g = torch.Generator().manual_seed(1)

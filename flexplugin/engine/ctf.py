@@ -19,7 +19,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-
 from torch_ctf import calculate_ctf_2d
 
 from .fourier import freq_grid_2d
@@ -48,10 +47,10 @@ class CTFParams:
     phase_shift: torch.Tensor  # degrees
     bfactor: torch.Tensor  # Å²
 
-    def to(self, device) -> "CTFParams":
+    def to(self, device) -> CTFParams:
         return CTFParams(**{k: v.to(device) for k, v in self.__dict__.items()})
 
-    def __getitem__(self, idx) -> "CTFParams":
+    def __getitem__(self, idx) -> CTFParams:
         return CTFParams(**{k: v[idx] for k, v in self.__dict__.items()})
 
 

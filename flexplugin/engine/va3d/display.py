@@ -38,15 +38,23 @@ import starfile
 import torch
 
 from .. import distributed
-from ..errors import InputError
-from ..fourier import (butterworth_highpass, butterworth_lowpass, crop_center, fourier_crop_2d, fourier_crop_3d,
-                       irfft3c, radius_3d, rfft3c)
 from ..atomic import atomic_path, save_plot, to_csv
 from ..cluster import kmeans
 from ..cryosparc_cs import read_blocks
+from ..errors import InputError
+from ..fourier import (
+    butterworth_highpass,
+    butterworth_lowpass,
+    crop_center,
+    fourier_crop_2d,
+    fourier_crop_3d,
+    irfft3c,
+    radius_3d,
+    rfft3c,
+)
+from ..insertion import insert_slices
 from ..io import ID_LABEL, read_mask, write_volume
 from ..progress import Progress
-from ..insertion import insert_slices
 from ..reconstruct import NYQUIST, BackprojectionAccumulator, backprojection_terms, finalize_halves
 from .em import dump_json, fourier_resize_3d
 from .outputs import RunFolder

@@ -85,8 +85,19 @@ from .. import distributed
 from ..atomic import torch_save, write_json
 from ..ctf import compute_ctf
 from ..errors import InputError
-from ..fourier import (butterworth_highpass, butterworth_lowpass, crop_center, irfft2c, irfft3c,
-                       pad_images, radius_2d, radius_3d, rfft2c, rfft3c, shift_phase_2d)
+from ..fourier import (
+    butterworth_highpass,
+    butterworth_lowpass,
+    crop_center,
+    irfft2c,
+    irfft3c,
+    pad_images,
+    radius_2d,
+    radius_3d,
+    rfft2c,
+    rfft3c,
+    shift_phase_2d,
+)
 from ..io import ParticleSet
 from ..progress import Progress
 from ..projector import prepare_volume_ft
