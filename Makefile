@@ -28,6 +28,7 @@ test-setup: $(STAMP)
 # Scipion projects and module set-up are shared by its tests)
 WORKERS ?= 2
 test: test-setup
+	$(VENV)/bin/ruff check .
 	OMP_NUM_THREADS=1 FLEXPLUGIN_REFDATA=$(abspath $(REFDATA)) $(PY) -m pytest -q -p no:cacheprovider \
 	  -n $(WORKERS) --dist loadfile --durations=15 tests
 

@@ -17,8 +17,7 @@ ID = "rlnImageId"
 
 from .cli import _add_common as _add_device  # noqa: E402  --device/--threads, defined once in cli.py
 from .cli import _device  # noqa: E402
-from .engine.atomic import (atomic_path, save_plot, savetxt, to_csv, torch_save,  # noqa: E402
-                            write_json)
+from .engine.atomic import atomic_path, save_plot, savetxt, to_csv, torch_save, write_json  # noqa: E402
 
 
 def _int_list(s: str | None) -> list[int] | None:
@@ -53,8 +52,7 @@ def _check_boxes(a: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------------------- flex-prep
 def cmd_flex_prep(a: argparse.Namespace) -> None:
-    import pandas as pd
-    import torch
+
     from .engine.errors import InputError
     from .engine.flex.prep import PreparedParticles, prep_spec, prep_volume
     from .engine.io import check_volume_matches, read_particles, read_volume, write_particles_star, write_volume
@@ -317,6 +315,7 @@ def _check_train_args(a: argparse.Namespace) -> list[int] | None:
 
 def _write_outputs(trainer, ps, out: Path, mesh_path: str) -> dict:
     import torch
+
     from .engine.flex.mesh import load_mesh  # noqa: F401  (documents the file the model refers to)
     from .engine.io import write_particles_star, write_volume
     from .engine.latents import write_latents_files
@@ -358,11 +357,11 @@ def _write_outputs(trainer, ps, out: Path, mesh_path: str) -> dict:
 
 
 def cmd_flex_train(a: argparse.Namespace) -> None:
-    import torch
+
+    from .engine import distributed
     from .engine.errors import InputError
     from .engine.flex.mesh import load_mesh
     from .engine.flex.prep import PreparedParticles, prep_spec, prep_volume
-    from .engine import distributed
     from .engine.flex.train import FlexTrainer, TrainConfig, normalize_init_latents
     from .engine.io import check_volume_matches, read_particles, read_volume
     dev = _device(a.device)
@@ -512,9 +511,16 @@ def _particle_ids(spec: str) -> list[int]:
 
 def cmd_flex_generate(a: argparse.Namespace) -> None:
     import torch
+
     from .engine.errors import InputError
-    from .engine.flex.generate import (axis_series, check_generation_memory, check_points_range, load_model,
-                                       points_from_particles, read_points)
+    from .engine.flex.generate import (
+        axis_series,
+        check_generation_memory,
+        check_points_range,
+        load_model,
+        points_from_particles,
+        read_points,
+    )
     from .engine.io import read_volume
     from .plots_flex import plot_atlas, plot_series
     opts = _parse_generate_options(a)
@@ -626,8 +632,9 @@ def cmd_flex_reconstruct(a: argparse.Namespace) -> None:
     if a.mask:
         mask, mapix = read_mask(a.mask)
         if mask.shape[-1] != model.crop:
-            from .engine.fourier import crop_center
             import torch
+
+            from .engine.fourier import crop_center
             if mask.shape[-1] != ps.box:
                 raise InputError(f"mask is {mask.shape[-1]} px; expected the particle box {ps.box} or crop box {model.crop}")
             mask = crop_center(torch.as_tensor(mask), model.crop, 3).numpy()
