@@ -1,6 +1,6 @@
 """The 3D Flex model: latent → flow generator → per-vertex displacement → per-voxel flow → convected map.
 
-Convection form (ALGORITHMS.md §2.7.3 leaves it open): we use the *backward warp*
+Convection form (docs/algorithms.md §2.3, "Convection": the public description leaves it open): we use the *backward warp*
     W(x) = V(x + u(x)),
 i.e. the flow u, defined on the output grid, points from where density ends up to where it comes from
 in the canonical map. It is sampled trilinearly (grid_sample), so W is linear in V and autograd gives
