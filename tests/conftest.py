@@ -26,3 +26,23 @@ def small_flex_data(tmp_path_factory):
     simulate_dataset(SimConfig(n=120, box=32, apix=4.0, snr=1.0, seed=1, stack_size=50), out,
                      progress=lambda s: None)
     return out
+
+
+# the markers declared in pyproject.toml, given by file so that every test carries its floor:
+# `pytest -m "not scipion and not gui"` runs the engine and CLI alone, `-m reference` the independent oracles
+_FILE_MARKERS = {"test_scipion_": "scipion", "test_gui": "gui", "test_ref_": "reference"}
+# files whose tests train, reconstruct or run torchrun jobs (seconds to minutes each)
+_SLOW_FILES = {"test_flex_benchmark.py", "test_flex_distributed.py", "test_distributed_jobs.py",
+               "test_flex_reconstruct_distributed.py", "test_flex_generate_reconstruct.py", "test_va3d.py",
+               "test_flex_train.py", "test_prep_cache.py", "test_launch.py"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test by its file: scipion, gui, reference (by name prefix) and slow (the heavy files)."""
+    for item in items:
+        name = item.path.name
+        for prefix, marker in _FILE_MARKERS.items():
+            if name.startswith(prefix):
+                item.add_marker(getattr(pytest.mark, marker))
+        if name in _SLOW_FILES or name.startswith("test_scipion_"):
+            item.add_marker(pytest.mark.slow)
