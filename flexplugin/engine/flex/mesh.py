@@ -24,6 +24,7 @@ from scipy import ndimage
 from ..atomic import atomic_path, write_text
 from ..errors import InputError
 from ..fourier import lowpass_volume
+from .mesh_config import MeshConfig  # the defaults, declared once
 
 __all__ = ["Mesh", "auto_mask", "build_mesh", "parse_fuse_list", "load_mesh", "save_mesh", "write_mesh_pdb",
            "rasterize_weights", "mesh_from_dict"]
@@ -72,8 +73,9 @@ class Mesh:
         return out.reshape(self.N, self.N, self.N)
 
 
-def auto_mask(volume: np.ndarray, apix: float, lowpass_A: float = 10.0, threshold: float | None = None,
-              threshold_fraction: float = 0.05, dilate_A: float = 2.0, pad_A: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
+def auto_mask(volume: np.ndarray, apix: float, lowpass_A: float = MeshConfig.mask_lowpass,
+              threshold: float | None = None, threshold_fraction: float = 0.05, dilate_A: float = MeshConfig.mask_dilate,
+              pad_A: float = MeshConfig.mask_pad) -> tuple[np.ndarray, np.ndarray]:
     """Solvent mask from a map: low-pass, threshold, dilate, soft pad. Returns (hard, soft).
 
     `threshold` is absolute (cryoSPARC's `mask_in_threshold_level`); when None, `threshold_fraction` of the
@@ -124,8 +126,9 @@ def parse_fuse_list(text: str | None, segments: list[int]) -> list[tuple[int, in
     return pairs
 
 
-def build_mesh(volume: np.ndarray, apix: float, mask: np.ndarray | None = None, cells: int = 20,
-               rigidity_min: float = 0.5, stiffen_low_density: bool = False, segmentation: np.ndarray | None = None,
+def build_mesh(volume: np.ndarray, apix: float, mask: np.ndarray | None = None, cells: int = MeshConfig.cells,
+               rigidity_min: float = MeshConfig.rigidity_min, stiffen_low_density: bool = MeshConfig.stiffen_low_density,
+               segmentation: np.ndarray | None = None,
                fuse_list: str | None = None, rigid_list: str | None = None,
                mask_soft: np.ndarray | None = None, **mask_kw) -> Mesh:
     """Regular tetrahedral mesh over the masked region of `volume` (see module docstring)."""
