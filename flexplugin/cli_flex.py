@@ -372,6 +372,8 @@ def cmd_flex_train(a: argparse.Namespace) -> None:
     idxs = _check_train_args(a)
     from .engine.flex.cache import open_cache, scratch_folder
     scratch = scratch_folder(a.scratch)  # --scratch / FLEXPLUGIN_SCRATCH checked before any heavy work
+    if a.workers < 0:
+        raise InputError(f"--workers must be >= 0 (0: batches prepared in the training process); got {a.workers}")
     ps = read_particles(a.particles)
     ps.require(poses=True, ctf=True)
     ps.check_stacks()
@@ -388,6 +390,7 @@ def cmd_flex_train(a: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     cache = open_cache(ps, spec, scratch, dev, lambda m: say(m, flush=True)) if scratch else None  # flex/cache.py
     trainer = FlexTrainer(PreparedParticles(ps, spec, cache), prep_volume(vol, spec), mesh, cfg, dev, init)
+    trainer.loader_workers = a.workers
     ckpt = out / "checkpoint.pt"
     if a.cont:
         if not ckpt.exists():
@@ -434,6 +437,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: simulate an interruption
     p.add_argument("--scratch", help="folder for a prepared-particles cache (the images at the training box, "
                                      "float16, built once and reused; default: $FLEXPLUGIN_SCRATCH, else none)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="DataLoader worker processes that read and prepare the next batches while the current one "
+                        "trains (default 0: in the training process; try 2-4 beside a GPU)")
     _add_device(p)
     p.set_defaults(func=cmd_flex_train)
 

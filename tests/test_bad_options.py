@@ -111,6 +111,7 @@ CASES = [(f"{cmd}-out-{kind}", cmd, [], words, kind) for cmd in BASE for kind, w
     ("flex-train-scratch-under-file", "flex-train", ["--scratch", "{t}/zeros.mrc/cache"],
      ["--scratch", "cannot create the scratch folder"], "fresh"),
     ("flex-train-scratch-empty", "flex-train", ["--scratch", " "], ["--scratch is empty"], "fresh"),
+    ("flex-train-workers-negative", "flex-train", ["--workers", "-1"], ["--workers", ">= 0", "got -1"], "fresh"),
     # --- flex-generate: options, points, model files, memory
     ("flex-generate-box-text", "flex-generate", ["--box", "abc"], ["--box 'abc'", "'train', 'full' or a number"],
      "copy"),

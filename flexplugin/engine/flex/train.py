@@ -222,6 +222,7 @@ class FlexTrainer:
         self.searches: list[dict] = []
         self.final_search_done = False
         self.epoch = 0
+        self.loader_workers = 0  # DataLoader processes preparing batches ahead (flex-train --workers); not a setting
         self._rasters: dict[int, MeshRaster] = {}
 
     # --- set-up -------------------------------------------------------------------------------------
@@ -443,16 +444,17 @@ class FlexTrainer:
         sums = torch.zeros(3, dtype=torch.float64)
         t0 = time.monotonic()
         nb = math.ceil(len(order) / c.batch_size)
-        visited = []  # this rank's particles of the epoch
-        for bi in range(nb):
-            rows = np.sort(order[bi * c.batch_size:(bi + 1) * c.batch_size])
-            mine = shard(rows)  # all of them in one process
-            visited.append(mine)
+        batches = [np.sort(order[bi * c.batch_size:(bi + 1) * c.batch_size]) for bi in range(nb)]
+        shares = [shard(rows) for rows in batches]  # this rank's part of each global batch (all in one process)
+        # the batches read and prepared ahead by `loader_workers` DataLoader processes (0: here, one at a time)
+        prepared = self.p.loader([mine for mine in shares if len(mine)], self.dev, self.loader_workers)
+        for rows, mine in zip(batches, shares):
             if len(mine):
-                sums += torch.tensor(self.step(self.p.batch(mine, self.dev), m, kmax_px, n_global=len(rows)),
-                                     dtype=torch.float64)
+                sums += torch.tensor(self.step(next(prepared), m, kmax_px, n_global=len(rows)), dtype=torch.float64)
             else:  # more ranks than particles in a last small batch: only the shared terms' gradients
                 self._idle_step()
+        prepared.close()  # ends the loader's worker processes, if any
+        visited = shares  # this rank's particles of the epoch
         self._sync_latents(np.concatenate(visited))
         sums = (all_reduce_(sums) / len(order)).numpy()
         st = EpochStats(e, frac, m, *sums.tolist(), time.monotonic() - t0)
