@@ -187,8 +187,9 @@ if node_local:  # as if each rank ran on its own node, with its own node-local s
 ps = read_particles(star)
 lines = []
 c = open_cache(ps, prep_spec(ps.box, ps.apix, 28, 16), scratch, "cpu", lines.append)
-print(json.dumps({"rank": distributed.rank(), "folder": str(c.folder), "lines": lines,
-                  "images": c.images(np.arange(len(c))).tolist()}))
+# one file per rank: two ranks printing long lines to one pipe interleave them
+Path(sys.argv[4], f"rank{distributed.rank()}.json").write_text(json.dumps(
+    {"rank": distributed.rank(), "folder": str(c.folder), "lines": lines, "images": c.images(np.arange(len(c))).tolist()}))
 '''
 
 
@@ -204,10 +205,10 @@ def test_two_ranks_share_one_build(small_flex_data, tmp_path, node_local):
     worker.write_text(_WORKER)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                         str(worker), str(small_flex_data / "particles.star"), str(tmp_path / "scratch"),
-                        "1" if node_local else "0"], capture_output=True, text=True, timeout=300, check=False,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                        "1" if node_local else "0", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                       check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    out = sorted((json.loads(s) for s in r.stdout.splitlines() if s.startswith("{")), key=lambda d: d["rank"])
+    out = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
     assert [d["rank"] for d in out] == [0, 1]
     built = [any("preparing" in s for s in d["lines"]) for d in out]
     assert built == [True, node_local]
