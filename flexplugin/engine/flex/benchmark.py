@@ -23,8 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..ctf import compute_ctf
-from ..fourier import fourier_crop_3d, rfft2c, shift_phase_2d
+from ..fourier import fourier_crop_3d
 from ..io import ParticleSet, read_particles, read_volume
 from ..projector import prepare_volume_ft
 from ..va3d.slicing import make_band
@@ -32,7 +31,7 @@ from .mesh import build_mesh
 from .model import warp_volume
 from .prep import PreparedParticles, prep_spec, prep_volume
 from .scoring import readout_rho, state_metrics
-from .search import SearchTables, slice_scores
+from .search import SearchTables, batch_scores
 from .train import FlexTrainer, TrainConfig, working_box
 
 __all__ = ["Truth", "load_truth", "oracle_rho", "run_and_score", "score_trainer", "state_points"]
@@ -108,14 +107,10 @@ def oracle_rho(tr: FlexTrainer, truth: Truth, kmax_frac: float | None = None, po
     tables = SearchTables(prepare_volume_ft(maps, pad=2))
     band = make_band(m, dev, kmax_px=frac * t / 2)
     wts = band.weight / tr.noise_shell[band.shell.clamp(max=t // 2)]
-    apix_m, amp, lo = spec.apix_train * t / m, (t / m) ** 3 * tr.scale, t // 2 - m // 2
     z = []
     for s in range(0, len(tr.p), batch_size):
         b = tr.p.batch(np.arange(s, min(s + batch_size, len(tr.p))), dev)
-        y = band.take(rfft2c(b["images"])[..., lo:lo + m, : m // 2 + 1])
-        f = shift_phase_2d(m, -b["shifts"] * (m / t)) * compute_ctf(b["ctf"], m, apix_m, tr.p.ps.phase_flipped)
-        a = band.take(f) * amp
-        cross, power = slice_scores(tables, b["rotations"], band, wts * y.conj() * a, wts * a.abs().square())
+        cross, power = batch_scores(tr, b, tables, band, wts, m)  # the latent search's own likelihood terms
         z.append(torch.softmax(cross - 0.5 * power, 1) @ fine.to(dev))
     return readout_rho(torch.cat(z).cpu().numpy()[:, None], truth.motion)
 

@@ -24,7 +24,8 @@ from ..projector import prepare_volume_ft
 from ..va3d.slicing import Band, make_band, slice_coords
 from .model import warp_volume
 
-__all__ = ["SearchStats", "SearchTables", "latent_grid", "search_latents", "slice_rows", "slice_scores"]
+__all__ = ["SearchStats", "SearchTables", "batch_scores", "latent_grid", "search_latents", "slice_rows",
+           "slice_scores"]
 
 # bytes of decoded spectra held at once: bounds memory at large boxes by decoding the grid in chunks
 _SPECTRA_BYTES = 2 ** 29
@@ -123,6 +124,19 @@ def slice_scores(tables: SearchTables, rotations: torch.Tensor, band: Band, q: t
     return cross, power
 
 
+def batch_scores(tr, b: dict, tables: SearchTables, band: Band, wts: torch.Tensor,
+                 m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """slice_scores (cross, power) of a batch `b` of trainer `tr`'s particles against `tables` at working box m,
+    under the training's image model: a·S_g with a = CTF × shift × scale, whitened by `wts` on the band."""
+    t = tr.spec.train
+    lo = t // 2 - m // 2
+    apix_m = tr.spec.apix_train * t / m
+    y = band.take(rfft2c(b["images"])[..., lo:lo + m, : m // 2 + 1])  # (B, nb)
+    f = shift_phase_2d(m, -b["shifts"] * (m / t)) * compute_ctf(b["ctf"], m, apix_m, tr.p.ps.phase_flipped)
+    a = band.take(f) * ((t / m) ** 3 * tr.scale)  # (B, nb)
+    return slice_scores(tables, b["rotations"], band, wts * y.conj() * a, wts * a.abs().square())
+
+
 class SearchStats(dict):
     """Summary of one search pass: grid size, mean posterior weight of the best point, latent spread."""
 
@@ -155,8 +169,6 @@ def search_latents(tr, m: int, kmax_px: float, grid: torch.Tensor, batch_size: i
     acc_z = torch.zeros(n, k, device=dev)
     best_p = torch.zeros(n, device=dev)
     chunk = int(max(1, min(g_total, _SPECTRA_BYTES // SearchTables.bytes_per_point(2 * m))))
-    lo = t // 2 - m // 2
-    amp = (t / m) ** 3 * tr.scale
     for c0 in range(0, g_total, chunk):
         zg = grid[c0:c0 + chunk]
         u = tr.raster(m).flow(tr.gen(zg), apix_m)
@@ -164,11 +176,7 @@ def search_latents(tr, m: int, kmax_px: float, grid: torch.Tensor, batch_size: i
         lp_c = log_prior[c0:c0 + chunk]
         for s in range(0, len(mine), batch_size):
             rows = mine[s:s + batch_size]
-            b = tr.p.batch(rows, dev)
-            y = band.take(rfft2c(b["images"])[..., lo:lo + m, : m // 2 + 1])  # (B, nb)
-            f = shift_phase_2d(m, -b["shifts"] * (m / t)) * compute_ctf(b["ctf"], m, apix_m, tr.p.ps.phase_flipped)
-            a = band.take(f) * amp  # (B, nb): the image model is a·S_g
-            cross, power = slice_scores(tables, b["rotations"], band, wts * y.conj() * a, wts * a.abs().square())
+            cross, power = batch_scores(tr, tr.p.batch(rows, dev), tables, band, wts, m)
             logp = lp_c - 0.5 * (power - 2 * cross)  # −½ χ², up to Σ w|Y|², the same for every candidate
             r = torch.as_tensor(rows, device=dev)
             if anchor_sd:
