@@ -1,4 +1,4 @@
-"""3DVA settings (`flexplugin 3dva`), each declared once with its default, help text and cryoSPARC key, torch-free
+"""3DVA settings (`flexplugin 3dva` and `flexplugin 3dva-display`), each declared once with its default, help text and cryoSPARC key, torch-free
 so that the CLI builds its options and the Scipion protocols their defaults from here (engine/options.py). It sits
 beside `va3d/` rather than in it because importing the `va3d` package loads torch."""
 from __future__ import annotations
@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass
 
 from .options import setting
 
-__all__ = ["SCALES", "VA3DConfig"]
+__all__ = ["DISPLAY_MODES", "SCALES", "DisplayConfig", "VA3DConfig"]
 
 SCALES = ("none", "input", "optimal")  # per-particle scale models of --scales
+DISPLAY_MODES = ("simple", "intermediates", "cluster")  # 3dva-display --mode
 
 
 @dataclass
@@ -48,3 +49,38 @@ class VA3DConfig:
         for k in ("iterations", "batch_size", "device"):
             d.pop(k)
         return d
+
+
+@dataclass
+class DisplayConfig:
+    """Parameters of a 3DVA display (va3d/display.py); names follow the CLI options (cryoSPARC's var_3D_disp keys
+    in the metadata). The filter orders default to the analysis's own (VA3DConfig)."""
+
+    mode: str = setting("simple", "output mode", "var_output_mode", choices=DISPLAY_MODES)
+    frames: int = setting(20, "frames per component, or clusters", "var_num_frames")
+    range_percentile: float = setting(3.0, "clip the coordinate range at this low/high percentile",
+                                      "var_range_percentile")
+    components: str | None = setting(None, 'comma-separated component indices to use, e.g. "0,2"',
+                                     "var_component_filter", default_text="all")
+    filter_res: float | None = setting(None, "low-pass the output volumes at this resolution (Å)", "var_filter_res",
+                                       positive=True, default_text="none")
+    filter_order: float = setting(VA3DConfig.filter_order, "low-pass order", positive=True)
+    highpass_res: float | None = setting(None, "high-pass the output volumes at this resolution (Å)",
+                                         "var_highpass_res", positive=True, default_text="none")
+    highpass_order: float = setting(VA3DConfig.highpass_order, "high-pass order", positive=True)
+    downsample: int | None = setting(None, "Fourier-crop output volumes to this box", "var_N",
+                                     default_text="full box")
+    crop: int | None = setting(None, "crop output volumes to this box after downsampling", "var_M",
+                               default_text="no crop")
+    flip_hand: bool = setting(False, "flip the hand of the output volumes", "var_vol_flip")
+    width: float = setting(2.0, "intermediates: window width in frames; >0 triangular, 0 top-hat, -1 equal-count "
+                                "bins", "var_intermediate_width")
+    skip_reconstruction: bool = setting(False, "cluster/intermediates: write the particle subsets only",
+                                        "var_skip_reconstruction")
+    frame_particles: bool = setting(False, "intermediates: also write a STAR of the particles of each frame",
+                                    "var_intermediate_output_frame_particles")
+    batch_size: int = setting(VA3DConfig.batch_size, "images per batch")
+    seed: int = setting(0, "seed of k-means and of half-set splits")
+    max_memory_gb: float = setting(2.0, "memory for reconstruction accumulators; more frames than fit are done in "
+                                        "extra passes")
+    device: str = setting("cpu", "torch device of the display (the CLI sets it from --device)", cli=False)

@@ -29,7 +29,7 @@ no images).
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -56,32 +56,11 @@ from ..insertion import insert_slices
 from ..io import ID_LABEL, read_mask, write_volume
 from ..progress import Progress
 from ..reconstruct import NYQUIST, BackprojectionAccumulator, backprojection_terms, finalize_halves
+from ..va3d_config import DisplayConfig  # torch-free: the CLI builds 3dva-display's options from it
 from .em import dump_json, fourier_resize_3d
 from .outputs import RunFolder
 
 __all__ = ["DisplayConfig", "run_display", "frame_weights", "kmeans", "parse_components", "insert_weighted"]
-
-
-@dataclass
-class DisplayConfig:
-    mode: str = "simple"  # simple | intermediates | cluster [var_output_mode]
-    frames: int = 20  # frames per component or number of clusters [var_num_frames]
-    range_percentile: float = 3.0  # [var_range_percentile]
-    components: str | None = None  # "0,2" [var_component_filter]
-    filter_res: float | None = None  # [var_filter_res]
-    filter_order: float = 1.5
-    highpass_res: float | None = None  # [var_highpass_res]
-    highpass_order: float = 8.0
-    downsample: int | None = None  # [var_N]
-    crop: int | None = None  # [var_M]
-    flip_hand: bool = False  # [var_vol_flip]
-    width: float = 2.0  # [var_intermediate_width]
-    skip_reconstruction: bool = False  # [var_skip_reconstruction]
-    frame_particles: bool = False  # [var_intermediate_output_frame_particles]
-    batch_size: int = 256
-    seed: int = 0
-    max_memory_gb: float = 2.0
-    device: str = "cpu"
 
 
 def parse_components(spec: str | None, k: int) -> list[int]:
