@@ -34,6 +34,7 @@ from .errors import InputError
 from .fourier import irfft2c, lowpass_volume, rfft2c
 from .geometry import euler_to_matrix
 from .io import write_particles_star, write_volume
+from .simulate_config import SimConfig  # torch-free, beside options.py: the CLI and protocols read it
 
 __all__ = [
     "FlexibleObject",
@@ -48,26 +49,6 @@ __all__ = [
     "simulate_dataset",
     "soft_mask_from_volumes",
 ]
-
-
-@dataclass
-class SimConfig:
-    """What `flexplugin simulate` makes; the defaults fit a CPU (2,000 particles at box 64)."""
-
-    n: int = 2000
-    box: int = 64
-    apix: float = 2.0
-    snr: float = 0.1
-    seed: int = 0
-    hinge_deg: float = 25.0
-    twist_deg: float = 30.0
-    atom_sigma_A: float = 2.0
-    defocus_min: float = 10000.0
-    defocus_max: float = 25000.0
-    max_shift_px: float = 2.0
-    stack_size: int = 1000
-    n_states: int = 9
-    bfactor: float = 0.0
 
 
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
