@@ -12,7 +12,7 @@ flex-train's defaults for every training box × mesh (cells × mask) and prints,
   the true state maps with the same likelihood and band, the ceiling of any latent inference there);
 - the gain in masked correlation over the consensus of the maps generated at the true end states' latents
   (inside the moving-domain mask) and whether the series runs through the states in order;
-- the seconds of each run. Nothing is a threshold here: the targets are asserted by tests/test_flex_benchmark.py.
+- the seconds of each run. Nothing is a threshold here: the targets are asserted by tests/engine/test_flex_benchmark.py.
 """
 from __future__ import annotations
 

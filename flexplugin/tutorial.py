@@ -4,7 +4,7 @@ simulate → 3D variability analysis → 3D variability display (simple, interme
 prep → 3D flex training seeded from 3DVA → 3D flex generate → 3D flex reconstruction, with the settings the
 README walks through in the GUI. Run it with Scipion's Python (`scipion3 python -m flexplugin.tutorial`),
 then open the project in the GUI (`scipion3 project flexplugin_tutorial`) to look at every result. The
-test suite runs the same chain with the tiny preset (tests/test_scipion_workflow.py), so the tutorial
+test suite runs the same chain with the tiny preset (tests/scipion/test_scipion_workflow.py), so the tutorial
 cannot silently rot.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@
 Runs a workflow in a throwaway project, opens it in pyworkflow's ProjectWindow on a private Xvfb display with the
 Flexibility Hub view, and grabs the screenshots below. Two workflows (--preset):
 
-  tiny      (default) the tiny test workflow (tests/gui_display.runTinyWorkflow: the tutorial chain at its tiny
+  tiny      (default) the tiny test workflow (tests/gui/gui_display.runTinyWorkflow: the tutorial chain at its tiny
             preset plus a latent subset; 300 particles, about a minute on 2 CPU cores)
   tutorial  the README tutorial (flexplugin.tutorial.TutorialRun, PRESETS["tutorial"]: 2,000 particles, box 64,
             16 epochs; the reconstruction shortened to 5 flex iterations without the rigid baseline, enough for
@@ -34,12 +34,14 @@ MAX_BYTES = 300_000
 
 
 def _testHelpers():
-    """tests.scipion_project and tests.gui_display, without running tests/__init__.py (which imports every test)."""
+    """tests.helpers.scipion_project and tests.gui.gui_display, without running tests/scipion/__init__.py (which imports
+    every test)."""
     if "tests" not in sys.modules:
         pkg = types.ModuleType("tests")
         pkg.__path__ = [str(ROOT / "tests")]
         sys.modules["tests"] = pkg
-    from tests import gui_display, scipion_project  # scipion_project first sets the throwaway Scipion's env
+    from tests.helpers import scipion_project  # noqa: I001  (first: sets the throwaway Scipion's env)
+    from tests.gui import gui_display
     return scipion_project, gui_display
 
 

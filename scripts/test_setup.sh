@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Reference programs and data for the oracle tests (tests/test_ref_*.py), and Xvfb for the GUI tests
-# (tests/test_gui.py). Nothing here is vendored: RELION and Xvfb come from Debian/Ubuntu, the cisTEM and cryoDRGN
+# Reference programs and data for the oracle tests (tests/reference/test_ref_*.py), and Xvfb for the GUI tests
+# (tests/gui/test_gui.py). Nothing here is vendored: RELION and Xvfb come from Debian/Ubuntu, the cisTEM and cryoDRGN
 # reference files from the published sdists' test data, unpacked into the cache folder $2 (the tests find it
 # through $FLEXPLUGIN_REFDATA, default .cache/refdata). Idempotent: a second run only checks what is there.
 # Whatever cannot be set up is reported; the tests that need it skip locally and fail under CI=true.
@@ -27,7 +27,7 @@ if ! command -v relion_project >/dev/null 2>&1 || ! command -v relion_reconstruc
   fi
 fi
 
-# --- Xvfb for the GUI tests (tests/test_gui.py): Debian's xvfb, and x11-xkb-utils for its keymap ------------
+# --- Xvfb for the GUI tests (tests/gui/test_gui.py): Debian's xvfb, and x11-xkb-utils for its keymap ------------
 if ! command -v Xvfb >/dev/null 2>&1 || ! command -v xkbcomp >/dev/null 2>&1; then
   SUDO=
   if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; fi

@@ -28,21 +28,21 @@ def small_flex_data(tmp_path_factory):
     return out
 
 
-# the markers declared in pyproject.toml, given by file so that every test carries its floor:
+# the markers declared in pyproject.toml, given by folder so that every test carries its floor:
 # `pytest -m "not scipion and not gui"` runs the engine and CLI alone, `-m reference` the independent oracles
-_FILE_MARKERS = {"test_scipion_": "scipion", "test_gui": "gui", "test_ref_": "reference"}
-# files whose tests train, reconstruct or run torchrun jobs (seconds to minutes each)
+_FOLDER_MARKERS = {"scipion": "scipion", "gui": "gui", "reference": "reference"}
+# files whose tests train, reconstruct, run torchrun jobs or Scipion protocols (seconds to minutes each)
 _SLOW_FILES = {"test_flex_benchmark.py", "test_flex_distributed.py", "test_distributed_jobs.py",
                "test_flex_reconstruct_distributed.py", "test_flex_generate_reconstruct.py", "test_va3d.py",
                "test_flex_train.py", "test_prep_cache.py", "test_launch.py"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every test by its file: scipion, gui, reference (by name prefix) and slow (the heavy files)."""
+    """Mark every test by its folder (scipion, gui, reference) and slow by file (the heavy ones)."""
     for item in items:
+        marker = _FOLDER_MARKERS.get(item.path.parent.name)
+        if marker:
+            item.add_marker(getattr(pytest.mark, marker))
         name = item.path.name
-        for prefix, marker in _FILE_MARKERS.items():
-            if name.startswith(prefix):
-                item.add_marker(getattr(pytest.mark, marker))
-        if name in _SLOW_FILES or name.startswith("test_scipion_"):
+        if name in _SLOW_FILES or name.startswith(("test_scipion_", "test_chain_")):
             item.add_marker(pytest.mark.slow)

@@ -15,7 +15,7 @@ NumPy when that package is absent). `read_cs_blocks` turns it into the `{"optics
     alignments3D/shift (pixels)        rlnOriginXAngst/YAngst = shift × pixel size (same sign as rlnOrigin)
     alignments3D/split (0/1)           rlnRandomSubset (1/2)
 
-The pose and shift conventions are checked in tests/test_cryosparc_cs.py against cryoDRGN's own parse of the
+The pose and shift conventions are checked in tests/reference/test_cryosparc_cs.py against cryoDRGN's own parse of the
 same file (its test data `pose.cs.pkl`) and the CTF against the matching STAR file. Particle ids
 (`rlnImageId`) are the 1-based rows of the `.cs` file: cryoSPARC's 64-bit uids do not fit the engine's ids, so
 `write_cs_latents` maps ids back to rows, hence to uids, when it writes the latents as cryoSPARC 3DVA-style

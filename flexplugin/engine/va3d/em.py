@@ -28,7 +28,7 @@ per-voxel statistics held in memory):
   Each component's sign is fixed so its largest-magnitude voxel is positive.
 
 Choices made where the cryoSPARC description is silent (see docs/algorithms.md §1), each checked by
-experiment on the built-in example (tests/test_va3d.py):
+experiment on the built-in example (tests/engine/test_va3d.py):
 
 * Working box: images are Fourier-cropped to the smallest even box m whose Nyquist reaches the filter
   frequency (`box_crop` overrides, like cryoSPARC's var_N); components are Fourier-padded back to the
@@ -49,13 +49,13 @@ experiment on the built-in example (tests/test_va3d.py):
   variance is the floor that a real component must exceed.
 
 Checkpoints (`checkpoint.pt`) are written atomically after every iteration; restoring one and iterating
-on reproduces the uninterrupted run bit for bit on CPU (tests/test_va3d.py).
+on reproduces the uninterrupted run bit for bit on CPU (tests/engine/test_va3d.py).
 
 Several processes (torchrun, engine/distributed.py): every pass walks the same global batches, each rank
 loading and scoring its share of every batch; the sufficient statistics (noise sums, the M-step's L and R
 grids, Σ E[zzᵀ], the objective, the explained power) are summed over the ranks and the per-particle scales
 and coordinates are merged, so every rank holds the state one process would, to float rounding
-(tests/test_distributed_jobs.py). Rank 0 alone prints and writes the checkpoint, which holds every particle's
+(tests/engine/test_distributed_jobs.py). Rank 0 alone prints and writes the checkpoint, which holds every particle's
 state and so continues under any number of processes.
 
 Measured on the built-in example (2,000 particles, box 64, 2 Å/px, SNR 0.1, K = 3, 8 Å → working box 32,

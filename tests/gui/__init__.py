@@ -1,0 +1,1 @@
+"""GUI tests: the real Scipion GUI on a private Xvfb display."""

@@ -1,0 +1,1 @@
+"""Reference tests: our engine against independent programs and data (RELION, cisTEM, cryoDRGN)."""

@@ -1,0 +1,1 @@
+"""Scipion tests: protocols, conversions, options and launching in a throwaway project."""
