@@ -13,6 +13,7 @@ import pyworkflow.utils as pwutils
 from pwem.objects import EMFile, VolumeMask
 
 from flexplugin.convert import plainFileName
+from flexplugin.engine.flex.mesh_config import MeshConfig
 
 from .constants import MESH_CROPPED_MAP, MESH_FILES
 from .protocol_base import FlexPluginProtBase, meshEngineArgs, readJsonFile
@@ -21,6 +22,7 @@ __all__ = ["FlexPluginProtMeshPrep"]
 
 _FUSE_RE = re.compile(r"^\s*\d+\s*>\s*\d+\s*(,\s*\d+\s*>\s*\d+\s*)*$")
 _RIGID_RE = re.compile(r"^\s*\d+\s*([,\s]\s*\d+\s*)*$")
+M = MeshConfig()  # the defaults, declared once in the engine's settings
 
 
 class outputs(Enum):
@@ -57,23 +59,23 @@ class FlexPluginProtMeshPrep(FlexPluginProtBase):
                            "meshing. Even number of pixels, at least 16.")
 
         form.addSection(label="Mesh")
-        form.addParam("numberOfCells", params.IntParam, default=20,
+        form.addParam("numberOfCells", params.IntParam, default=M.cells,
                       validators=[params.GE(2, "Use at least 2 cells across the box")],
                       label="Number of tetra cells across the box",
                       help="Tetra cells along each of x, y and z over the (cropped) box (cryoSPARC: "
-                           "tetra_num_cells, default 20). More cells give a finer mesh that can model more local "
+                           "tetra_num_cells). More cells give a finer mesh that can model more local "
                            "motion but is less constrained and slower; fewer cells give smoother, more rigid "
                            "motion.")
-        form.addParam("rigidityMin", params.FloatParam, default=0.5,
+        form.addParam("rigidityMin", params.FloatParam, default=M.rigidity_min,
                       validators=[params.Positive],
                       label="Min. rigidity weight",
                       help="Rigidity weight of empty cells; cells in the densest regions get 1.0 (cryoSPARC: "
-                           "rigidity_penalty_min, default 0.5). Lower values let solvent regions deform more "
+                           "rigidity_penalty_min). Lower values let solvent regions deform more "
                            "freely.")
-        form.addParam("stiffenLowDensity", params.BooleanParam, default=False,
+        form.addParam("stiffenLowDensity", params.BooleanParam, default=M.stiffen_low_density,
                       label="Stiffen low-density regions?",
                       help="Give peripheral non-empty cells a weight of 3.0 (cryoSPARC: "
-                           "rigidity_penalty_stiffen_low_density, default No). Use it when weak peripheral "
+                           "rigidity_penalty_stiffen_low_density). Use it when weak peripheral "
                            "density 'flies' around; it tends to over-smooth motion at domain boundaries.")
         group = form.addGroup("Segmentation (optional)")
         group.addParam("inputSegmentation", params.PointerParam, pointerClass="Volume", allowsNull=True,
@@ -95,27 +97,27 @@ class FlexPluginProtMeshPrep(FlexPluginProtBase):
 
         form.addSection(label="Solvent mask")
         autoMask = "inputMask is None"
-        form.addParam("maskLowpass", params.FloatParam, default=10.0, condition=autoMask,
+        form.addParam("maskLowpass", params.FloatParam, default=M.mask_lowpass, condition=autoMask,
                       expertLevel=params.LEVEL_ADVANCED, validators=[params.Positive],
                       label="Mask: low-pass filter (Å)",
                       help="The map is low-pass filtered to this resolution before thresholding (cryoSPARC: "
-                           "mask_in_lowpass_A, default 10 Å). Raise it for noisy maps. Only used without an "
+                           "mask_in_lowpass_A). Raise it for noisy maps. Only used without an "
                            "input mask.")
-        form.addParam("maskThreshold", params.FloatParam, default=None, allowsNull=True, condition=autoMask,
+        form.addParam("maskThreshold", params.FloatParam, default=M.mask_threshold, allowsNull=True, condition=autoMask,
                       expertLevel=params.LEVEL_ADVANCED,
                       label="Mask: threshold (map units)",
                       help="Absolute density threshold of the low-passed map (cryoSPARC: "
                            "mask_in_threshold_level). Empty: 5 % of the low-passed map's maximum. Lower it if "
                            "parts of the particle fall outside the mask. Only used without an input mask.")
-        form.addParam("maskDilate", params.FloatParam, default=2.0, condition=autoMask,
+        form.addParam("maskDilate", params.FloatParam, default=M.mask_dilate, condition=autoMask,
                       expertLevel=params.LEVEL_ADVANCED, validators=[params.GE(0)],
                       label="Mask: dilation (Å)",
-                      help="Dilation of the thresholded mask (cryoSPARC: mask_dilate_A, default 2 Å). Only used "
+                      help="Dilation of the thresholded mask (cryoSPARC: mask_dilate_A). Only used "
                            "without an input mask.")
-        form.addParam("maskPad", params.FloatParam, default=5.0, condition=autoMask,
+        form.addParam("maskPad", params.FloatParam, default=M.mask_pad, condition=autoMask,
                       expertLevel=params.LEVEL_ADVANCED, validators=[params.GE(0)],
                       label="Mask: soft edge (Å)",
-                      help="Width of the soft edge added around the mask (cryoSPARC: mask_pad_A, default 5 Å). "
+                      help="Width of the soft edge added around the mask (cryoSPARC: mask_pad_A). "
                            "Only used without an input mask.")
 
     # --------------------------- INSERT steps functions ----------------------
