@@ -1,3 +1,4 @@
+"""`python -m flexplugin <command> ...`: the `flexplugin` command line (flexplugin/cli/)."""
 import sys
 
 from .cli import main

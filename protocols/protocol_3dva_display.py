@@ -16,7 +16,7 @@ from pwem.objects import SetOfClasses3D, SetOfParticlesFlex, SetOfVolumes, Volum
 from pyworkflow.protocol import Protocol
 
 from flexplugin.engine.latents import ID_LABEL
-from flexplugin.plots import plot_map_montage
+from flexplugin.engine.plots import plot_map_montage
 
 from .constants import VA3D_PROGNAME, VA3D_RUN_JSON
 from .protocol_base import ButterworthFilterParams, FlexPluginProtBase, readJsonFile

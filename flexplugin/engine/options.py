@@ -1,5 +1,5 @@
 """One declaration per setting: a settings dataclass's field carries its default, help text, cryoSPARC key and
-command-line name (`setting`), so the CLI builds its options from the dataclass (flexplugin/cli_options.py) and
+command-line name (`setting`), so the CLI builds its options from the dataclass (flexplugin/cli/common.py) and
 the Scipion protocols build the engine's arguments from it (`option_args`). Torch-free, standard library only."""
 from __future__ import annotations
 

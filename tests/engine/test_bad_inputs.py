@@ -280,7 +280,7 @@ def test_normalize_refuses_nan_inf_and_constant_columns():
 
 
 def test_read_init_latents_names_file_column_and_particle(tmp_path):
-    from flexplugin.cli_flex import read_init_latents
+    from flexplugin.cli.flex_train import read_init_latents
     ids = np.array([11, 12, 13, 14])
     df = pd.DataFrame({"rlnImageId": [14, 13, 12, 11, 99], "label": ["a", "b", "c", "d", "e"],
                        "c0": [0.1, 0.2, 0.3, 0.4, np.nan], "c1": ["1", "2", "x", "4", "5"]})
@@ -325,7 +325,7 @@ def test_validate_refuses_nan_and_inf_for_every_float_option():
 def test_latent_plot_draws_at_most_four_dimensions(tmp_path):
     from PIL import Image
 
-    from flexplugin.plots_flex import plot_latents
+    from flexplugin.engine.flex.plots import plot_latents
     z = np.random.default_rng(0).normal(0, 0.4, (200, 16))
     t0 = time.monotonic()
     plot_latents(z, tmp_path / "z16.png")

@@ -26,7 +26,7 @@ CFG = SimConfig(n=1000, box=32, apix=4.0, snr=0.5, seed=2)
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Example data at box 32 and a 16-epoch model seeded with a poor (|ρ| ≈ 0.8) coordinate."""
-    from flexplugin.cli_flex import _write_outputs
+    from flexplugin.engine.flex.outputs import write_training_outputs
     root = tmp_path_factory.mktemp("flexgen")
     d = root / "data"
     simulate_dataset(CFG, d, progress=lambda s: None)
@@ -44,7 +44,7 @@ def trained(tmp_path_factory):
     out = root / "train"
     out.mkdir()
     tr.fit(out, progress=lambda s: None)
-    _write_outputs(tr, ps, out, str(root / "mesh.pkl"))
+    write_training_outputs(tr, ps, out, str(root / "mesh.pkl"))
     # a soft mask around what moves (arm and head): where the end states differ
     s0, s8 = read_volume(d / "gt" / "state_000.mrc")[0], read_volume(d / "gt" / "state_008.mrc")[0]
     diff = ndimage.gaussian_filter(np.abs(s0 - s8), 1.0)

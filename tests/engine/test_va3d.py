@@ -20,7 +20,7 @@ import starfile
 import torch
 from scipy.stats import spearmanr
 
-from flexplugin.cli_va3d import main as va3d_main
+from flexplugin.cli import main as va3d_main
 from flexplugin.engine.simulate import SimConfig, simulate_dataset
 
 

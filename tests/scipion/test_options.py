@@ -7,7 +7,7 @@ from dataclasses import fields
 import pytest
 
 from flexplugin.cli import build_parser
-from flexplugin.cli_options import config_from_args
+from flexplugin.cli.common import config_from_args
 from flexplugin.engine.flex.config import TrainConfig
 from flexplugin.engine.flex.mesh_config import MeshConfig
 from flexplugin.engine.flex.prep_config import PrepConfig

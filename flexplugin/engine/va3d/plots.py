@@ -6,15 +6,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..plots import _plt
+
 __all__ = ["plot_latent_histograms", "plot_latent_pairs", "plot_convergence", "plot_explained_variance",
            "plot_component_slices", "plot_clusters", "plot_frame_counts"]
-
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def _save(fig, path) -> str:

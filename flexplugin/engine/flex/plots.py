@@ -1,4 +1,5 @@
-"""3D Flex diagnostics as pure functions (arrays in, PNG out): latents, activations, flow, losses."""
+"""3D Flex diagnostics as pure functions (arrays in, PNG out): latents, activations, flow, losses, mesh, atlas and
+volume series; flex/outputs.py draws a run's outputs with them."""
 from __future__ import annotations
 
 import os
@@ -6,7 +7,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .plots import _plt
+from ..plots import _plt
+
+__all__ = ["plot_activations", "plot_atlas", "plot_flow", "plot_latents", "plot_losses", "plot_mesh", "plot_series"]
 
 
 def plot_latents(z: np.ndarray, path: str | os.PathLike, jitter: float = 0.05, seed: int = 0,
@@ -229,93 +232,6 @@ def plot_series(volumes: np.ndarray, path: str | os.PathLike, title: str = "", n
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return str(path)
-
-
-def _region_centre(region: np.ndarray) -> tuple[int, int, int]:
-    """Voxel nearest the centre of mass of a boolean region (the box centre when it is empty)."""
-    if not region.any():
-        return tuple(s // 2 for s in region.shape)
-    return tuple(round(float(c)) for c in np.argwhere(region).mean(0))
-
-
-def plot_resolution_gain(gain: np.ndarray, baseline: np.ndarray, improved: np.ndarray, region: np.ndarray,
-                         path: str | os.PathLike, labels: tuple[str, str] = ("noflex", "flex"),
-                         apix: float | None = None) -> str:
-    """Local resolution of the baseline and the improved map (Å, shared scale) and their difference, the gain
-    (baseline − improved, Å; red: the improved map is sharper), on z, y and x slices through the centre of the
-    region, with colour bars; voxels outside `region` are blank. The title gives the median gain in the region."""
-    plt = _plt()
-    region = np.asarray(region, bool)
-    c = _region_centre(region)
-    inside = region & (baseline > 0) & (improved > 0)
-    res_vals = np.concatenate([baseline[inside], improved[inside]]) if inside.any() else np.array([0.0, 1.0])
-    lo, hi = np.percentile(res_vals, [1, 99])
-    hi = hi if hi > lo else lo + 1.0
-    g = gain[inside] if inside.any() else np.zeros(1)
-    gmax = float(np.percentile(np.abs(g), 99)) or 1.0
-    rows = ((f"{labels[0]} local resolution (Å)", baseline, "viridis_r", lo, hi),
-            (f"{labels[1]} local resolution (Å)", improved, "viridis_r", lo, hi),
-            (f"gain: {labels[0]} − {labels[1]} (Å)", gain, "RdBu_r", -gmax, gmax))
-    fig, axes = plt.subplots(3, 3, figsize=(9.6, 9.0), dpi=100)
-    for r, (name, vol, cmap, vmin, vmax) in enumerate(rows):
-        vol = np.ma.masked_where(~inside, vol)
-        for k, (sl, lab) in enumerate(((vol[c[0]], f"z = {c[0]}"), (vol[:, c[1]], f"y = {c[1]}"),
-                                       (vol[:, :, c[2]], f"x = {c[2]}"))):
-            ax = axes[r, k]
-            ax.set_facecolor("#dddddd")
-            im = ax.imshow(sl, cmap=cmap, vmin=vmin, vmax=vmax, origin="lower")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(f"{lab}", fontsize=8)
-        fig.colorbar(im, ax=axes[r, :], shrink=0.85, label=name)
-    median = float(np.median(g)) if inside.any() else float("nan")
-    px = f" ({apix:.3f} Å/px)" if apix else ""
-    fig.suptitle(f"Local resolution gain{px}: median {median:+.2f} Å inside the mask, "
-                 f"{100 * float((g > 0).mean()):.0f} % of it improved", fontsize=10)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return str(path)
-
-
-def plot_masked_fsc(curves: dict[str, dict], apix: float, path: str | os.PathLike,
-                    title: str = "Half-map FSC, masked and corrected by phase randomisation") -> str:
-    """Per map (name → the engine's masked-FSC dict: frequency, unmasked, masked, randomized, corrected and
-    resolutions): the unmasked FSC (dotted), the masked FSC (dashed), the phase-randomised masked FSC (thin) and
-    the corrected FSC (solid), against spatial frequency, with the 0.143 line."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.0, 4.6), dpi=110)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for k, (name, d) in enumerate(curves.items()):
-        col = colours[k % len(colours)]
-        f = np.asarray(d["frequency"])[1:]  # from shell 1: the DC shell is a single number
-        ax.plot(f, np.asarray(d["unmasked"])[1:], color=col, ls=":" if d.get("masked") is not None else "-", lw=1.2,
-                label=f"{name} unmasked ({d['resolution_unmasked_A']:.2f} Å)")
-        if d.get("masked") is not None:
-            ax.plot(f, np.asarray(d["masked"])[1:], color=col, ls="--", lw=1.0,
-                    label=f"{name} masked ({d['resolution_masked_A']:.2f} Å)")
-        if d.get("randomized") is not None:
-            ax.plot(f, np.asarray(d["randomized"])[1:], color=col, lw=0.7, alpha=0.7, label=f"{name} phase-randomised, masked")
-        if d.get("corrected") is not None:
-            ax.plot(f, np.asarray(d["corrected"])[1:], color=col, lw=1.8,
-                    label=f"{name} corrected ({d['resolution_corrected_A']:.2f} Å)")
-    ax.axhline(0.143, color="grey", lw=0.8, ls="--")
-    ax.axhline(0.0, color="grey", lw=0.5)
-    ax.set_xlabel("spatial frequency (1/Å)")
-    ax.set_ylabel("FSC")
-    ax.set_ylim(-0.15, 1.05)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
-    ax.set_xlim(0, 1 / (2 * apix))
-    top = ax.twiny()  # the same axis labelled in Å at round frequencies
-    top.set_xlim(ax.get_xlim())
-    ticks = np.linspace(0, 1 / (2 * apix), 6)[1:]
-    top.set_xticks(ticks)
-    top.set_xticklabels([f"{1 / t:.1f}" for t in ticks], fontsize=8)
-    top.set_xlabel("resolution (Å)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
