@@ -15,6 +15,7 @@ import torch
 from ..errors import InputError
 from ..fourier import crop_center, fourier_crop_2d, fourier_crop_3d
 from ..io import ParticleSet
+from .prep_config import PrepConfig
 
 __all__ = ["PrepSpec", "prep_spec", "PreparedParticles", "prep_volume"]
 
@@ -38,8 +39,10 @@ class PrepSpec:
         return self.train / self.crop
 
 
-def prep_spec(box: int, apix: float, crop: int | None = None, train_box: int | None = 128) -> PrepSpec:
-    """Validate crop/training boxes: crop ≤ box, training ≤ crop, both even; defaults keep the full box."""
+def prep_spec(box: int, apix: float, crop: int | None = PrepConfig.crop,
+              train_box: int | None = PrepConfig.train_box) -> PrepSpec:
+    """Validate crop/training boxes: crop ≤ box, training ≤ crop, both even; the defaults are PrepConfig's (no crop,
+    the training box it declares); `train_box` None keeps the crop box."""
     crop = box if not crop else crop
     train = min(crop, train_box or crop)
     if crop > box or crop < 16 or crop % 2:
