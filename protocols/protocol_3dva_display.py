@@ -17,6 +17,7 @@ from pyworkflow.protocol import Protocol
 
 from flexplugin.engine.latents import ID_LABEL
 from flexplugin.engine.plots import plot_map_montage
+from flexplugin.engine.va3d_config import DISPLAY_MODES, DisplayConfig
 
 from .constants import VA3D_PROGNAME, VA3D_RUN_JSON
 from .protocol_base import ButterworthFilterParams, FlexPluginProtBase, readJsonFile
@@ -24,7 +25,8 @@ from .protocol_base import ButterworthFilterParams, FlexPluginProtBase, readJson
 __all__ = ["FlexPluginProt3DVADisplay", "INPUT_3DVA"]
 
 INPUT_3DVA = "input3DVA"
-MODES = ["simple", "intermediates", "cluster"]
+MODES = list(DISPLAY_MODES)
+D = DisplayConfig()  # every display default is declared there, once
 MODE_SIMPLE, MODE_INTERMEDIATES, MODE_CLUSTER = 0, 1, 2
 OUTPUT_COMPONENT = "outputComponent_{}"  # one SetOfVolumes per displayed component, numbered as in the 3DVA run
 OUTPUT_CLASSES, OUTPUT_VOLUMES = "outputClasses", "outputVolumes"
@@ -63,11 +65,11 @@ class FlexPluginProt3DVADisplay(FlexPluginProtBase, ButterworthFilterParams):
                            "their coordinate in a sliding window (captures non-linear change; one "
                            "reconstruction per frame). Cluster: k-means clusters of the coordinates, with a "
                            "particle subset and a reconstruction per cluster.")
-        form.addParam("frames", params.IntParam, default=20,
+        form.addParam("frames", params.IntParam, default=D.frames,
                       label="Number of frames/clusters",
                       help="Maps per component (simple, intermediates: at least 2) or number of clusters "
                            "(cluster: at least 1) (cryoSPARC: var_num_frames, default 20).")
-        form.addParam("rangePercentile", params.FloatParam, default=3.0, condition=notCluster,
+        form.addParam("rangePercentile", params.FloatParam, default=D.range_percentile, condition=notCluster,
                       label="Range percentile (%)",
                       help="The frames span the coordinates from this percentile to 100 minus it, so outliers do "
                            "not stretch the series (cryoSPARC: var_range_percentile, default 3 %; from 0 to "
@@ -76,13 +78,14 @@ class FlexPluginProt3DVADisplay(FlexPluginProtBase, ButterworthFilterParams):
                       label="Only use these components",
                       help="Components to display (or cluster on), numbered from 1, e.g. '1,3' (cryoSPARC: "
                            "var_component_filter). Empty: all.")
-        form.addParam("width", params.FloatParam, default=2.0, condition=intermediates,
+        form.addParam("width", params.FloatParam, default=D.width, condition=intermediates,
                       label="Intermediates: window width (frames)",
                       help="Width of the sliding window, in frames (cryoSPARC: var_intermediate_width, default "
                            "2). Above 0: triangular weights reaching zero this many frames away (2: each particle "
                            "contributes to about 4 frames). 0: top-hat, the particles within half a frame. -1: "
                            "equal-count bins of the sorted coordinates (no percentile clipping).")
-        form.addParam("skipReconstruction", params.BooleanParam, default=False, condition=f"mode == {MODE_CLUSTER}",
+        form.addParam("skipReconstruction", params.BooleanParam, default=D.skip_reconstruction,
+                      condition=f"mode == {MODE_CLUSTER}",
                       label="Skip reconstruction?",
                       help="Cluster mode: make the particle classes only, without a reconstruction per cluster "
                            "(cryoSPARC: var_skip_reconstruction, default No).")
@@ -105,19 +108,19 @@ class FlexPluginProt3DVADisplay(FlexPluginProtBase, ButterworthFilterParams):
                       label="Crop to box (px)",
                       help="Crop the output maps to this box in pixels after downsampling (cryoSPARC: var_M); "
                            "even, from 4 to the (downsampled) box. The pixel size is unchanged. Empty: no crop.")
-        form.addParam("flipHand", params.BooleanParam, default=False,
+        form.addParam("flipHand", params.BooleanParam, default=D.flip_hand,
                       label="Flip hand?",
                       help="Mirror the output maps along z (cryoSPARC: var_vol_flip, default No); the particles "
                            "are unchanged.")
-        form.addParam("batchSize", params.IntParam, default=256, expertLevel=params.LEVEL_ADVANCED,
+        form.addParam("batchSize", params.IntParam, default=D.batch_size, expertLevel=params.LEVEL_ADVANCED,
                       validators=[params.GE(1, "Use at least one particle per batch")],
                       label="Batch size (particles)",
                       help="Images per batch in reconstructions (default 256); the result does not depend on it.")
-        form.addParam("seed", params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED,
+        form.addParam("seed", params.IntParam, default=D.seed, expertLevel=params.LEVEL_ADVANCED,
                       label="Random seed",
                       help="Seed of k-means (cluster mode) and of the random half-set split of reconstructions "
                            "(default 0).")
-        form.addParam("maxMemory", params.FloatParam, default=2.0, expertLevel=params.LEVEL_ADVANCED,
+        form.addParam("maxMemory", params.FloatParam, default=D.max_memory_gb, expertLevel=params.LEVEL_ADVANCED,
                       validators=[params.Positive],
                       label="Memory for reconstructions (GB)",
                       help="Memory for the reconstruction accumulators in GB (default 2): maps that do not fit "

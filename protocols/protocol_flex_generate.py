@@ -19,12 +19,14 @@ from pwem.objects import FlexInfo, SetOfVolumesFlex, VolumeFlex
 from pwem.protocols import ProtFlexBase
 
 from flexplugin.convert import plainFileName
+from flexplugin.engine.flex.generate_config import GenerateConfig
 
 from .constants import FLEX_PROGNAME, INPUT_TRAINING
 from .protocol_base import FlexModelInput, FlexPluginProtBase, readJsonFile
 
 __all__ = ["FlexPluginProtGenerate", "parseLatentPoints"]
 
+G = GenerateConfig()  # every generator default is declared there, once
 MODE_AXES, MODE_POINTS, MODE_PARTICLES = 0, 1, 2
 BOX_TRAIN, BOX_FULL = 0, 1
 OUTPUT_SERIES = "outputVolumes_{}"  # one set per latent axis, numbered from 1
@@ -80,12 +82,12 @@ class FlexPluginProtGenerate(ProtFlexBase, FlexPluginProtBase, FlexModelInput):
                            "latents, the other coordinates at their median (cryoSPARC: flex_gen_num_pts). Custom "
                            "points: one volume per latent point given below. Mean of particles: one volume at the "
                            "mean latent of a subset of the training particles (e.g. a class or a selection).")
-        form.addParam("frames", params.IntParam, default=41, condition=f"mode == {MODE_AXES}",
+        form.addParam("frames", params.IntParam, default=G.frames, condition=f"mode == {MODE_AXES}",
                       validators=[params.GE(2, "Generate at least 2 volumes per axis")],
                       label="Volumes per axis",
                       help="Number of volumes in each latent axis series (cryoSPARC: flex_gen_num_pts, default 41). "
                            "An odd number puts the centre of the range in the middle frame.")
-        form.addParam("percentile", params.FloatParam, default=1.0, condition=f"mode == {MODE_AXES}",
+        form.addParam("percentile", params.FloatParam, default=G.percentile, condition=f"mode == {MODE_AXES}",
                       validators=[params.Range(0, 49.9, "The percentile must be between 0 and 49.9")],
                       label="Range percentile (%)",
                       help="Each axis series spans the particles' latents from this percentile to 100 minus it "
@@ -120,7 +122,7 @@ class FlexPluginProtGenerate(ProtFlexBase, FlexPluginProtBase, FlexModelInput):
                       help="Deform this map instead of the training's canonical map, e.g. the flex map of '3D flex "
                            "reconstruction' with the full output box. Its box and pixel size must be those of the "
                            "output box. Empty: the canonical map.")
-        form.addParam("doAtlas", params.BooleanParam, default=True,
+        form.addParam("doAtlas", params.BooleanParam, default=G.atlas,
                       label="Draw the latent atlas?",
                       help="A figure of volumes (projected along z) on a grid over two latent axes, drawn over the "
                            "particles' latent density (default Yes).")
@@ -129,7 +131,7 @@ class FlexPluginProtGenerate(ProtFlexBase, FlexPluginProtBase, FlexModelInput):
                       label="Atlas axes",
                       help="The two latent axes of the atlas, numbered from 1, e.g. '1,3'. Empty: axes 1 and 2 (axis "
                            "1 twice for a 1-dimensional model).")
-        form.addParam("atlasGrid", params.IntParam, default=7, condition="doAtlas",
+        form.addParam("atlasGrid", params.IntParam, default=G.atlas_grid, condition="doAtlas",
                       validators=[params.GE(2, "The atlas needs at least 2 points per axis")],
                       label="Atlas grid size",
                       help="Volumes per atlas axis (default 7: a 7×7 grid over the 1st to 99th percentiles).")

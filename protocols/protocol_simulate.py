@@ -12,7 +12,11 @@ import pyworkflow.protocol.params as params
 import pyworkflow.utils as pwutils
 from pwem.objects import SetOfParticles, Volume, VolumeMask
 
+from flexplugin.engine.simulate_config import SimConfig
+
 from .protocol_base import FlexPluginProtBase
+
+S = SimConfig()  # every simulation default is declared there, once
 
 
 class outputs(Enum):
@@ -32,35 +36,35 @@ class FlexPluginProtSimulate(FlexPluginProtBase):
     # --------------------------- DEFINE param functions ----------------------
     def _defineParams(self, form: params.Form) -> None:
         form.addSection(label="Simulation")
-        form.addParam("numberOfParticles", params.IntParam, default=2000,
+        form.addParam("numberOfParticles", params.IntParam, default=S.n,
                       validators=[params.GE(2, "Simulate at least 2 particles")],
                       label="Number of particles",
                       help="How many particles to simulate (default 2,000). Each gets a random pose, shift, defocus "
                            "and motion state t in [-1, 1]; 1,000–2,000 are enough for 3DVA and 3D Flex to find the "
                            "motion at the default SNR, fewer make a quick smoke test.")
-        form.addParam("boxSize", params.IntParam, default=64,
+        form.addParam("boxSize", params.IntParam, default=S.box,
                       validators=[params.GE(16, "The box must be at least 16 px")],
                       label="Box size (px)",
                       help="Particle box in pixels: even, at least 16 (default 64). The object fills about half the "
                            "box; larger boxes cost time and memory roughly as box³ in the downstream jobs.")
-        form.addParam("pixelSize", params.FloatParam, default=2.0, validators=[params.Positive],
+        form.addParam("pixelSize", params.FloatParam, default=S.apix, validators=[params.Positive],
                       label="Pixel size (Å)",
                       help="Sampling rate in Å per pixel (default 2.0). It sets the physical size of the object "
                            "(box × pixel size) and the Nyquist limit (2 × pixel size) of every map.")
-        form.addParam("snr", params.FloatParam, default=0.1, validators=[params.Positive],
+        form.addParam("snr", params.FloatParam, default=S.snr, validators=[params.Positive],
                       label="Signal-to-noise ratio",
                       help="Variance of the CTF-modulated projections over the variance of the noise.")
-        form.addParam("hingeAmplitude", params.FloatParam, default=25.0,
+        form.addParam("hingeAmplitude", params.FloatParam, default=S.hinge_deg,
                       label="Hinge amplitude (deg)",
                       help="Swing of the arm about its hinge at the ends of the motion (t = ±1).")
-        form.addParam("twistAmplitude", params.FloatParam, default=30.0,
+        form.addParam("twistAmplitude", params.FloatParam, default=S.twist_deg,
                       label="Twist amplitude (deg)",
                       help="Twist of the head about the arm's axis at the ends of the motion (t = ±1).")
-        form.addParam("seed", params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED,
+        form.addParam("seed", params.IntParam, default=S.seed, expertLevel=params.LEVEL_ADVANCED,
                       label="Random seed",
                       help="Seed of every random draw (poses, CTFs, motion states, noise); the same seed and "
                            "settings give bit-identical particles. Change it to draw an independent data set.")
-        form.addParam("stackSize", params.IntParam, default=1000, expertLevel=params.LEVEL_ADVANCED,
+        form.addParam("stackSize", params.IntParam, default=S.stack_size, expertLevel=params.LEVEL_ADVANCED,
                       validators=[params.Positive], label="Images per stack file",
                       help="Particles per .mrcs file (default 1,000). Smaller values split the data over several "
                            "stacks, as real extraction jobs do (one stack per micrograph).")

@@ -19,6 +19,7 @@ from ..errors import InputError
 from ..fourier import irfft3c, rfft3c
 from ..identity import check_same_particles
 from ..torchfile import describe, load_torch_file
+from .generate_config import GenerateConfig
 from .mesh import Mesh, mesh_from_dict
 from .model import FlowGenerator, MeshRaster, warp_volume
 
@@ -253,7 +254,8 @@ def check_points_range(points: np.ndarray, latents: np.ndarray, source: str, log
             "extrapolated")
 
 
-def axis_series(latents: np.ndarray, frames: int = 41, percentile: float = 1.0) -> list[np.ndarray]:
+def axis_series(latents: np.ndarray, frames: int = GenerateConfig.frames,
+                percentile: float = GenerateConfig.percentile) -> list[np.ndarray]:
     """Per latent axis k, `frames` points along k over the range the particles occupy ([p, 100−p] %),
     the other coordinates at their median; an odd count puts the middle frame at the centre of the range."""
     if frames < 2:
