@@ -7,21 +7,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import add_common, device
+from .common import add_common, add_config_options, device
 
 COMMAND = "reconstruct"
 HELP = "Wiener backprojection: map, half maps and FSC"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    """The particles, mask and output folder; the grid's oversampling, batch size and half-set seed."""
+    """The particles, mask and output folder, WienerConfig's options (oversampling, batch size, half-set seed)."""
+    from ..engine.wiener_config import WienerConfig
     p.add_argument("--particles", required=True, help="RELION STAR file with poses and CTF")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--mask", help="optional mask for the FSC (MRC, same box and pixel size)")
     p.add_argument("--apix", type=float, help="pixel size in Å (only for RELION 3.0 files without it)")
-    p.add_argument("--pad", type=int, default=2, help="oversampling factor of the 3-D grid (default 2)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the half-set split when rlnRandomSubset is absent")
+    add_config_options(p, WienerConfig)  # --pad, --batch-size, --seed: declared once, in WienerConfig
     p.add_argument("--no-ctf", action="store_true", help="ignore the CTF (for CTF-free test data)")
     add_common(p)
 

@@ -24,6 +24,7 @@ from .ctf import CTFParams, compute_ctf
 from .fourier import crop_center, fsc_resolution, irfft3c, radius_3d, rfft2c, rfft3c, shift_phase_2d
 from .insertion import insert_slices
 from .progress import Progress
+from .wiener_config import WienerConfig
 
 __all__ = ["BackprojectionAccumulator", "Reconstruction", "backprojection_terms", "finalize_halves",
            "reconstruct_particles", "shell_fsc", "shell_regulariser", "soft_sphere"]
@@ -232,8 +233,8 @@ def _quiet(_line: str) -> None:
     """The progress stream of ranks other than 0."""
 
 
-def reconstruct_particles(particles, batch_size: int = 256, pad: int = 2, device: str = "cpu",
-                          seed: int = 0, mask: np.ndarray | None = None,
+def reconstruct_particles(particles, batch_size: int = WienerConfig.batch_size, pad: int = WienerConfig.pad,
+                          device: str = "cpu", seed: int = WienerConfig.seed, mask: np.ndarray | None = None,
                           progress=None) -> Reconstruction:
     """Reconstruct half maps and the full map from an io.ParticleSet, streaming its stacks in batches.
 
