@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import TrainConfig
 from .mesh import Mesh, rasterize_weights
 
 __all__ = ["FlowGenerator", "MeshRaster", "deformation_gradients", "rigidity_penalty", "project_warped",
@@ -30,7 +31,7 @@ __all__ = ["FlowGenerator", "MeshRaster", "deformation_gradients", "rigidity_pen
 class FlowGenerator(nn.Module):
     """MLP from a K-dim latent to displacements (n_vertices, 3) in Å; starts at zero flow."""
 
-    def __init__(self, k: int, n_vertices: int, layers: int = 6, hidden: int = 64):
+    def __init__(self, k: int, n_vertices: int, layers: int = TrainConfig.layers, hidden: int = TrainConfig.hidden):
         super().__init__()
         if k < 1 or layers < 1 or hidden < 1:
             raise ValueError("latent dimension, layers and hidden units must be >= 1")
