@@ -28,6 +28,7 @@ from ..io import ParticleSet, read_particles, read_volume
 from ..projector import prepare_volume_ft
 from ..va3d.slicing import make_band
 from .mesh import build_mesh
+from .mesh_config import MeshConfig
 from .model import warp_volume
 from .prep import PreparedParticles, prep_spec, prep_volume
 from .scoring import readout_rho, state_metrics
@@ -116,7 +117,7 @@ def oracle_rho(tr: FlexTrainer, truth: Truth, kmax_frac: float | None = None, po
 
 
 def run_and_score(data: str | Path, train_box: int = 32, cfg: TrainConfig | None = None,
-                  init: np.ndarray | None = None, cells: int = 20, mask: np.ndarray | None = None,
+                  init: np.ndarray | None = None, cells: int = MeshConfig.cells, mask: np.ndarray | None = None,
                   particles: ParticleSet | None = None, device: str = "cpu", out: str | Path | None = None,
                   progress: Callable[[str], None] = lambda s: None) -> tuple[FlexTrainer, dict]:
     """Mesh (flex-mesh's automatic mask unless `mask`), train with `cfg` (defaults) and score; returns both.
