@@ -19,7 +19,7 @@ class SimConfig:
     box: int = setting(64, "box size in pixels, even")
     apix: float = setting(2.0, "pixel size in Å")
     snr: float = setting(0.1, "signal-to-noise ratio, variance ratio")
-    seed: int = setting(0, "random seed")
+    seed: int = setting(0, "seed of every random draw (poses, CTFs, motion states, noise)")
     hinge_deg: float = setting(25.0, "hinge amplitude in degrees at |t|=1", option="--hinge")
     twist_deg: float = setting(30.0, "head twist in degrees at |t|=1", option="--twist")
     atom_sigma_A: float = setting(2.0, "width (σ) of the pseudo-atoms in Å", cli=False)

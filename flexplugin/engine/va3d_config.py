@@ -56,7 +56,8 @@ class DisplayConfig:
     """Parameters of a 3DVA display (va3d/display.py); names follow the CLI options (cryoSPARC's var_3D_disp keys
     in the metadata). The filter orders default to the analysis's own (VA3DConfig)."""
 
-    mode: str = setting("simple", "output mode", "var_output_mode", choices=DISPLAY_MODES)
+    mode: str = setting("simple", "output mode: a linear series, reconstructions in a rolling window, or k-means "
+                                   "clusters", "var_output_mode", choices=DISPLAY_MODES)
     frames: int = setting(20, "frames per component, or clusters", "var_num_frames")
     range_percentile: float = setting(3.0, "clip the coordinate range at this low/high percentile",
                                       "var_range_percentile")
@@ -64,10 +65,10 @@ class DisplayConfig:
                                      "var_component_filter", default_text="all")
     filter_res: float | None = setting(None, "low-pass the output volumes at this resolution (Å)", "var_filter_res",
                                        positive=True, default_text="none")
-    filter_order: float = setting(VA3DConfig.filter_order, "low-pass order", positive=True)
+    filter_order: float = setting(VA3DConfig.filter_order, "Butterworth order of the low-pass", positive=True)
     highpass_res: float | None = setting(None, "high-pass the output volumes at this resolution (Å)",
                                          "var_highpass_res", positive=True, default_text="none")
-    highpass_order: float = setting(VA3DConfig.highpass_order, "high-pass order", positive=True)
+    highpass_order: float = setting(VA3DConfig.highpass_order, "Butterworth order of the high-pass", positive=True)
     downsample: int | None = setting(None, "Fourier-crop output volumes to this box", "var_N",
                                      default_text="full box")
     crop: int | None = setting(None, "crop output volumes to this box after downsampling", "var_M",
