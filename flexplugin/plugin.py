@@ -17,9 +17,9 @@ class Plugin(pwem.Plugin):
     __module__ = __package__
 
     _homeVar = ""
-    _pathVars = []  # nothing must exist beyond the Python package itself
+    _pathVars: list[str] = []  # nothing must exist beyond the Python package itself
     _url = "https://github.com/flexplugin/scipion-em-flexplugin"
-    _supportedVersions = []
+    _supportedVersions: list[str] = []
 
     @classmethod
     def _defineVariables(cls) -> None:

@@ -73,21 +73,22 @@ def atomic_path(path: str | os.PathLike, keep_suffix: bool = False) -> Iterator[
         _unlink_quietly(tmp)
         disk = e if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS else _disk_full_cause(e)
         if disk is not None and not isinstance(e, DiskFullError):
-            raise DiskFullError(str(path), disk.errno) from e
+            raise DiskFullError(str(path), disk.errno or errno.ENOSPC) from e  # errno is set: see _disk_full_cause
         raise
 
 
 def _disk_full_cause(e: BaseException) -> OSError | None:
     """A disk-full OSError wrapped by a library (e.g. torch's RuntimeError around a failed write)."""
+    cur: BaseException | None = e
     seen = 0
-    while e is not None and seen < 10:
-        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
-            return e
-        msg = str(e)
-        if isinstance(e, RuntimeError) and ("No space left" in msg or "File too large" in msg
-                                            or "Disk quota" in msg):
+    while cur is not None and seen < 10:
+        if isinstance(cur, OSError) and cur.errno in DISK_FULL_ERRNOS:
+            return cur
+        msg = str(cur)
+        if isinstance(cur, RuntimeError) and ("No space left" in msg or "File too large" in msg
+                                              or "Disk quota" in msg):
             return OSError(errno.ENOSPC if "No space" in msg else errno.EFBIG, msg)
-        e, seen = e.__cause__ or e.__context__, seen + 1
+        cur, seen = cur.__cause__ or cur.__context__, seen + 1
     return None
 
 

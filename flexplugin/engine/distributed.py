@@ -109,7 +109,7 @@ def merge_rows_(t: torch.Tensor, rows: np.ndarray | torch.Tensor) -> torch.Tenso
 
 def bytes_reduced(reset: bool = False) -> int:
     """Bytes this process has summed over the ranks so far (0 in one process); `reset` starts the count again."""
-    n = _TRAFFIC["bytes"]
+    n = int(_TRAFFIC["bytes"])
     if reset:
         _TRAFFIC["bytes"] = 0
     return n

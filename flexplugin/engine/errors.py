@@ -24,4 +24,4 @@ class DiskFullError(OSError):
         self.path = os.fspath(path)
 
     def __str__(self) -> str:
-        return self.strerror
+        return self.strerror or ""  # always set: __init__ passes the message

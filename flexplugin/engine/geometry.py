@@ -73,8 +73,9 @@ def matrix_to_euler_np(A: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 def matrix_to_euler(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """torch wrapper of :func:`matrix_to_euler_np` (not differentiable)."""
-    r, t, p = matrix_to_euler_np(A.detach().cpu().double().numpy())
-    return tuple(torch.as_tensor(v, dtype=A.dtype, device=A.device) for v in (r, t, p))
+    r, t, p = (torch.as_tensor(v, dtype=A.dtype, device=A.device)
+               for v in matrix_to_euler_np(A.detach().cpu().double().numpy()))
+    return r, t, p
 
 
 def scipion_matrix_from_relion(rot: float, tilt: float, psi: float,

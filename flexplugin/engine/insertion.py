@@ -52,9 +52,9 @@ def _flat_values(real_vals: torch.Tensor | None, cplx_vals: torch.Tensor | None,
     parts = []
     cr = 0 if real_vals is None else real_vals.shape[1]
     cc = 0 if cplx_vals is None else cplx_vals.shape[1]
-    if cr:
+    if real_vals is not None and cr:
         parts.append(real_vals.flatten(-2)[..., idx].to(torch.float32))
-    if cc:
+    if cplx_vals is not None and cc:
         cv = cplx_vals.flatten(-2)[..., idx].to(torch.complex64)
         parts += [cv.real, cv.imag]
     return torch.cat(parts, 1).transpose(0, 1).reshape(cr + 2 * cc, -1), cr, cc
@@ -83,16 +83,19 @@ def _scatter_direct(vals: torch.Tensor, cr: int, cc: int, cz: torch.Tensor, cy: 
     keep = ~((mz == M // 2) & (my == M // 2))  # the origin is its own mate
     mflat = (((M - mz[keep]) % M) * M + (M - my[keep]) % M) * W
     wm = wm[keep]
-    for c in range(cr):
-        t = out_real[c].view(-1)
-        t.index_add_(0, flat, (vals[c][:, None] * w8).reshape(-1))
-        t.index_add_(0, mflat, vals[c][sel].repeat_interleave(4)[keep] * wm)
-    for c in range(cc):
-        t = torch.view_as_real(out_cplx[c]).view(-1, 2)
-        pair = torch.stack([vals[cr + c], vals[cr + cc + c]], 1)  # (n, 2) re, im
-        t.index_add_(0, flat, (pair[:, None, :] * w8[:, :, None]).reshape(-1, 2))
-        mate = pair[sel].repeat_interleave(4, 0)[keep] * torch.tensor([1.0, -1.0], device=dev)
-        t.index_add_(0, mflat, mate * wm[:, None])
+    # insert_slices comes here only with out_real given when cr > 0 and out_cplx when cc > 0
+    if out_real is not None:
+        for c in range(cr):
+            t = out_real[c].view(-1)
+            t.index_add_(0, flat, (vals[c][:, None] * w8).reshape(-1))
+            t.index_add_(0, mflat, vals[c][sel].repeat_interleave(4)[keep] * wm)
+    if out_cplx is not None:
+        for c in range(cc):
+            t = torch.view_as_real(out_cplx[c]).view(-1, 2)
+            pair = torch.stack([vals[cr + c], vals[cr + cc + c]], 1)  # (n, 2) re, im
+            t.index_add_(0, flat, (pair[:, None, :] * w8[:, :, None]).reshape(-1, 2))
+            mate = pair[sel].repeat_interleave(4, 0)[keep] * torch.tensor([1.0, -1.0], device=dev)
+            t.index_add_(0, mflat, mate * wm[:, None])
 
 
 def insert_slices(real_vals: torch.Tensor | None, cplx_vals: torch.Tensor | None, rotations: torch.Tensor,

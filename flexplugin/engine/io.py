@@ -96,7 +96,8 @@ def _loop_lines(path: Path) -> Iterator[tuple[str, list[str], int, str]]:
     """(block name, column names, 1-based row, line) for each data line of each loop of a STAR file.
 
     Read again only when something is wrong, to name a row whose number of values differs from its header."""
-    block, cols, in_loop, row = "", [], False, 0
+    block, in_loop, row = "", False, 0
+    cols: list[str] = []
     with open(path, errors="replace") as fh:
         for line in fh:
             s = line.strip()
@@ -204,7 +205,7 @@ def _check_columns(df: pd.DataFrame, path: Path, block: str) -> None:
 class _StackCache:
     """Opens each MRC stack once, memory-mapped, and keeps it open."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._open: dict[str, np.ndarray] = {}
 
     def get(self, path: str) -> np.ndarray:
@@ -404,7 +405,7 @@ def read_particles(star_path: str | os.PathLike, apix: float | None = None) -> P
                              "once in data_optics; each group needs one row")
     file_apix, source = None, "rlnImagePixelSize"
     legacy = optics is None
-    if legacy:  # legacy: build one optics group from particle columns
+    if optics is None:  # legacy: build one optics group from particle columns
         row = {k: float(parts[k].iloc[0]) for k in OPTICS_DEFAULTS if k in parts}
         row["rlnOpticsGroup"] = 1
         if "rlnDetectorPixelSize" in parts and "rlnMagnification" in parts:

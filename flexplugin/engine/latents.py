@@ -116,7 +116,7 @@ def read_latents(path: str | os.PathLike) -> Latents:
         raise InputError(f"cannot read the latents file {p} as CSV: {e}") from None
     if ID_LABEL not in df:
         raise InputError(f"{p} has no {ID_LABEL} column to match particles by id")
-    coords = {}
+    coords: dict[int, str] = {}
     for c in df.columns:
         k = _coordinate_index(str(c))
         if k is not None:

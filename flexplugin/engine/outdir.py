@@ -46,8 +46,9 @@ def _first_file_above(path: Path) -> Path | None:
 
 
 def _why(e: OSError) -> str:
-    return {errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
-            errno.EPERM: "operation not permitted"}.get(e.errno, e.strerror or str(e))
+    reasons: dict[int | None, str] = {errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
+                                      errno.EPERM: "operation not permitted"}
+    return reasons.get(e.errno, e.strerror or str(e))
 
 
 def check_writable_folder(path: str | os.PathLike, option: str = "--out") -> list[Path]:
@@ -146,7 +147,7 @@ class OutputFolder:
                 same = False
             if same:
                 self._fd = fd
-                self._write_info()
+                self._write_info(fd)
                 return
             os.close(fd)
         raise InputError(f"could not lock {lock}: it keeps being replaced; is another job starting there?")
@@ -166,13 +167,13 @@ class OutputFolder:
                           f"for it to finish or choose another {self.option}. If no such job runs, delete "
                           f"{self.path / LOCK_NAME}")
 
-    def _write_info(self) -> None:
+    def _write_info(self, fd: int) -> None:
         """Record the holder in the lock file (best effort: a full disk leaves it empty, the flock still holds)."""
         info = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
                 "started": time.strftime("%Y-%m-%d %H:%M:%S"), "start": _start_time(os.getpid())}
         try:
-            os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, json.dumps(info).encode(), 0)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
         except OSError:
             pass
 

@@ -195,7 +195,9 @@ class MaskedFSC:
     @property
     def resolution_A(self) -> float:
         """The resolution to report: the corrected one with a mask, else the unmasked one."""
-        return self.resolution_corrected_A if self.corrected is not None else self.resolution_unmasked_A
+        if self.corrected is not None and self.resolution_corrected_A is not None:  # set together
+            return self.resolution_corrected_A
+        return self.resolution_unmasked_A
 
     def to_dict(self) -> dict:
         """JSON-ready curves and numbers."""

@@ -288,6 +288,7 @@ class VA3D:
         return {"rows": rows, "y": y, "ctf": ctf, "ctfp": ctfp, "rot": rot, "rot_c": rot_c}
 
     def weights(self) -> torch.Tensor:
+        assert self.sigma2 is not None, "noise_pass (or restore) sets sigma2 first"
         s = self.band.shell.clamp(max=len(self.sigma2) - 1)
         return self.band.weight / self.sigma2.to(self.dev)[s]
 
@@ -381,6 +382,7 @@ class VA3D:
         return flat.reshape(W.shape)
 
     def _components_spectrum(self) -> torch.Tensor:
+        assert self.W is not None, "init_components (or restore) sets W first"
         vols = torch.cat([self.v0_m[None], self.W], 0)
         return torch.stack([prepare_volume_ft(v, 2) for v in vols])
 
@@ -391,6 +393,7 @@ class VA3D:
         M2 = 2 * m
         F = self._components_spectrum()
         wts = self.weights()
+        assert self.sigma2 is not None and self.alpha is not None
         n_sh = len(self.sigma2)
         s2_pad = self.sigma2.to(dev)[(self.r2 * m).round().long().clamp(max=n_sh - 1)]  # (2m, m+1)
         inv_s2_pad = torch.where(self.r2 < 0.5, 1.0 / s2_pad, torch.zeros_like(s2_pad))
@@ -484,6 +487,7 @@ class VA3D:
     def eigenvalues_m(self) -> np.ndarray:
         """Model variance along each component (z ~ N(0, I)): Σ W_k² over the m³ grid times (n/m)³, which by
         Parseval equals the sum over the full n³ box of the Fourier-padded component (the output units)."""
+        assert self.W is not None, "init_components (or restore) sets W first"
         return self.W.reshape(self.K, -1).square().sum(1).double().cpu().numpy() * (self.n / self.m) ** 3
 
     @staticmethod
@@ -501,6 +505,7 @@ class VA3D:
         dev, K = self.dev, self.K
         F = self._components_spectrum()
         wts = self.weights()
+        assert self.alpha is not None, "noise_pass (or restore) sets alpha first"
         mu_all = torch.zeros(self.N, K, dtype=torch.float32)
         expl = torch.zeros(K, dtype=torch.float64)
         total = 0.0
@@ -530,6 +535,7 @@ class VA3D:
 
     def result(self, final: dict) -> VA3DResult:
         """Full-box unit-norm components and coordinates scaled to match (model unchanged)."""
+        assert self.W is not None and self.alpha is not None, "iterate (or restore) sets W and alpha first"
         W = fourier_resize_3d(self.W, self.n).cpu() * self.mask_full
         norms = W.reshape(self.K, -1).norm(dim=1).clamp(min=1e-30)
         comps = (W / norms[:, None, None, None]).numpy().astype(np.float32)
@@ -540,6 +546,7 @@ class VA3D:
 
     # ------------------------------------------------------------------ checkpoints
     def state(self, key: dict) -> dict:
+        assert self.W is not None, "init_components (or restore) sets W first"
         return {"key": key, "iteration": self.iteration, "W": self.W.cpu(), "alpha": self.alpha,
                 "sigma2": self.sigma2, "global_scale": self.global_scale, "history": self.history,
                 "v0_m": self.v0_m.cpu()}
