@@ -393,8 +393,8 @@ def write_resolution_outputs(out_dir: str | os.PathLike, halves: dict[str, tuple
     """Masked, phase-randomisation-corrected FSC and local resolution of each named pair of half maps, and the
     local resolution gain (`gain` = (baseline, improved): baseline − improved, Å), written to `out_dir`:
     fsc_masked_<name>.star, locres_<name>.mrc, locres_gain.mrc and resolution.json (also returned), with
-    locres_gain.png drawn by `plot_gain` (plots_flex.plot_resolution_gain) and fsc_masked.png by `plot_fsc`
-    (plots_flex.plot_masked_fsc) when given: the engine draws nothing itself.
+    locres_gain.png drawn by `plot_gain` (engine/plots.plot_resolution_gain) and fsc_masked.png by `plot_fsc`
+    (engine/plots.plot_masked_fsc) when given; without them no plot is drawn.
 
     Without a mask the FSCs are unmasked and the local resolution and gain are taken inside an automatic mask
     around the maps' density (`auto_mask`)."""
