@@ -20,9 +20,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	bash scripts/demo.sh $(PY) $(DEMO)
 
-# reference programs and data for the independent-oracle tests (RELION 3.1 CPU, cisTEM/cryoDRGN test data)
+# reference programs and data for the independent-oracle tests (RELION 3.1 CPU, cisTEM/cryoDRGN test data);
+# scipion-em-cryodrgn in the project venv and cryoDRGN 4.3.1 in its own venv for the real-plugin chain test
 test-setup: $(STAMP)
 	bash scripts/test_setup.sh $(PY) $(REFDATA)
+	bash scripts/test_setup_cryodrgn.sh $(PY) $(REFDATA)
 
 # two workers (pytest-xdist), one thread each: CI has 2 cores; a test file stays in one worker (its fixtures,
 # Scipion projects and module set-up are shared by its tests)
