@@ -107,6 +107,7 @@ def oracle_rho(tr: FlexTrainer, truth: Truth, kmax_frac: float | None = None, po
     maps = fourier_crop_3d(maps, m) if m != t else maps
     tables = SearchTables(prepare_volume_ft(maps, pad=2))
     band = make_band(m, dev, kmax_px=frac * t / 2)
+    assert tr.noise_shell is not None, "the trainer estimates the noise before it trains"
     wts = band.weight / tr.noise_shell[band.shell.clamp(max=t // 2)]
     z = []
     for s in range(0, len(tr.p), batch_size):

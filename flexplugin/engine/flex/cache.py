@@ -103,7 +103,8 @@ class ParticleCache:
     images). The file stays in the kernel's page cache; the process's resident memory stays one batch."""
 
     def __init__(self, folder: Path):
-        self.folder, self._fd, self._pid = folder, None, -1
+        self.folder, self._pid = folder, -1
+        self._fd: int | None = None
         self.images16 = np.load(folder / "images.npy", mmap_mode="r")  # shape, dtype and data offset; not read
         self.scales = np.load(folder / "scales.npy")
         self.info = json.loads((folder / "info.json").read_text())
@@ -132,8 +133,9 @@ class ParticleCache:
         return x.astype(np.float32) * self.scales[rows, None, None]
 
     def __del__(self) -> None:
-        if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
-            os.close(self._fd)
+        fd = getattr(self, "_fd", None)  # absent when __init__ failed
+        if fd is not None and self._pid == os.getpid():
+            os.close(fd)
 
 
 def _local_rank() -> int:
@@ -197,6 +199,7 @@ def _build(ps: ParticleSet, spec: PrepSpec, final: Path, active: bool, device: t
                      "reuse it)")
         for s in range(0, n, CHUNK):
             if active:
+                assert images is not None and scales is not None  # made above for the active ranks
                 rows = np.arange(s, min(s + CHUNK, n))
                 x = prep_images(torch.from_numpy(ps.images(rows)).to(device), spec).to(torch.float64)
                 rms = x.square().mean(dim=(-2, -1)).sqrt()
@@ -205,6 +208,7 @@ def _build(ps: ParticleSet, spec: PrepSpec, final: Path, active: bool, device: t
                 scales[rows] = rms.to(torch.float32).cpu().numpy()
             _count(False, device)  # heartbeat: the waiting ranks stay inside the collective timeout
         if active:
+            assert images is not None and scales is not None
             images.flush()
             del images
             np.save(tmp / "scales.npy", scales)

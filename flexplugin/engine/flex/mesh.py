@@ -189,7 +189,7 @@ def build_mesh(volume: np.ndarray, apix: float, mask: np.ndarray | None = None, 
     for a, b in fuses:
         parent[root(b)] = root(a)
     corner_id: dict[tuple[int, int, int, int], int] = {}
-    pts = []
+    pts: list[list[float]] = []
     cells_out, cube_out, perm_out, seg_out = [], [], [], []
     for x0, y0, z0, s in zip(cix, ciy, ciz, cube_seg):
         r = root(int(s))

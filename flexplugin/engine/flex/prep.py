@@ -6,7 +6,7 @@ to speed up repeated training runs. Particle ids are kept.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,7 +101,7 @@ class PreparedParticles:
             "rows": torch.as_tensor(rows, device=device),
         }
 
-    def loader(self, batches: list[np.ndarray], device, workers: int = 0, prefetch: int = 2) -> Iterator[dict]:
+    def loader(self, batches: list[np.ndarray], device, workers: int = 0, prefetch: int = 2) -> Generator[dict, None, None]:
         """`batch(rows, device)` for each of `batches`, in order; with `workers` > 0 the batches are read and
         prepared ahead by that many DataLoader worker processes (`prefetch` batches each), on the CPU, while
         the caller computes, then moved to `device` (pinned memory for a GPU)."""
@@ -110,8 +110,10 @@ class PreparedParticles:
                 yield self.batch(rows, device)
             return
         dev = torch.device(device)
+        # torch's stubs type collate_fn for lists of samples; with batch_size=None it gets one whole batch
         dl = torch.utils.data.DataLoader(_Batches(self, batches), batch_size=None, shuffle=False,
-                                         num_workers=workers, prefetch_factor=prefetch, collate_fn=_as_is,
+                                         num_workers=workers, prefetch_factor=prefetch,
+                                         collate_fn=_as_is,  # type: ignore[arg-type]
                                          pin_memory=dev.type == "cuda", persistent_workers=False)
         for b in dl:
             yield {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v.to(dev)

@@ -343,6 +343,7 @@ class FlexTrainer:
         mod = self.model_ft(batch, m, d, vol_m)
         y = self.crop_ft(rfft2c(batch["images"]), t, m)
         shell, band, mult = self._band(m, kmax_px)
+        assert self.noise_shell is not None, "estimate_noise (or a checkpoint) sets noise_shell first"
         w = (mult / self.noise_shell[shell]) * band
         data = 0.5 * ((y - mod).abs().square() * w).sum((-1, -2))
         rig = self._rigidity(d, g)
@@ -356,6 +357,7 @@ class FlexTrainer:
             self._sum_gradients()
             self.opt_flow.step()
             self.opt_density.step()
+            assert z.grad is not None  # z requires grad and the loss depends on it
             self.opt_latent.update(rows, z.grad * n_global)
         return float(data.detach().sum()), float(rig.detach().sum()), float(prior.detach().sum())
 
@@ -373,11 +375,12 @@ class FlexTrainer:
         """Add the ranks' gradients of the shared parameters (a no-op in one process)."""
         if world() == 1:
             return
-        prms = [*self.gen.parameters(), self.density]
-        for prm in prms:
+        grads: list[torch.Tensor] = []
+        for prm in [*self.gen.parameters(), self.density]:
             if prm.grad is None:
                 prm.grad = torch.zeros_like(prm)
-        all_reduce_flat_([prm.grad for prm in prms])  # one exchange per step (bench/bench_scaling.py --flat-gradients)
+            grads.append(prm.grad)
+        all_reduce_flat_(grads)  # one exchange per step (bench/bench_scaling.py --flat-gradients)
 
     def _sync_latents(self, visited: np.ndarray) -> None:
         """After an epoch under torch.distributed: every rank gets every latent and its optimiser moments from
@@ -456,8 +459,8 @@ class FlexTrainer:
         prepared.close()  # ends the loader's worker processes, if any
         visited = shares  # this rank's particles of the epoch
         self._sync_latents(np.concatenate(visited))
-        sums = (all_reduce_(sums) / len(order)).numpy()
-        st = EpochStats(e, frac, m, *sums.tolist(), time.monotonic() - t0)
+        data, rigidity, prior = (all_reduce_(sums) / len(order)).tolist()
+        st = EpochStats(e, frac, m, data, rigidity, prior, time.monotonic() - t0)
         self.history.append(asdict(st))
         self.epoch += 1
         return st

@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -184,6 +185,7 @@ def insert_weighted(accs: list[BackprojectionAccumulator], images: torch.Tensor,
     data = c_y[:, None] * w.T[:, :, None, None]  # (B, G, N, N//2+1)
     den = c2[:, None] * w.T[:, :, None, None]
     out_r, out_c = insert_slices(den, data, R, m, NYQUIST)
+    assert out_r is not None and out_c is not None  # both value sets were given
     for g, a in enumerate(accs):
         a.num += out_c[g]
         a.den += out_r[g]
@@ -224,7 +226,7 @@ def _reconstruct_weighted(ps, weights: np.ndarray, post: _Post, cfg: DisplayConf
             for h in (1, 2):
                 sel = np.nonzero(half[rows] == h)[0]
                 if len(sel):
-                    wt = torch.as_tensor(weights[np.ix_(group, rows[sel])], dtype=torch.float32)
+                    wt = torch.as_tensor(weights[np.ix_(np.asarray(group), rows[sel])], dtype=torch.float32)
                     insert_weighted(accs[h], imgs[sel], rots[sel], sh[sel], ctf[sel] if ctf is not None else None,
                                     wt, ps.phase_flipped)
             prog.step(min(len(active), s + cfg.batch_size))
@@ -232,7 +234,8 @@ def _reconstruct_weighted(ps, weights: np.ndarray, post: _Post, cfg: DisplayConf
             acc.all_reduce_()
         for i, g in enumerate(group):
             a1, a2 = accs[1][i], accs[2][i]
-            info = {"index": g, "particles": int((weights[g] > 0).sum()), "weight_sum": float(weights[g].sum())}
+            info: dict[str, Any] = {"index": g, "particles": int((weights[g] > 0).sum()),
+                                    "weight_sum": float(weights[g].sum())}
             if a1.count == 0 or a2.count == 0:
                 info |= {"volume": None, "resolution_0143_A": None}
                 log(f"{label}: map {g} has no particles in one half set; skipped")
@@ -266,10 +269,11 @@ def run_display(run_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Dis
     else:
         log = _silent
     z = rf.latents[:, sel]
-    summary = {"mode": cfg.mode, "run": str(Path(run_dir).resolve()), "config": asdict(cfg),
-               "components": [{"output_index": j, "source_component": c} for j, c in enumerate(sel)],
-               "apix": post.rapix, "box": cfg.crop or post.rbox, "files": []}
-    files = summary["files"]
+    summary: dict[str, Any] = {
+        "mode": cfg.mode, "run": str(Path(run_dir).resolve()), "config": asdict(cfg),
+        "components": [{"output_index": j, "source_component": c} for j, c in enumerate(sel)],
+        "apix": post.rapix, "box": cfg.crop or post.rbox, "files": []}
+    files: list[str] = summary["files"]
     ps = None
     mask = None
     if cfg.mode != "simple":
@@ -294,6 +298,7 @@ def run_display(run_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Dis
         log(f"3dva-display: {len(sel)} series of {cfg.frames} frames written to {out}")
 
     elif cfg.mode == "intermediates":
+        assert ps is not None  # read above in every mode but simple
         counts = []
         for j, c in enumerate(sel):
             w = frame_weights(rf.latents[:, c], cfg.frames, cfg.range_percentile, cfg.width)
@@ -329,6 +334,7 @@ def run_display(run_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Dis
         log(f"3dva-display: intermediates for {len(sel)} component(s) written to {out}")
 
     else:  # cluster
+        assert ps is not None
         labels, centres = kmeans(z, cfg.frames, cfg.seed)
         if main:
             to_csv(pd.DataFrame({ID_LABEL: rf.ids, "cluster": labels}), out / "clusters.csv", index=False)
