@@ -280,7 +280,7 @@ def test_normalize_refuses_nan_inf_and_constant_columns():
 
 
 def test_read_init_latents_names_file_column_and_particle(tmp_path):
-    from flexplugin.cli.flex_train import read_init_latents
+    from flexplugin.engine.flex.init_latents import read_init_latents
     ids = np.array([11, 12, 13, 14])
     df = pd.DataFrame({"rlnImageId": [14, 13, 12, 11, 99], "label": ["a", "b", "c", "d", "e"],
                        "c0": [0.1, 0.2, 0.3, 0.4, np.nan], "c1": ["1", "2", "x", "4", "5"]})
