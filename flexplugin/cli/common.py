@@ -180,7 +180,7 @@ def _check_finite(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run a parsed subcommand; bad input → `error: …` and status 2, a full disk → status 3 (see engine.errors)."""
+    """Run a parsed subcommand; bad input → `error: …` and status 2, a full disk → status 3 (engine/errors.py)."""
     from ..engine.errors import EXIT_DISK_FULL, EXIT_INPUT, DiskFullError, InputError
     try:
         _check_finite(args)

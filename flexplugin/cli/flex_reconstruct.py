@@ -51,15 +51,18 @@ def main(a: argparse.Namespace) -> None:
 
             from ..engine.fourier import crop_center
             if mask.shape[-1] != ps.box:
-                raise InputError(f"mask is {mask.shape[-1]} px; expected the particle box {ps.box} or crop box {model.crop}")
+                raise InputError(f"mask is {mask.shape[-1]} px; expected the particle box {ps.box} or crop box "
+                                 f"{model.crop}")
             mask = crop_center(torch.as_tensor(mask), model.crop, 3).numpy()
     from ..engine import distributed
     world = distributed.world()  # under torchrun every rank inserts its share; rank 0 alone solves and writes
     out = Path(a.out)
     if distributed.is_main():
-        print(f"flex-reconstruct: {len(ps)} particles at the crop box {model.crop} ({ps.apix:.3f} Å/px), latent-binned "
-              f"preconditioned CG (at most {a.iterations} iterations per half map, tolerance {a.tol:g}), device {dev}"
-              + (f", {world} processes (about {-(-len(ps) // world)} particles each)" if world > 1 else ""), flush=True)
+        print(f"flex-reconstruct: {len(ps)} particles at the crop box {model.crop} ({ps.apix:.3f} Å/px), "
+              f"latent-binned preconditioned CG (at most {a.iterations} iterations per half map, tolerance "
+              f"{a.tol:g}), device {dev}"
+              + (f", {world} processes (about {-(-len(ps) // world)} particles each)" if world > 1 else ""),
+              flush=True)
     t0 = time.time()
     r = flex_reconstruct(model, ps, iterations=a.iterations, batch_size=a.batch_size, reg_scale=a.reg, tol=a.tol,
                          do_noflex=not a.no_noflex, mask=mask, seed=a.seed, bins=a.bins, flow_tol=a.flow_tol,
