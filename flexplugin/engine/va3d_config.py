@@ -1,6 +1,6 @@
-"""3DVA settings (`flexplugin 3dva` and `flexplugin 3dva-display`), each declared once with its default, help text and cryoSPARC key, torch-free
-so that the CLI builds its options and the Scipion protocols their defaults from here (engine/options.py). It sits
-beside `va3d/` rather than in it because importing the `va3d` package loads torch."""
+"""3DVA settings (`flexplugin 3dva` and `flexplugin 3dva-display`), each declared once with its default, help text
+and cryoSPARC key, torch-free so that the CLI builds its options and the Scipion protocols their defaults from here
+(engine/options.py). It sits beside `va3d/` rather than in it because importing the `va3d` package loads torch."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
