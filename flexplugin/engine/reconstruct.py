@@ -55,7 +55,7 @@ def backprojection_terms(images: torch.Tensor, rotations: torch.Tensor, shifts_p
 class BackprojectionAccumulator:
     """Running sums Σ CTF·Y and Σ CTF² on the oversampled (pad·N)³ half-spectrum grid of one map."""
 
-    def __init__(self, box: int, apix: float, pad: int = 2, device: torch.device | str = "cpu"):
+    def __init__(self, box: int, apix: float, pad: int = WienerConfig.pad, device: torch.device | str = "cpu"):
         self.box, self.apix, self.pad, self.m = box, apix, pad, pad * box
         self.device = torch.device(device)
         m = self.m
