@@ -12,7 +12,8 @@ at that venv through its variable CRYODRGN_ENV_ACTIVATION. Without them the test
    are exactly those whose z.pkl row says so, the rows found through the particle images, not the ids.
 3. That subset (cryoDRGN's latents, ids no longer consecutive) seeds our 3D Flex training (one epoch, tiny): the
    seed file flex-train reads gives each particle id the z.pkl row of that particle's image, and the trained set
-   keeps the subset's ids.
+   keeps the subset's ids. Asking for more latent dims than cryoDRGN's zdim, or for components beyond it, fails
+   validation.
 """
 import hashlib
 import os
@@ -58,6 +59,12 @@ def _requireChain() -> str:
     return f". {venv / 'bin' / 'activate'}"
 
 
+def _loadPickle(path: str):
+    """The first object of a cryoDRGN pickle (poses, CTF, or z.pkl's means)."""
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
 def _imageKey(img: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(img, dtype=np.float32).tobytes()).hexdigest()
 
@@ -94,18 +101,23 @@ class TestChainCryoDrgn(scipion_project.ProjectRuns, unittest.TestCase):
         _point(sub.inputParticles, cls.drgn, "Particles")
         cls.sub = cls.launch("subset", sub)
 
-        flex = project.newProtocol(FlexPluginProtTrain, objLabel="3d flex seeded by cryodrgn", **FLEX_TINY)
-        _point(flex.inputParticles, cls.sub, "outputParticles")
-        _point(flex.inputVolume, cls.sim, "outputVolume")
-        _point(flex.inputMask, cls.sim, "outputMask")
-        cls.flex = cls.launch("flex train", flex)
+        cls.flex = cls.launch("flex train", cls.newFlexTrain(cls.sub, "outputParticles",
+                                                             objLabel="3d flex seeded by cryodrgn"))
 
         # cryoDRGN's own files: its input STAR (written by the relion plugin), its parses and its latents
         cls.drgnStar = read_particles(cls.drgn._getExtraPath("input_particles.star"))
-        with open(cls.drgn._getExtraPath("output", "z.pkl"), "rb") as f:
-            cls.zMu = np.asarray(pickle.load(f), dtype=np.float64)
+        cls.zMu = np.asarray(_loadPickle(cls.drgn._getExtraPath("output", "z.pkl")), dtype=np.float64)
         cls.rowOfImage = {_imageKey(img): r for r, img in enumerate(cls.drgnStar.images(slice(None)))}
         cls.truth = read_particles(cls.sim._getExtraPath("data", "particles.star"))
+
+    @classmethod
+    def newFlexTrain(cls, particlesProt, output: str, **params):
+        """A tiny 3D flex training on the given particles, the simulated consensus and mask (latents seeded)."""
+        flex = cls.project.newProtocol(FlexPluginProtTrain, **{**FLEX_TINY, **params})
+        _point(flex.inputParticles, particlesProt, output)
+        _point(flex.inputVolume, cls.sim, "outputVolume")
+        _point(flex.inputMask, cls.sim, "outputMask")
+        return flex
 
     def drgnRows(self, parts) -> dict[int, int]:
         """Particle id → the row of cryoDRGN's input (and of z.pkl) holding that particle's image."""
@@ -128,12 +140,12 @@ class TestChainCryoDrgn(scipion_project.ProjectRuns, unittest.TestCase):
         self.assertEqual(sorted(order.tolist()), list(range(N)))  # every simulated image, each once
         np.testing.assert_allclose(x, y[order], atol=1e-5 * np.abs(y).max())  # and unchanged
         t = truth.table.iloc[order]
-        rot, trans = pickle.load(open(self.drgn._getExtraPath("poses.pkl"), "rb"))
+        rot, trans = _loadPickle(self.drgn._getExtraPath("poses.pkl"))
         A = euler_to_matrix_np(*(t[c].to_numpy(float) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")))
         np.testing.assert_allclose(rot, A, atol=1e-4)
         shifts = t[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(float) / APIX
         np.testing.assert_allclose(np.asarray(trans) * BOX, shifts, atol=1e-3)
-        ctf = np.asarray(pickle.load(open(self.drgn._getExtraPath("ctf.pkl"), "rb")), dtype=np.float64)
+        ctf = np.asarray(_loadPickle(self.drgn._getExtraPath("ctf.pkl")), dtype=np.float64)
         # cryoDRGN's CTF rows: box, pixel size, defocus U, V (Å), angle (deg), kV, Cs (mm), amplitude contrast, phase
         np.testing.assert_allclose(ctf[:, 0], BOX)
         np.testing.assert_allclose(ctf[:, 1], APIX, rtol=1e-6)
@@ -186,3 +198,10 @@ class TestChainCryoDrgn(scipion_project.ProjectRuns, unittest.TestCase):
         out = self.flex.outputParticles
         self.assertEqual(sorted(out.getIdSet()), ids)
         self.assertEqual(len(out.getFirstItem().getZFlex()), ZDIM)
+
+    def test_flex_train_validates_latents_against_cryodrgn_zdim(self):
+        """More latent dims than cryoDRGN's zdim, or components beyond it, are refused before running."""
+        for params, msg in ((dict(numberOfLatents=ZDIM + 1), f"have {ZDIM} coordinates, fewer than"),
+                            (dict(initComponents="1 3"), f"distinct numbers from 1 to {ZDIM}")):
+            self.assertIn(msg, " ".join(self.newFlexTrain(self.drgn, "Particles", **params).validate()), params)
+        self.assertEqual(self.newFlexTrain(self.drgn, "Particles", initComponents="2 1").validate(), [])
