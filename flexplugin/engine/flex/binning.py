@@ -19,7 +19,8 @@ import torch
 
 from ..cluster import kmeans
 
-__all__ = ["LatentBins", "bins_from_labels", "choose_bins", "kmeans_labels", "vertex_displacements"]
+__all__ = ["LatentBins", "bins_from_labels", "choose_bins", "kmeans_labels", "significance_shrinkage",
+           "vertex_displacements"]
 
 
 @dataclass
@@ -47,6 +48,20 @@ def vertex_displacements(gen: torch.nn.Module, z: np.ndarray, batch: int = 4096)
     out = [gen(torch.as_tensor(z[s:s + batch], dtype=torch.float32, device=dev)).float()
            for s in range(0, len(z), batch)]
     return torch.cat(out)
+
+
+def significance_shrinkage(d: torch.Tensor, apix_box: float, noise_vox: float) -> torch.Tensor:
+    """Per-vertex factors (V,) in [0, 1] for displacements d (N, V, 3) Å about their mean over the particles: the
+    least-squares shrinkage 1 − (τ/rms_v)² of a vertex whose displacements carry noise of rms τ = `noise_vox` voxels
+    (rms_v their spread over the particles, in voxels of the box), 0 where rms_v ≤ τ (docs/algorithms.md, 2.4).
+
+    Why: a displacement estimate s + n (signal rms a, noise rms τ) scaled by f leaves a misalignment of variance
+    (1 − f)²a² + f²τ², least at f = a²/(a² + τ²) = 1 − τ²/rms², and then below both a² (no flex) and τ² (the flow as
+    trained): the flex map is then no worse than its rigid start where nothing, or little, moves."""
+    if noise_vox <= 0 or d.shape[0] == 0 or d.shape[1] == 0:
+        return torch.ones(d.shape[1], dtype=d.dtype, device=d.device)
+    rms = d.square().sum(-1).mean(0).sqrt() / apix_box
+    return (1 - (noise_vox / rms.clamp(min=1e-12)) ** 2).clamp(min=0)
 
 
 def bins_from_labels(d: torch.Tensor, labels: np.ndarray, apix_box: float, quantile: float = 0.95) -> LatentBins:

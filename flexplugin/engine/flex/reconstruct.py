@@ -21,6 +21,11 @@ map, and stopped when the preconditioned residual falls below `tol` of the right
 `iterations`). Maps are returned as the Wiener map is: the central c³ box times its soft sphere. The
 "noflex" maps solve the same problem with D = I.
 
+Before the binning, the particles' mean deformation is taken out of the flows (the frame) and each mesh vertex's
+displacements are shrunk by their significance over the trained flows' noise (binning.significance_shrinkage,
+ReconstructConfig.flow_noise; docs/algorithms.md, 2.4), so that noise where nothing moves neither misaligns nor
+blurs the flex map.
+
 `labels` may be given to choose the bins; one bin per particle (labels = 0..N−1) is the exact per-particle
 operator, the reference the binned map converges to as G grows (tests). See docs/flex_reconstruction.md.
 """
@@ -46,9 +51,9 @@ from ..reconstruct import (
     shell_regulariser,
     soft_sphere,
 )
-from .binning import LatentBins, bins_from_labels, choose_bins, vertex_displacements
+from .binning import LatentBins, bins_from_labels, choose_bins, significance_shrinkage, vertex_displacements
 from .generate import FlexModel
-from .reconstruct_config import BATCH_SIZE, FLOW_TOL, ITERATIONS, MAX_BINS, TOL
+from .reconstruct_config import BATCH_SIZE, FLOW_NOISE, FLOW_TOL, ITERATIONS, MAX_BINS, TOL
 
 _ssnr_fsc = shell_fsc  # the FSC the Wiener map takes its SSNR from (hard shells)
 
@@ -73,6 +78,7 @@ class HighresResult:
     flow_spread: float = 0.0
     iterations: dict = field(default_factory=dict)
     frame_shift_vox: float = 0.0  # largest vertex displacement of the particles' mean deformation (taken out)
+    vertices_still: float = 0.0  # fraction of the mesh vertices whose motion lies within the flow noise (held still)
     half_counts: tuple[int, int] = (0, 0)  # particles inserted into each half set (over all ranks)
 
     @property
@@ -301,7 +307,7 @@ def pcg(hess, rhs: torch.Tensor, x0: torch.Tensor, precond, iterations: int, tol
 
 def check_options(iterations: int = ITERATIONS, batch_size: int = BATCH_SIZE, reg_scale: float = 1.0,
                   tol: float = TOL, bins: int | None = None, flow_tol: float = FLOW_TOL,
-                  max_bins: int = MAX_BINS) -> None:
+                  max_bins: int = MAX_BINS, flow_noise: float = FLOW_NOISE) -> None:
     """Raise InputError naming the option for values the solver cannot use (called before any heavy work)."""
     checks = [(iterations >= 1, f"--iterations must be >= 1, got {iterations}"),
               (batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}"),
@@ -309,7 +315,9 @@ def check_options(iterations: int = ITERATIONS, batch_size: int = BATCH_SIZE, re
               (math.isfinite(tol) and 0 < tol < 1, f"--tol must be in (0, 1), got {tol}"),
               (bins is None or bins >= 1, f"--bins must be >= 1, got {bins}"),
               (math.isfinite(flow_tol) and flow_tol > 0, f"--flow-tol must be a number > 0 (voxels), got {flow_tol}"),
-              (max_bins >= 1, f"--max-bins must be >= 1, got {max_bins}")]
+              (max_bins >= 1, f"--max-bins must be >= 1, got {max_bins}"),
+              (math.isfinite(flow_noise) and flow_noise >= 0,
+               f"--flow-noise must be a number >= 0 (voxels), got {flow_noise}")]
     for ok, msg in checks:
         if not ok:
             raise InputError(msg)
@@ -343,7 +351,8 @@ def flex_reconstruct(model: FlexModel, ps: ParticleSet, iterations: int = ITERAT
                      reg_scale: float = 1.0, tol: float = TOL, do_noflex: bool = True,
                      mask: np.ndarray | None = None, seed: int = 0, bins: int | None = None,
                      flow_tol: float = FLOW_TOL, max_bins: int = MAX_BINS, labels: np.ndarray | None = None,
-                     device: torch.device | str = "cpu", progress=None) -> HighresResult | None:
+                     flow_noise: float = FLOW_NOISE, device: torch.device | str = "cpu",
+                     progress=None) -> HighresResult | None:
     """Flex and noflex half maps at the crop box by latent-binned, preconditioned CG (see module docstring).
 
     Under torchrun (engine/distributed.py) every rank inserts its share of the particles, the accumulators are
@@ -351,11 +360,12 @@ def flex_reconstruct(model: FlexModel, ps: ParticleSet, iterations: int = ITERAT
 
     `bins` fixes G; otherwise G is the smallest power of two (≤ `max_bins`) whose flow spread (95 % of the
     particles) is ≤ `flow_tol` voxels. `labels` (N,) overrides the binning (0..G−1); `reg_scale` scales the
-    FSC-derived regulariser (1: the Wiener map's)."""
+    FSC-derived regulariser (1: the Wiener map's). Each mesh vertex's motion is shrunk by its significance over
+    the flow noise `flow_noise` (voxels; binning.significance_shrinkage, 0: as trained) before the binning."""
     dev = torch.device(device)
     ps.require(poses=True, ctf=True)
     half = ps.half_sets(seed)
-    check_options(iterations, batch_size, reg_scale, tol, bins, flow_tol, max_bins)
+    check_options(iterations, batch_size, reg_scale, tol, bins, flow_tol, max_bins, flow_noise)
     _check_inputs(model, ps, half)
     if progress is None and not distributed.is_main():
         progress = _quiet  # rank 0 alone prints
@@ -365,6 +375,23 @@ def flex_reconstruct(model: FlexModel, ps: ParticleSet, iterations: int = ITERAT
     z = model.latents[_model_rows(model, ps)]
     d = vertex_displacements(model.gen, z)
     apix_c = model.apix_at(c)
+    # the frame: 3D Flex fixes the canonical map only up to a deformation common to all particles (the generator's
+    # output at the particles' mean), and trained models carry one (measured: up to 1.3 voxels, also where nothing
+    # moves). Solved in the model's frame, the flex map sat that far from its Wiener start and from the truth; in
+    # the particles' mean frame, where the Wiener map is, it does not (docs/flex_reconstruction.md)
+    mean_d = d.mean(0)
+    frame_vox = float(mean_d.norm(dim=-1).max()) / apix_c if mean_d.numel() else 0.0
+    d.sub_(mean_d)
+    emit(f"flex-reconstruct: the particles' mean deformation (largest vertex displacement {frame_vox:.3f} voxels) "
+         "is taken out of the flows: the flex map is in the particles' mean frame, as the Wiener map")
+    # the flow noise: trained flows scatter by ~0.2 voxel rms where nothing moves (measured on the benchmark sets),
+    # and a warp by such noise both misaligns and blurs; each vertex keeps its motion in proportion to its
+    # significance over that noise (binning.significance_shrinkage), and the bins are chosen on what is kept
+    keep = significance_shrinkage(d, apix_c, flow_noise)
+    d.mul_(keep[None, :, None])
+    still = float((keep == 0).float().mean()) if keep.numel() else 0.0
+    emit(f"flex-reconstruct: flow noise {flow_noise:g} voxels: {100 * still:.0f} % of the mesh vertices held still, "
+         f"the others' motion scaled by {float(keep[keep > 0].median()) if (keep > 0).any() else 0:.2f} (median)")
     if labels is not None:
         lb: LatentBins = bins_from_labels(d, np.asarray(labels, dtype=np.int64), apix_c)
     elif bins is not None:
@@ -407,16 +434,8 @@ def flex_reconstruct(model: FlexModel, ps: ParticleSet, iterations: int = ITERAT
         hp.counts = distributed.all_reduce_(torch.as_tensor(hp.counts, device=dev)).cpu().numpy()
     if not distributed.is_main():  # the O(G·D³) solve is rank 0's
         return None
-    # the frame: 3D Flex fixes the canonical map only up to a deformation common to all particles (the generator's
-    # output at the particles' mean), and trained models carry one (measured: up to 1.3 voxels, also where nothing
-    # moves). Solved in the model's frame, the flex map sat that far from its Wiener start and from the truth; in
-    # the particles' mean frame, where the Wiener map is, it does not (docs/flex_reconstruction.md)
-    mean_d = d.mean(0)
-    frame_vox = float(mean_d.norm(dim=-1).max()) / apix_c if mean_d.numel() else 0.0
-    emit(f"flex-reconstruct: the particles' mean deformation (largest vertex displacement {frame_vox:.3f} voxels) "
-         "is taken out of the bins' flows: the flex map is in the particles' mean frame, as the Wiener map")
     for h in (1, 2):
-        halves[h].set_flows(model, lb.displacements - mean_d)
+        halves[h].set_flows(model, lb.displacements)
     m_t = torch.as_tensor(mask, dtype=torch.float32, device=dev) if mask is not None else None
     # the Wiener map's regulariser and shell gain: SSNR from the FSC of barely regularised half maps
     wbar = {h: sp.shell_mean(halves[h].total_den()) for h in (1, 2)}
@@ -464,4 +483,4 @@ def flex_reconstruct(model: FlexModel, ps: ParticleSet, iterations: int = ITERAT
                          fsc_resolution(f_flex, ps.apix),
                          fsc_resolution(f_nf, ps.apix) if do_noflex else float("nan"), objectives,
                          halves[1].finish(starts[1]), halves[2].finish(starts[2]), G, lb.spread_at(), whys,
-                         frame_vox, (int(halves[1].counts.sum()), int(halves[2].counts.sum())))
+                         frame_vox, still, (int(halves[1].counts.sum()), int(halves[2].counts.sum())))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..options import setting
 
-__all__ = ["BATCH_SIZE", "FLOW_TOL", "ITERATIONS", "MAX_BINS", "TOL", "ReconstructConfig"]
+__all__ = ["BATCH_SIZE", "FLOW_NOISE", "FLOW_TOL", "ITERATIONS", "MAX_BINS", "TOL", "ReconstructConfig"]
 
 
 @dataclass
@@ -26,6 +26,10 @@ class ReconstructConfig:
                                     "particles")
     max_bins: int = setting(64, "cap on the number of latent bins when chosen from --flow-tol (memory: two Fourier "
                                 "accumulators per bin and half set)")
+    flow_noise: float = setting(0.25, "noise level of the trained flows, voxels of the crop box: each mesh vertex's "
+                                      "motion is shrunk by 1 - (flow_noise / rms)^2, rms its displacement's spread "
+                                      "over the particles, and held still where rms is below it (0: no shrinkage)",
+                                cli=False)
     batch_size: int = setting(128, "particles per insertion batch")
     seed: int = setting(0, "seed of the half-set split when rlnRandomSubset is absent")
 
@@ -34,5 +38,6 @@ _D = ReconstructConfig()
 ITERATIONS = _D.iterations
 TOL = _D.tol
 FLOW_TOL = _D.flow_tol
+FLOW_NOISE = _D.flow_noise
 MAX_BINS = _D.max_bins
 BATCH_SIZE = _D.batch_size
