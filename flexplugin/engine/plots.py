@@ -111,8 +111,10 @@ def plot_map_montage(volume_files: Sequence[str], path: str | os.PathLike, label
 def _region_centre(region: np.ndarray) -> tuple[int, int, int]:
     """Voxel nearest the centre of mass of a boolean region (the box centre when it is empty)."""
     if not region.any():
-        return tuple(s // 2 for s in region.shape)
-    return tuple(round(float(c)) for c in np.argwhere(region).mean(0))
+        z, y, x = (s // 2 for s in region.shape)
+    else:
+        z, y, x = (round(float(c)) for c in np.argwhere(region).mean(0))
+    return z, y, x
 
 
 def plot_resolution_gain(gain: np.ndarray, baseline: np.ndarray, improved: np.ndarray, region: np.ndarray,

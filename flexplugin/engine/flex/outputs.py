@@ -52,8 +52,8 @@ def write_training_outputs(trainer, ps, out: Path, mesh_path: str | os.PathLike)
     with open(mesh_path, "rb") as fh:
         state["mesh_pickle"] = fh.read()
     state["particles"] = particle_record(ps.table)  # lets flex-reconstruct tell another data set's particles apart
-    for k in ("opt_flow", "opt_density", "opt_latent"):
-        state.pop(k)
+    for key in ("opt_flow", "opt_density", "opt_latent"):
+        state.pop(key)
     torch_save(state, out / "model.pt")
     # diagnostics
     save_plot(fp.plot_latents, out / "latents.png", z)

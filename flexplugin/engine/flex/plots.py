@@ -98,7 +98,7 @@ def plot_flow(volume: np.ndarray, flow: np.ndarray, path: str | os.PathLike, sli
     plt = _plt()
     if slice_index is None:  # the slice with the most density
         slice_index = int(np.argmax(np.clip(volume, 0, None).sum(axis=tuple(i for i in range(3) if i != axis))))
-    sl = [slice(None)] * 3
+    sl: list[slice | int] = [slice(None)] * 3
     sl[axis] = slice_index
     v = volume[tuple(sl)]
     f = flow[tuple(sl)]

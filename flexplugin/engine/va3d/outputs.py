@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -69,8 +70,9 @@ def write_run_outputs(out: Path, ps, res: VA3DResult, consensus: np.ndarray, arg
     from . import plots as pv
     out = Path(out)
     K = res.components.shape[0]
-    files = {"consensus": "consensus.mrc", "components": [], "latents": LATENTS_NPY, "latents_csv": LATENTS_CSV,
-             "particles_star": "particles_3dva.star", "explained_variance": "explained_variance.json", "plots": {}}
+    files: dict[str, Any] = {
+        "consensus": "consensus.mrc", "components": [], "latents": LATENTS_NPY, "latents_csv": LATENTS_CSV,
+        "particles_star": "particles_3dva.star", "explained_variance": "explained_variance.json", "plots": {}}
     for k in range(K):
         name = f"component_{k:03d}.mrc"
         write_volume(out / name, res.components[k], ps.apix)
@@ -87,12 +89,13 @@ def write_run_outputs(out: Path, ps, res: VA3DResult, consensus: np.ndarray, arg
         if floor is not None:
             c["above_noise_floor"] = bool(ev[k] > floor["floor_eigenvalue"])
         comps.append(c)
-    evj = {"definition": "eigenvalue = variance of the model density along the unit-norm component (sum over "
-                         "full-box voxels, map units squared); latent_variance = variance of the reported "
-                         "coordinates (shrunk by the posterior); residual_power_fraction = share of the whitened "
-                         "residual image power (data minus scaled consensus, working band) that the component "
-                         "explains, averaged over particles",
-           "components": comps}
+    evj: dict[str, Any] = {
+        "definition": "eigenvalue = variance of the model density along the unit-norm component (sum over "
+                      "full-box voxels, map units squared); latent_variance = variance of the reported "
+                      "coordinates (shrunk by the posterior); residual_power_fraction = share of the whitened "
+                      "residual image power (data minus scaled consensus, working band) that the component "
+                      "explains, averaged over particles",
+        "components": comps}
     if floor is not None:
         evj["noise_floor"] = floor | {"definition": "the same analysis on pose-shuffled particles; a component "
                                                     "whose eigenvalue exceeds floor_eigenvalue is above noise"}
