@@ -62,9 +62,9 @@ class FlexModel:
     def k(self) -> int:
         return self.latents.shape[1]
 
-    def _rasters(self):
+    def _rasters(self) -> dict[int, MeshRaster]:
         if not hasattr(self, "_rcache"):
-            self._rcache = {}
+            self._rcache: dict[int, MeshRaster] = {}
         return self._rcache
 
     def raster(self, m: int) -> MeshRaster:
