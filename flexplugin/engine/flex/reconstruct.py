@@ -183,6 +183,7 @@ class BinnedHalf:
         for g in np.unique(labels):
             sel = torch.as_tensor(np.nonzero(labels == g)[0], device=self.dev)
             den, num = insert_slices(w[sel][:, None], data[sel][:, None], R[sel], m, NYQUIST)
+            assert den is not None and num is not None  # both are given, so both are returned
             self.den[g] += den[0].reshape(-1)[sp.index]
             self.num[g] += num[0].reshape(-1)[sp.index]
             self.counts[g] += len(sel)
