@@ -98,6 +98,7 @@ def main() -> None:
         t0 = time.perf_counter()
         r = flex_reconstruct(model, ps, mask=moving, flow_noise=tau, progress=quiet)
         t_f = time.perf_counter() - t0
+        assert r is not None and r.start_half1 is not None and r.start_half2 is not None  # one process: rank 0
         start = 0.5 * (r.start_half1 + r.start_half2)
         fw = {k: shell_fsc(_t(m), truth) for k, m in (("flex", r.flex_map), ("start", start))}
         fs = {k: shell_fsc(_t(m), truth, stat) for k, m in (("flex", r.flex_map), ("start", start))}
