@@ -31,6 +31,7 @@ test-setup: $(STAMP)
 WORKERS ?= 2
 test: test-setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	OMP_NUM_THREADS=1 FLEXPLUGIN_REFDATA=$(abspath $(REFDATA)) $(PY) -m pytest -q -p no:cacheprovider \
 	  -n $(WORKERS) --dist loadfile --durations=15 tests
 

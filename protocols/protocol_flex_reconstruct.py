@@ -30,7 +30,8 @@ from .protocol_base import INPUT_MASK, INPUT_PARTICLES, FlexModelInput, FlexPlug
 R = ReconstructConfig()  # every reconstruction default is declared there, once
 # the form parameter of each ReconstructConfig field
 RECONSTRUCT_FORM = {"iterations": "iterations", "tol": "tolerance", "reg": "regularisation", "bins": "latentBins",
-                    "flow_tol": "flowTolerance", "max_bins": "maxBins", "batch_size": "batchSize", "seed": "seed"}
+                    "flow_tol": "flowTolerance", "max_bins": "maxBins", "flow_noise": "flowNoise", "noflex": "doNoflex",
+                    "batch_size": "batchSize", "seed": "seed"}
 
 __all__ = ["FlexPluginProtReconstruct"]
 
@@ -94,11 +95,11 @@ class FlexPluginProtReconstruct(FlexPluginProtBase, FlexModelInput):
                            f"flex_bfgs_num_iters, default {R.iterations}). The solver usually stops earlier, when its "
                            "residual "
                            "falls below the tolerance (advanced).")
-        form.addParam("doNoflex", params.BooleanParam, default=True,
+        form.addParam("doNoflex", params.BooleanParam, default=R.noflex,
                       label="Also reconstruct without flex?",
                       help="Also solve the rigid reconstruction (no motion) with the same solver, which gives the "
                            "Wiener map, as the baseline of the FSC and of the local resolution gain (cryoSPARC: "
-                           "flex_do_noflex_recon, default Yes). Without it there is no gain map.")
+                           "flex_do_noflex_recon). Without it there is no gain map.")
         form.addParam("regularisation", params.FloatParam, default=None, allowsNull=True,
                       expertLevel=params.LEVEL_ADVANCED,
                       label="Regularisation scale",
@@ -130,6 +131,13 @@ class FlexPluginProtReconstruct(FlexPluginProtBase, FlexModelInput):
                            "Each bin holds two Fourier accumulators per half set (6.4 MB at a crop box of 64, 51 MB "
                            "at 128, about 400 MB at 256): lower it where memory is short, raise it when the log warns "
                            "that the flow tolerance is not met.")
+        form.addParam("flowNoise", params.FloatParam, default=R.flow_noise, expertLevel=params.LEVEL_ADVANCED,
+                      validators=[params.GE(0)],
+                      label="Flow noise (voxels)",
+                      help="The noise level of the trained flows, in voxels of the crop box. Each mesh vertex's "
+                           "motion is shrunk by 1 - (noise / spread)^2, its spread measured over the particles, and "
+                           "held still where the spread is below the noise: where nothing moves, the flows' noise "
+                           "would otherwise misalign and blur the flex map. 0 uses the flows as trained.")
         form.addParam("batchSize", params.IntParam, default=R.batch_size, validators=[params.GE(1)],
                       expertLevel=params.LEVEL_ADVANCED,
                       label="Batch size (particles)",
@@ -323,9 +331,8 @@ class FlexPluginProtReconstruct(FlexPluginProtBase, FlexModelInput):
                 "--particles", self._getInputStarFile(),
                 "--out", self._getReconstructDir()]
         args += self._settingArgs("iterations", "batch_size", "seed")  # the order runs have always had
-        if not self.doNoflex.get():
-            args += ["--no-noflex"]
-        args += self._settingArgs("reg", "tol", "flow_tol", "max_bins", "bins")  # empty: the engine's default
+        # empty: the engine's default
+        args += self._settingArgs("noflex", "reg", "tol", "flow_tol", "max_bins", "bins", "flow_noise")
         mask = getattr(self, INPUT_MASK).get()
         if mask is not None:
             args += ["--mask", plainFileName(mask.getFileName())]

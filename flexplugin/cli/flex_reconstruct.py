@@ -15,13 +15,13 @@ HELP = "3D Flex reconstruction: high-resolution canonical map, motion undone"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    """The model, particles and output folder, ReconstructConfig's options, --no-noflex and the FSC mask."""
+    """The model, particles and output folder, ReconstructConfig's options (--no-noflex among them) and the FSC
+    mask."""
     from ..engine.flex.reconstruct_config import ReconstructConfig
     p.add_argument("--model", required=True, help="model.pt from flex-train, or its folder")
     p.add_argument("--particles", required=True, help="the particles of the training (or a subset), RELION STAR")
     p.add_argument("--out", required=True, help="output folder")
-    add_config_options(p, ReconstructConfig)  # --iterations, --tol, ..., --seed: declared once, there
-    p.add_argument("--no-noflex", action="store_true", help="skip the rigid baseline (flex_do_noflex_recon)")
+    add_config_options(p, ReconstructConfig)  # --iterations, --tol, ..., --no-noflex, --seed: declared once, there
     p.add_argument("--mask", help="mask for the FSC (particle box or crop box)")
     add_common(p)
 
@@ -36,7 +36,7 @@ def main(a: argparse.Namespace) -> None:
     from ..engine.io import read_mask, read_particles
     from ..engine.plots import plot_masked_fsc, plot_resolution_gain
     from ..engine.resolution import write_resolution_outputs
-    check_options(a.iterations, a.batch_size, a.reg, a.tol, a.bins, a.flow_tol, a.max_bins)
+    check_options(a.iterations, a.batch_size, a.reg, a.tol, a.bins, a.flow_tol, a.max_bins, a.flow_noise)
     dev = device(a.device)
     model = load_model(a.model, dev)
     ps = read_particles(a.particles)
@@ -65,21 +65,22 @@ def main(a: argparse.Namespace) -> None:
               flush=True)
     t0 = time.time()
     r = flex_reconstruct(model, ps, iterations=a.iterations, batch_size=a.batch_size, reg_scale=a.reg, tol=a.tol,
-                         do_noflex=not a.no_noflex, mask=mask, seed=a.seed, bins=a.bins, flow_tol=a.flow_tol,
-                         max_bins=a.max_bins, device=dev)
+                         do_noflex=a.noflex, mask=mask, seed=a.seed, bins=a.bins, flow_tol=a.flow_tol,
+                         max_bins=a.max_bins, flow_noise=a.flow_noise, device=dev)
     if r is None:  # not rank 0
         return
-    write_reconstruction(out, r, model.crop, ps.apix, noflex=not a.no_noflex, masked=mask is not None)
+    write_reconstruction(out, r, model.crop, ps.apix, noflex=a.noflex, masked=mask is not None)
     info = {"particles": len(ps), "crop": model.crop, "apix": ps.apix, "iterations": a.iterations, "tol": a.tol,
             "reg_scale": a.reg, "bins": r.bins, "flow_spread_vox": r.flow_spread, "stopped": r.iterations,
-            "mean_deformation_taken_out_vox": r.frame_shift_vox,
-            "resolution_flex_A": r.res_flex, "resolution_noflex_A": None if a.no_noflex else r.res_noflex,
+            "mean_deformation_taken_out_vox": r.frame_shift_vox, "flow_noise_vox": a.flow_noise,
+            "vertices_still": r.vertices_still,
+            "resolution_flex_A": r.res_flex, "resolution_noflex_A": r.res_noflex if a.noflex else None,
             "masked_fsc": mask is not None, "seconds": time.time() - t0,
             "world_size": world, "particles_per_rank": -(-len(ps) // world), "half_counts": list(r.half_counts),
             "objective_first_last": {k: [v[0], v[-1]] for k, v in r.objective.items()}}
     write_json(out / "reconstruct.json", info)
     halves = {"flex": (r.flex_half1, r.flex_half2)}
-    if not a.no_noflex:
+    if a.noflex:
         halves["noflex"] = (r.noflex_half1, r.noflex_half2)
     res = write_resolution_outputs(out, halves, mask, ps.apix, plot_gain=plot_resolution_gain,
                                    plot_fsc=plot_masked_fsc, device=dev)
@@ -92,4 +93,4 @@ def main(a: argparse.Namespace) -> None:
           + (f"; local resolution gain noflex - flex: median {res['gain']['median_A']:+.2f} Å in {res['region']}"
              if res.get("gain", {}).get("median_A") is not None else ""), flush=True)
     print(f"flex-reconstruct: flex {r.res_flex:.2f} Å"
-          + ("" if a.no_noflex else f", noflex {r.res_noflex:.2f} Å") + f" (FSC 0.143); outputs in {out}", flush=True)
+          + (f", noflex {r.res_noflex:.2f} Å" if a.noflex else "") + f" (FSC 0.143); outputs in {out}", flush=True)

@@ -238,6 +238,8 @@ RECON_BAD = [
     ("flow-tol-negative", ["--flow-tol", "-0.1"], "--flow-tol must be a number > 0"),
     ("flow-tol-inf", ["--flow-tol", "inf"], "--flow-tol"),
     ("max-bins-zero", ["--max-bins", "0"], "--max-bins must be >= 1"),
+    ("flow-noise-negative", ["--flow-noise", "-1"], "--flow-noise must be a number >= 0"),
+    ("flow-noise-nan", ["--flow-noise", "nan"], "--flow-noise"),
 ]
 
 

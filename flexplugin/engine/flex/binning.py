@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..cluster import kmeans
+from .reconstruct_config import FLOW_TOL, MAX_BINS
 
 __all__ = ["LatentBins", "bins_from_labels", "choose_bins", "kmeans_labels", "significance_shrinkage",
            "vertex_displacements"]
@@ -90,7 +91,7 @@ def kmeans_labels(z: np.ndarray, g: int, seed: int = 0, sample: int = 4000) -> n
     return _compact(labels)
 
 
-def choose_bins(z: np.ndarray, d: torch.Tensor, apix_box: float, tol_vox: float = 0.25, max_bins: int = 64,
+def choose_bins(z: np.ndarray, d: torch.Tensor, apix_box: float, tol_vox: float = FLOW_TOL, max_bins: int = MAX_BINS,
                 quantile: float = 0.95, seed: int = 0) -> LatentBins:
     """k-means bins of latents z (N, K), doubling G from 1 until the `quantile` of the flow spread is at most
     `tol_vox` voxels (or G reaches `max_bins` or N); d (N, V, 3) are the particles' vertex displacements."""

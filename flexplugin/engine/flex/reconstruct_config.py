@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..options import setting
 
-__all__ = ["BATCH_SIZE", "FLOW_NOISE", "FLOW_TOL", "ITERATIONS", "MAX_BINS", "TOL", "ReconstructConfig"]
+__all__ = ["BATCH_SIZE", "FLOW_NOISE", "FLOW_TOL", "ITERATIONS", "MAX_BINS", "NOFLEX", "TOL", "ReconstructConfig"]
 
 
 @dataclass
@@ -28,8 +28,9 @@ class ReconstructConfig:
                                 "accumulators per bin and half set)")
     flow_noise: float = setting(0.25, "noise level of the trained flows, voxels of the crop box: each mesh vertex's "
                                       "motion is shrunk by 1 - (flow_noise / rms)^2, rms its displacement's spread "
-                                      "over the particles, and held still where rms is below it (0: no shrinkage)",
-                                cli=False)
+                                      "over the particles, and held still where rms is below it (0: no shrinkage)")
+    noflex: bool = setting(True, "also reconstruct without motion (the rigid baseline, the Wiener map) with the same "
+                                 "solver, for the FSC and the local resolution gain", "flex_do_noflex_recon")
     batch_size: int = setting(128, "particles per insertion batch")
     seed: int = setting(0, "seed of the half-set split when rlnRandomSubset is absent")
 
@@ -40,4 +41,5 @@ TOL = _D.tol
 FLOW_TOL = _D.flow_tol
 FLOW_NOISE = _D.flow_noise
 MAX_BINS = _D.max_bins
+NOFLEX = _D.noflex
 BATCH_SIZE = _D.batch_size
