@@ -30,7 +30,6 @@ from pwem.objects import (
     VolumeMask,
 )
 from pyworkflow.object import Float
-from pyworkflow.plugin import Domain
 from pyworkflow.protocol.constants import MODE_RESUME
 from pyworkflow.viewer import MessageView
 
@@ -39,6 +38,7 @@ from flexplugin.engine.io import read_particles
 from flexplugin.protocols import VA3D_PROGNAME, FlexPluginProt3DVA, FlexPluginProt3DVADisplay
 
 from ..helpers import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
+from ..helpers.scipion_views import hub_sections, open_viewer
 
 __all__ = ["Test3DVAProtocols"]  # what tests/scipion/__init__.py re-exports
 
@@ -509,21 +509,11 @@ class Test3DVAProtocols(scipion_project.ProjectRuns, unittest.TestCase):
         disp.mode.set(2)
         self.assertEqual(visible() & {"rangePercentile", "width", "skipReconstruction"}, {"skipReconstruction"})
 
-        import pyworkflow as pw
-        from pyworkflow.gui.project.viewprotocols_extra import ProtocolTreeConfig
-        hub = ProtocolTreeConfig.load(pw.Config.getDomain(), pw.Config.SCIPION_PROTOCOLS)["Flexibility Hub"]
-        placed = {c.value: s.text for s in hub.childs if s.tag == "section" for c in s.childs if c.tag == "protocol"}
+        placed = hub_sections()
         self.assertEqual(placed.get("FlexPluginProt3DVA"), "Landscape estimation")
         self.assertEqual(placed.get("FlexPluginProt3DVADisplay"), "Data analysis")
 
     # ------------------------------------------------------------------ viewers
-    def _viewer(self, prot, cls):
-        viewers = Domain.findViewers(prot, "tkinter")
-        self.assertIn(cls, viewers)
-        viewer = cls(project=self.project, protocol=prot)
-        viewer.setProtocol(prot)
-        return viewer
-
     def _checkPngs(self, views, paths):
         from flexplugin.viewers import PngView
         self.assertEqual(len(views), len(paths), views)
@@ -537,7 +527,7 @@ class Test3DVAProtocols(scipion_project.ProjectRuns, unittest.TestCase):
 
     def test_viewers(self):
         from flexplugin.viewers import FlexPlugin3DVADisplayViewer, FlexPlugin3DVAViewer, chimeraxProgram
-        viewer = self._viewer(self.va, FlexPlugin3DVAViewer)
+        viewer = open_viewer(self, self.va, FlexPlugin3DVAViewer)
         visualize = viewer._getVisualizeDict()
         plots = self.va.getPlotFiles()
         for param, name in (("showHistograms", "histograms"), ("showPairs", "pairs"),
@@ -550,7 +540,7 @@ class Test3DVAProtocols(scipion_project.ProjectRuns, unittest.TestCase):
         if chimeraxProgram() is None:
             self._checkPngs(views, [plots["components"]])
 
-        series = self._viewer(self.simple, FlexPlugin3DVADisplayViewer)._getVisualizeDict()
+        series = open_viewer(self, self.simple, FlexPlugin3DVADisplayViewer)._getVisualizeDict()
         montages = [s["montage"] for s in self.simple.getSeriesFiles()]
         self._checkPngs(series["showMontages"]("showMontages"), montages)
         views = series["showChimera"]("showChimera")
@@ -561,10 +551,10 @@ class Test3DVAProtocols(scipion_project.ProjectRuns, unittest.TestCase):
             self._checkPngs(views, montages)
         self.assertIsInstance(series["showClusters"]("showClusters")[0], MessageView)
 
-        inter = self._viewer(self.inter, FlexPlugin3DVADisplayViewer)._getVisualizeDict()
+        inter = open_viewer(self, self.inter, FlexPlugin3DVADisplayViewer)._getVisualizeDict()
         self._checkPngs(inter["showFrameCounts"]("showFrameCounts"), [self.inter.getPlotFiles()["frame_counts"]])
 
-        cluster = self._viewer(self.cluster, FlexPlugin3DVADisplayViewer)._getVisualizeDict()
+        cluster = open_viewer(self, self.cluster, FlexPlugin3DVADisplayViewer)._getVisualizeDict()
         self._checkPngs(cluster["showClusters"]("showClusters"), [self.cluster.getPlotFiles()["clusters"]])
         self._checkPngs(cluster["showMontages"]("showMontages"), [self.cluster.getClusterMontageFile()])
         cluster["showChimera"]("showChimera")

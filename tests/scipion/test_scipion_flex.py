@@ -18,13 +18,13 @@ import pandas as pd
 
 from pwem.constants import ALIGN_PROJ
 from pwem.objects import EMFile, ParticleFlex, SetOfParticlesFlex, Volume, VolumeMask
-from pyworkflow.plugin import Domain
 from pyworkflow.protocol.constants import MODE_RESUME
 from pyworkflow.viewer import MessageView
 
 from flexplugin.protocols import FLEX_PROGNAME, FlexPluginProtMeshPrep, FlexPluginProtTrain
 
 from ..helpers import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
+from ..helpers.scipion_views import hub_sections, open_viewer
 
 __all__ = ["TestFlexProtocols"]  # what tests/scipion/__init__.py re-exports
 
@@ -391,21 +391,11 @@ class TestFlexProtocols(unittest.TestCase):
                 if name not in ("runName", "runMode", "hostName", "numberOfThreads", "numberOfMpi"):
                     self.assertTrue(param.help.get(), f"{cls.__name__}.{name} has no help")
 
-        import pyworkflow as pw
-        from pyworkflow.gui.project.viewprotocols_extra import ProtocolTreeConfig
-        hub = ProtocolTreeConfig.load(pw.Config.getDomain(), pw.Config.SCIPION_PROTOCOLS)["Flexibility Hub"]
-        placed = {c.value: s.text for s in hub.childs if s.tag == "section" for c in s.childs if c.tag == "protocol"}
+        placed = hub_sections()
         self.assertEqual(placed.get("FlexPluginProtMeshPrep"), "Data preparation")
         self.assertEqual(placed.get("FlexPluginProtTrain"), "Landscape estimation")
 
     # ------------------------------------------------------------------ viewers
-    def _viewer(self, prot, cls):
-        viewers = Domain.findViewers(prot, "tkinter")
-        self.assertIn(cls, viewers)
-        viewer = cls(project=self.project, protocol=prot)
-        viewer.setProtocol(prot)
-        return viewer
-
     def _checkPng(self, views, path):
         from flexplugin.viewers import PngView
         self.assertEqual(len(views), 1)
@@ -419,14 +409,14 @@ class TestFlexProtocols(unittest.TestCase):
 
     def test_viewers(self):
         from flexplugin.viewers import FlexPluginMeshViewer, FlexPluginTrainViewer, chimeraxProgram
-        viewer = self._viewer(self.train, FlexPluginTrainViewer)
+        viewer = open_viewer(self, self.train, FlexPluginTrainViewer)
         visualize = viewer._getVisualizeDict()
         for param, name in (("showLatents", "latents"), ("showActivations", "activations"), ("showFlow", "flow"),
                             ("showLosses", "losses")):
             self._checkPng(visualize[param](param), self.train.getPlotFiles()[name])
         self._checkPng(visualize["showMeshSlices"]("showMeshSlices"), self.mesh.getMeshFiles()["slices"])
 
-        meshViewer = self._viewer(self.mesh, FlexPluginMeshViewer)
+        meshViewer = open_viewer(self, self.mesh, FlexPluginMeshViewer)
         self._checkPng(meshViewer._getVisualizeDict()["showMeshSlices"]("showMeshSlices"),
                        self.mesh.getMeshFiles()["slices"])
         for v, prot, mapFile in ((viewer, self.train, self.train._getTrainDir("canonical.mrc")),

@@ -27,7 +27,6 @@ from pwem.objects import (
     VolumeMask,
 )
 from pwem.protocols import ProtSplitSet
-from pyworkflow.plugin import Domain
 from pyworkflow.viewer import MessageView
 
 from flexplugin.protocols import (
@@ -39,6 +38,7 @@ from flexplugin.protocols import (
 )
 
 from ..helpers import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
+from ..helpers.scipion_views import hub_sections, open_viewer
 
 __all__ = ["TestFlexResultsProtocols"]  # what tests/scipion/__init__.py re-exports
 
@@ -465,20 +465,11 @@ class TestFlexResultsProtocols(scipion_project.ProjectRuns, unittest.TestCase):
             prot.mode.set(mode)
             self.assertEqual(visible(), shown, mode)
 
-        import pyworkflow as pw
-        from pyworkflow.gui.project.viewprotocols_extra import ProtocolTreeConfig
-        hub = ProtocolTreeConfig.load(pw.Config.getDomain(), pw.Config.SCIPION_PROTOCOLS)["Flexibility Hub"]
-        placed = {c.value: s.text for s in hub.childs if s.tag == "section" for c in s.childs if c.tag == "protocol"}
+        placed = hub_sections()
         self.assertEqual(placed.get("FlexPluginProtGenerate"), "Data analysis")
         self.assertEqual(placed.get("FlexPluginProtReconstruct"), "Map reconstruction")
 
     # ------------------------------------------------------------------ viewers
-    def _viewer(self, prot, cls):
-        self.assertIn(cls, Domain.findViewers(prot, "tkinter"))
-        viewer = cls(project=self.project, protocol=prot)
-        viewer.setProtocol(prot)
-        return viewer
-
     def _checkPngs(self, views, paths):
         from flexplugin.viewers import PngView
         self.assertEqual(len(views), len(paths))
@@ -492,7 +483,7 @@ class TestFlexResultsProtocols(scipion_project.ProjectRuns, unittest.TestCase):
     def test_viewers(self):
         from flexplugin.viewers import FlexPluginGenerateViewer, FlexPluginReconstructViewer, chimeraxProgram
         chimerax = chimeraxProgram() is not None
-        viewer = self._viewer(self.genAxes, FlexPluginGenerateViewer)
+        viewer = open_viewer(self, self.genAxes, FlexPluginGenerateViewer)
         show = viewer._getVisualizeDict()
         montages = [s["montage"] for s in self.genAxes.getSeriesFiles()]
         self._checkPngs(show["showAtlas"]("showAtlas"), [self.genAxes.getAtlasFile()])
@@ -507,13 +498,13 @@ class TestFlexResultsProtocols(scipion_project.ProjectRuns, unittest.TestCase):
         else:
             self._checkPngs(views, montages)
 
-        pointsViewer = self._viewer(self.genPoints, FlexPluginGenerateViewer)
+        pointsViewer = open_viewer(self, self.genPoints, FlexPluginGenerateViewer)
         self._checkPngs(pointsViewer._getVisualizeDict()["showMontages"]("showMontages"),
                         [self.genPoints._getGenerateDir("series.png")])
         atlas = pointsViewer._getVisualizeDict()["showAtlas"]("showAtlas")  # no atlas was drawn
         self.assertIsInstance(atlas[0], MessageView)
 
-        viewer = self._viewer(self.recon, FlexPluginReconstructViewer)
+        viewer = open_viewer(self, self.recon, FlexPluginReconstructViewer)
         show = viewer._getVisualizeDict()
         plots = self.recon.getPlotFiles()
         self._checkPngs(show["showFsc"]("showFsc"), [plots["fsc"]])

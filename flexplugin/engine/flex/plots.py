@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..plots import _plt
+from ..plots import _plt, plot_images
 
 __all__ = ["plot_activations", "plot_atlas", "plot_flow", "plot_latents", "plot_losses", "plot_mesh", "plot_series"]
 
@@ -219,20 +219,10 @@ def plot_atlas(z: np.ndarray, grid_points: np.ndarray, thumbnails: np.ndarray, p
 
 
 def plot_series(volumes: np.ndarray, path: str | os.PathLike, title: str = "", ncol: int = 9) -> str:
-    """Montage of central z-slices of a volume series (frames in order)."""
-    plt = _plt()
+    """Montage of central z-slices of a volume series (up to `ncol` frames spread over it, in order), on one grey
+    scale so that the frames' densities compare."""
+    volumes = np.asarray(volumes)
     n = len(volumes)
     idx = np.linspace(0, n - 1, min(n, ncol)).round().astype(int)
-    fig, axes = plt.subplots(1, len(idx), figsize=(1.5 * len(idx), 1.8), dpi=100, squeeze=False)
-    c = volumes.shape[1] // 2
-    vmin, vmax = np.percentile(volumes[:, c], [0.5, 99.9])
-    for ax, i in zip(axes[0], idx):
-        ax.imshow(volumes[i, c], cmap="gray", origin="lower", vmin=vmin, vmax=vmax)
-        ax.set_title(f"frame {i}", fontsize=7)
-        ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return str(path)
+    return plot_images(volumes[idx, volumes.shape[1] // 2], path, ncol=len(idx), title=title,
+                       labels=[f"frame {i}" for i in idx], shared_scale=True, size=1.5)
