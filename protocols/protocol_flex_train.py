@@ -10,6 +10,7 @@ import os
 import re
 from enum import Enum
 
+import pyworkflow as pw
 import pyworkflow.protocol.params as params
 import pyworkflow.utils as pwutils
 from pwem.objects import FlexInfo, SetOfParticlesFlex, Volume
@@ -17,6 +18,7 @@ from pwem.protocols import ProtFlexBase
 
 from flexplugin.convert import plainFileName, readSetOfParticlesFlex, writeZFlexLatents
 from flexplugin.engine.flex.config import TrainConfig
+from flexplugin.engine.flex.loading import LOADER_WORKERS, SCRATCH_ENV
 from flexplugin.engine.flex.mesh_config import MeshConfig
 from flexplugin.engine.flex.prep_config import PrepConfig
 
@@ -227,7 +229,38 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
         group.addParam("finalSearch", params.BooleanParam, default=D.final_search,
                        label="Final search",
                        help="A finer latent search after the last epoch; its latents are the ones written out.")
+        self._defineLoadingParams(form)
         form.addParallelSection(threads=4, mpi=0)
+
+    def _defineLoadingParams(self, form: params.Form) -> None:
+        """How the training reads its particles (this run's, also when continuing): DataLoader workers and the
+        prepared-particles cache on a scratch folder (flex-train --workers / --scratch, docs/distributed.md)."""
+        group = form.addGroup("Reading the particles", expertLevel=params.LEVEL_ADVANCED)
+        group.addParam("loaderWorkers", params.IntParam, default=LOADER_WORKERS, validators=[params.GE(0, "Use 0 or more loader workers (0: batches prepared in "
+                                                          "the training process)")],
+                       label="Loader workers (processes)",
+                       help="Processes that read and prepare the next batches of particles while the current one "
+                            f"trains (flex-train --workers, default {LOADER_WORKERS}: in the training process). Try "
+                            "2-4 beside a GPU when the particles come from a slow disk; each is a process of its "
+                            "own beside the threads (and one set per GPU with several GPUs), so leave cores for "
+                            "them. The results do not depend on it.")
+        group.addParam("useScratch", params.BooleanParam, default=True,
+                       label="Cache prepared particles on scratch?",
+                       help="Prepare the particles once (cropped and downsampled to the training box, float16) in a "
+                            "scratch folder and read them from there in every epoch instead of the full-size "
+                            "stacks: epochs read far less and memory stays flat with the number of particles "
+                            "(flex-train --scratch). The cache takes 2 x training box² bytes per particle (8 KiB "
+                            "at box 64, 32 KiB at box 128). Where: the folder below; when it is empty, the "
+                            f"engine's ${SCRATCH_ENV} if set, else Scipion's scratch (SCIPION_SCRATCH: this run's "
+                            "temporary folder there, deleted by Scipion when the run finishes), else no cache. "
+                            "No: never a cache.")
+        group.addParam("scratchFolder", params.FolderParam, default="", condition="useScratch",
+                       label="Scratch folder",
+                       help="A folder on a fast local disk for the prepared-particles cache, e.g. /ssd/flexcache, "
+                            "or '$TMPDIR' for a cluster node's local disk: environment variables are expanded on "
+                            "the machine that trains (each node builds its own copy). The cache is named by the "
+                            "particles and boxes and reused by later runs on the same particles; it is not deleted: "
+                            "clear the folder yourself. Empty: see above.")
 
     # --------------------------- INSERT steps functions ----------------------
     def _insertAllSteps(self) -> None:
@@ -293,7 +326,7 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
             errors = self._validateContinue()
             if errors:
                 return errors
-        errors = super()._validate()
+        errors = super()._validate() + self._validateScratch()
         parts = self._getInputParticles()
         if parts is None:
             return errors
@@ -322,6 +355,20 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
         if not self.doContinue.get():
             errors += self._validateInitComponents(parts)
         return errors
+
+    def _validateScratch(self) -> list[str]:
+        """Errors for a scratch folder that is a file or cannot be written here (a folder that does not exist here,
+        or one named through $VARIABLES, is left to the machine that trains: the engine checks it before reading)."""
+        folder = self._getScratchFolder()
+        if not folder or "$" in folder:
+            return []
+        path = os.path.expanduser(folder)
+        if os.path.exists(path) and not os.path.isdir(path):
+            return [f"The scratch folder {folder} is a file: give a folder for the prepared-particles cache (or "
+                    "leave it empty)."]
+        if os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
+            return [f"The scratch folder {folder} cannot be written: give a writable folder (or leave it empty)."]
+        return []
 
     def _validateContinue(self) -> list[str]:
         """Errors for a continue request: a previous training run with a checkpoint and more epochs to go."""
@@ -496,7 +543,45 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
             comps = self._getInitComponents()
             if comps:
                 args += ["--init-idxs", ",".join(str(c - 1) for c in comps)]
-        return args + self.getDeviceArgs() + self.getThreadsArgs()
+        return args + self.getDeviceArgs() + self.getThreadsArgs() + self._getLoadingArgs()
+
+    def _getLoadingArgs(self) -> list:
+        """`--workers N` when not the engine's default and `--scratch DIR` for a scratch folder given on the form;
+        nothing for the defaults, so the argument lists of earlier runs (Scipion's Continue) do not change.
+        Scipion's scratch, the fallback, travels in the environment (getEngineEnviron)."""
+        args: list = []
+        workers = self.loaderWorkers.get()
+        if workers is not None and workers != LOADER_WORKERS:
+            args += ["--workers", workers]
+        folder = self._getScratchFolder()
+        if folder:
+            args += ["--scratch", folder]
+        return args
+
+    def _getScratchFolder(self) -> str:
+        """The form's scratch folder ('' when empty or when the cache is off)."""
+        return (self.scratchFolder.get() or "").strip() if self.useScratch.get() else ""
+
+    def _getScipionScratch(self) -> str | None:
+        """This run's temporary folder on Scipion's scratch (SCIPION_SCRATCH), resolved to the scratch disk so that
+        a node of a queue reaches it by its own path; None when Scipion has no scratch (tmp is then in the project)."""
+        tmp = self._getTmpPath()
+        if not pw.Config.SCIPION_SCRATCH or not os.path.islink(tmp):
+            return None
+        return os.path.realpath(tmp)
+
+    def getEngineEnviron(self) -> dict:
+        """The base environment, with the prepared-particles cache as the form asks: off removes the engine's
+        ${SCRATCH_ENV}; an empty folder falls back to it when set, else to Scipion's scratch (given to the engine as
+        ${SCRATCH_ENV}, so the step's arguments do not change with Scipion's configuration)."""
+        env = super().getEngineEnviron()
+        if not self.useScratch.get():
+            env.pop(SCRATCH_ENV, None)
+        elif not self._getScratchFolder() and not env.get(SCRATCH_ENV, "").strip():
+            scratch = self._getScipionScratch()
+            if scratch:
+                env[SCRATCH_ENV] = scratch
+        return env
 
     def _trainSettingArgs(self, *names: str) -> list:
         """flex-train's options for these TrainConfig fields, from the form (TRAIN_FORM): the epochs from this run,

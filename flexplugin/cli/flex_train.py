@@ -4,10 +4,13 @@ are read by engine/flex/init_latents.py and the outputs written by engine/flex/o
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import time
 from pathlib import Path
 
 from ..engine.atomic import write_json
+from ..engine.flex.loading import LOADER_WORKERS, SCRATCH_ENV
 from .common import add_common, add_config_options, check_blank_map, check_boxes, config_from_args, device, int_list
 
 COMMAND = "flex-train"
@@ -32,12 +35,24 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--continue", dest="cont", action="store_true",
                    help="resume from the checkpoint in --out (finished epochs are kept)")
     p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: simulate an interruption
-    p.add_argument("--scratch", help="folder for a prepared-particles cache (the images at the training box, "
-                                     "float16, built once and reused; default: $FLEXPLUGIN_SCRATCH, else none)")
-    p.add_argument("--workers", type=int, default=0,
+    p.add_argument("--scratch", type=_scratch_path,
+                   help="folder for a prepared-particles cache (the images at the training box, float16, built once "
+                        f"and reused); $VARIABLES are expanded by each process, e.g. '$TMPDIR' on a cluster node "
+                        f"(default: ${SCRATCH_ENV}, else none)")
+    p.add_argument("--workers", type=int, default=LOADER_WORKERS,
                    help="DataLoader worker processes that read and prepare the next batches while the current one "
-                        "trains (default 0: in the training process; try 2-4 beside a GPU)")
+                        f"trains (default {LOADER_WORKERS}: in the training process; try 2-4 beside a GPU)")
     add_common(p)
+
+
+def _scratch_path(text: str) -> str:
+    """--scratch with its environment variables and ~ expanded where the process runs (a node's $TMPDIR under a
+    queue); a variable that is not set is an argparse error naming it, not a folder called '$NAME'."""
+    path = os.path.expanduser(os.path.expandvars(text))
+    unset = re.findall(r"\$\{?(\w+)", path)
+    if unset:
+        raise argparse.ArgumentTypeError(f"{text}: the environment variable {unset[0]} is not set")
+    return path
 
 
 def _check_train_args(a: argparse.Namespace) -> list[int] | None:

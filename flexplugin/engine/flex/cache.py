@@ -37,11 +37,11 @@ import torch
 from ..distributed import all_reduce_, rank, world
 from ..errors import DiskFullError, InputError
 from ..io import ParticleSet, split_image_name
+from .loading import SCRATCH_ENV
 from .prep import PrepSpec, prep_images
 
 __all__ = ["SCRATCH_ENV", "ParticleCache", "cache_bytes", "fingerprint", "open_cache", "scratch_folder"]
 
-SCRATCH_ENV = "FLEXPLUGIN_SCRATCH"
 FORMAT = 1  # bump when the stored layout changes: older caches are then not reused
 CHUNK = 256  # particles prepared per step of the build
 

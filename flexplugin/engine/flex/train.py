@@ -37,6 +37,7 @@ from ..errors import InputError
 from ..fourier import fourier_crop_3d, freq_grid_2d, rfft2c, shift_phase_2d
 from ..progress import Progress
 from .config import TrainConfig
+from .loading import LOADER_WORKERS
 from .mesh import Mesh
 from .model import (
     FlowGenerator,
@@ -222,7 +223,7 @@ class FlexTrainer:
         self.searches: list[dict] = []
         self.final_search_done = False
         self.epoch = 0
-        self.loader_workers = 0  # DataLoader processes preparing batches ahead (flex-train --workers); not a setting
+        self.loader_workers = LOADER_WORKERS  # DataLoader processes preparing batches ahead (flex-train --workers)
         self._rasters: dict[int, MeshRaster] = {}
 
     # --- set-up -------------------------------------------------------------------------------------
