@@ -565,10 +565,10 @@ class FlexPluginProtTrain(ProtFlexBase, FlexPluginProtBase):
     def _getScipionScratch(self) -> str | None:
         """This run's temporary folder on Scipion's scratch (SCIPION_SCRATCH), resolved to the scratch disk so that
         a node of a queue reaches it by its own path; None when Scipion has no scratch (tmp is then in the project)."""
-        tmp = self._getTmpPath()
-        if not pw.Config.SCIPION_SCRATCH or not os.path.islink(tmp):
+        if not pw.Config.SCIPION_SCRATCH:
             return None
-        return os.path.realpath(tmp)
+        tmp = self._getTmpPath()
+        return os.path.realpath(tmp) if os.path.islink(tmp) else None
 
     def getEngineEnviron(self) -> dict:
         """The base environment, with the prepared-particles cache as the form asks: off removes the engine's
