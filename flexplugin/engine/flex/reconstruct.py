@@ -128,7 +128,9 @@ class Sphere:
         uz, uy = (iz + m // 2) % m, (iy + m // 2) % m
         index_u = (uz * m + uy) * w + ix
         sign = 1.0 - 2.0 * ((iz - m // 2 + iy - m // 2 + ix) % 2).float()
-        return Sphere(c, idx, shell, mult, soft_sphere(c, device=device), index_u, sign)
+        # the points in the order of the rfftn's memory, so that gathering and scattering them read memory in order
+        o = torch.argsort(index_u)
+        return Sphere(c, idx[o], shell[o], mult[o], soft_sphere(c, device=device), index_u[o], sign[o])
 
     def spectrum(self, vol: torch.Tensor) -> torch.Tensor:
         """X = F[vol] at the sphere (the centred rfft, fourier.rfft3c): (..., M, M, M) → (..., P)."""
@@ -172,21 +174,50 @@ class BinnedHalf:
         self.vox: torch.Tensor | None = None  # (nvox,) flat voxel index of the support
         self.reg = torch.zeros(p, device=device)  # τ per sphere voxel
         self.gain = torch.ones(p, device=device)  # the Wiener map's unit shell gain (w̄ + τ)/w̄, applied at the end
+        self._win: tuple[tuple[int, int, int], tuple[int, int, int], torch.Tensor] | None = None  # _window's cache
+        self._win_key: tuple[int, int] | None = None
+        self._open: int | None = None  # the bin being inserted (insert, flush)
+        self._open_den: torch.Tensor | None = None
+        self._open_num: torch.Tensor | None = None
+        self._sum_den: torch.Tensor | None = None  # Σ_g K_g and Σ_g b_g, kept by freeze
+        self._sum_num: torch.Tensor | None = None
 
     # ---- accumulation, once ----
     def insert(self, images: torch.Tensor, rotations: torch.Tensor, shifts_px: torch.Tensor, ctf, phase_flipped: bool,
                apix: float, labels: np.ndarray) -> None:
         """Insert a batch of images (B, c, c) into the accumulators of their bins (labels (B,)), as the Wiener map
         inserts them (engine/reconstruct.backprojection_terms, the image's own spectrum on the 2c grid)."""
-        m, sp = self.sp.m, self.sp
+        m = self.sp.m
         data, w, R = backprojection_terms(images, rotations, shifts_px, ctf, apix, phase_flipped, self.dev)
+        self._sum_den = self._sum_num = None
+        if self._open_den is None:  # one bin's sums on the whole grid, added to its accumulator when the bin changes
+            w_ = m // 2 + 1
+            self._open_den = torch.zeros(1, m, m, w_, device=self.dev)
+            self._open_num = torch.zeros(1, m, m, w_, dtype=torch.complex64, device=self.dev)
         for g in np.unique(labels):
+            if g != self._open:
+                self.flush()
+                self._open = int(g)
             sel = torch.as_tensor(np.nonzero(labels == g)[0], device=self.dev)
-            den, num = insert_slices(w[sel][:, None], data[sel][:, None], R[sel], m, NYQUIST)
-            assert den is not None and num is not None  # both are given, so both are returned
-            self.den[g] += den[0].reshape(-1)[sp.index]
-            self.num[g] += num[0].reshape(-1)[sp.index]
+            insert_slices(w[sel][:, None], data[sel][:, None], R[sel], m, NYQUIST, out_real=self._open_den,
+                          out_cplx=self._open_num)
             self.counts[g] += len(sel)
+
+    def flush(self) -> None:
+        """Add the open bin's grid sums to its accumulators. Insertion in bin order (flex_reconstruct sorts the
+        particles by bin) thus reads each bin's grid once instead of once per batch."""
+        if self._open is not None and self._open_den is not None and self._open_num is not None:
+            g, idx = self._open, self.sp.index
+            self.den[g] += self._open_den.view(-1)[idx]
+            self.num[g] += self._open_num.view(-1)[idx]
+            self._open_den.zero_()
+            self._open_num.zero_()
+        self._open = None
+
+    def freeze(self) -> None:
+        """Flush, and keep the sums over the bins (the Wiener numerator and denominator) for the solve."""
+        self.flush()
+        self._sum_den, self._sum_num = self.den.sum(0), self.num.sum(0)
 
     def set_flows(self, model: FlexModel, displacements: torch.Tensor) -> None:
         """Each bin's flow at the box c from its mean vertex displacements (G, V, 3) Å."""
@@ -201,18 +232,63 @@ class BinnedHalf:
         self.grid = (pos[None] + u + m // 2) * (2.0 / (m - 1)) - 1.0
 
     # ---- the operator ----
+    # D_g = P + S_g: P keeps the voxels off the mesh's support (vox), S_g samples V at x + u_g(x) onto the support.
+    # By linearity Σ_g D_gᵀ Aᵀ z_g = P Aᵀ(Σ_g z_g) + Σ_g S_gᵀ (Aᵀ z_g)[vox]: one inverse FFT of the padded box for
+    # all bins, and per bin an inverse FFT computed only on the support's bounding box (the passes along y and x
+    # only where it lies). The centring phase of A cancels in Aᵀ K A, so the bins' spectra are read from a plain
+    # rfftn. Same operator as one warp, FFT pair and adjoint warp per bin; float rounding differs.
     def warp(self, V: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """D_g V for bins g (B,): V resampled at x + u_g(x) on the mesh's voxels, unchanged elsewhere."""
         m = self.sp.m
         b = len(g)
         if self.grid is None:
             return V[None].expand(b, -1, -1, -1)
-        grid = self.grid[g]
-        s = F.grid_sample(V[None, None], grid.view(1, b, -1, 1, 3), mode="bilinear", padding_mode="zeros",
-                          align_corners=True).view(b, -1)
         W = V.reshape(1, -1).repeat(b, 1)
-        W[:, self.vox] = s
+        W[:, self.vox] = self._sample(V, g)
         return W.view(b, m, m, m)
+
+    def _sample(self, V: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """S_g V: V (M, M, M) trilinearly sampled at the support voxels' x + u_g(x), (B, nvox)."""
+        assert self.grid is not None
+        grid = self.grid[g]
+        return F.grid_sample(V[None, None], grid.view(1, len(g), -1, 1, 3), mode="bilinear", padding_mode="zeros",
+                             align_corners=True).view(len(g), -1)
+
+    def _window(self) -> tuple[tuple[int, int, int], tuple[int, int, int], torch.Tensor]:
+        """The support's bounding box (start and size, zyx) on the padded box and the support's flat index in it."""
+        assert self.vox is not None
+        key = (self.vox.data_ptr(), self.vox.numel())
+        if self._win is None or self._win_key != key:
+            m = self.sp.m
+            zyx = torch.stack([self.vox // (m * m), (self.vox // m) % m, self.vox % m])
+            lo, hi = zyx.amin(1), zyx.amax(1) + 1
+            size = hi - lo
+            loc = ((zyx[0] - lo[0]) * size[1] + zyx[1] - lo[1]) * size[2] + zyx[2] - lo[2]
+            a, n = [int(v) for v in lo], [int(v) for v in size]
+            self._win = ((a[0], a[1], a[2]), (n[0], n[1], n[2]), loc)
+            self._win_key = key
+        return self._win
+
+    def _scatter(self, z: torch.Tensor) -> torch.Tensor:
+        """Sphere values (B, P) into torch's rfftn layout (B, M, M, M//2+1), zero elsewhere."""
+        m = self.sp.m
+        full = torch.zeros(z.shape[0], m * m * (m // 2 + 1), dtype=torch.complex64, device=z.device)
+        full[:, self.sp.index_u] = z
+        return full.view(-1, m, m, m // 2 + 1)
+
+    def _inverse(self, z: torch.Tensor) -> torch.Tensor:
+        """Unnormalised inverse rfftn of sphere values z (P,) on the whole padded box (M, M, M)."""
+        m = self.sp.m
+        return torch.fft.irfftn(self._scatter(z[None])[0], s=(m, m, m), norm="forward")
+
+    def _inverse_at_support(self, z: torch.Tensor) -> torch.Tensor:
+        """(Unnormalised inverse rfftn of sphere values z (B, P))[vox], (B, nvox): each 1D pass only where needed."""
+        m = self.sp.m
+        (z0, y0, x0), (nz, ny, nx), loc = self._window()
+        a = torch.fft.ifft(self._scatter(z), dim=1, norm="forward")[:, z0:z0 + nz]
+        a = torch.fft.ifft(a, dim=2, norm="forward")[:, :, y0:y0 + ny]
+        a = torch.fft.irfft(a, n=m, dim=3, norm="forward")[..., x0:x0 + nx]
+        return a.reshape(len(z), -1)[:, loc]
 
     def _chunks(self, chunk: int | None):
         if chunk is None:
@@ -223,31 +299,56 @@ class BinnedHalf:
         for s in range(0, len(live), chunk):
             yield torch.as_tensor(live[s:s + chunk], device=self.dev)
 
-    def _apply_adjoint_warps(self, V: torch.Tensor, ys, chunk: int | None, forward: bool = True) -> torch.Tensor:
-        """Σ_g D_gᵀ Aᵀ y_g over the live bins, y_g = ys(g, X_g) from the bins' spectra X_g = A D_g V (not computed
-        when `forward` is False: y_g = ys(g, None))."""
-        Vg = V.detach().requires_grad_(True)
-        out = torch.zeros_like(V)
+    def _apply(self, V: torch.Tensor | None, zs, chunk: int | None) -> torch.Tensor:
+        """Σ_g D_gᵀ Aᵀ z_g over the live bins, z_g = zs(g, X_g) with X_g = F[D_g V] read at the sphere without the
+        centring phase (V None: zs(g, None))."""
+        m, sp = self.sp.m, self.sp
+        self.flush()
+        total = torch.zeros(sp.index_u.numel(), dtype=torch.complex64, device=self.dev)
+        if self.grid is None:  # D = I for every bin
+            X = None if V is None else torch.fft.rfftn(V).reshape(-1)[sp.index_u]
+            for g in self._chunks(chunk):
+                total += zs(g, None if X is None else X[None].expand(len(g), -1)).sum(0)
+            return self._inverse(total)
+        assert self.vox is not None
+        Vg = (torch.zeros(m, m, m, device=self.dev) if V is None else V.detach()).requires_grad_(True)
+        s_all = self._sample(Vg, torch.as_tensor(np.nonzero(self.counts > 0)[0], device=self.dev))
+        y_all = torch.zeros_like(s_all)
+        done = 0
         for g in self._chunks(chunk):
-            W = self.warp(Vg, g)
-            Y = self.sp.adjoint(ys(g, self.sp.spectrum(W.detach()) if forward else None))
-            out += torch.autograd.grad(W, Vg, grad_outputs=Y)[0]  # D_gᵀ: the warp's adjoint only
-        return out
+            b = len(g)
+            X = None
+            if V is not None:
+                W = V.reshape(1, -1).repeat(b, 1)
+                W[:, self.vox] = s_all[done:done + b].detach()
+                X = torch.fft.rfftn(W.view(b, m, m, m), dim=(-3, -2, -1)).reshape(b, -1)[:, sp.index_u]
+            z = zs(g, X)
+            total += z.sum(0)
+            y_all[done:done + b] = self._inverse_at_support(z)
+            done += b
+        out = self._inverse(total)
+        out.view(-1)[self.vox] = 0.0  # P: the support's voxels come from the bins' samples only
+        return out + torch.autograd.grad(s_all, Vg, grad_outputs=y_all)[0]  # Σ_g S_gᵀ (Aᵀ z_g)[vox]
 
     def rhs(self, V_like: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Right-hand side Σ_g D_gᵀ Aᵀ b_g (A: the sphere spectrum)."""
-        return self._apply_adjoint_warps(torch.zeros_like(V_like), lambda g, X: self.num[g], chunk, forward=False)
+        sign = self.sp.sign
+        return self._apply(None, lambda g, X: self.num[g] * sign, chunk)
 
     def hess(self, p: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """H p = Σ_g D_gᵀ Aᵀ K_g A D_g p + Aᵀ τ A p: per bin one warp, one FFT, one inverse FFT, one adjoint warp."""
-        out = self._apply_adjoint_warps(p, lambda g, X: self.den[g] * X, chunk)
-        return out + self.sp.adjoint(self.reg * self.sp.spectrum(p))
+        out = self._apply(p, lambda g, X: self.den[g] * X, chunk)
+        return out + self._inverse(self.reg * torch.fft.rfftn(p).reshape(-1)[self.sp.index_u])
 
     def total_den(self) -> torch.Tensor:
-        return self.den.sum(0)
+        """Σ_g K_g (kept by :meth:`freeze`)."""
+        self.flush()
+        return self._sum_den if self._sum_den is not None else self.den.sum(0)
 
     def total_num(self) -> torch.Tensor:
-        return self.num.sum(0)
+        """Σ_g b_g (kept by :meth:`freeze`)."""
+        self.flush()
+        return self._sum_num if self._sum_num is not None else self.num.sum(0)
 
     def precondition(self, r: torch.Tensor) -> torch.Tensor:
         """z = F⁻¹[(F r) / (ΣK + τ)]: the inverse Wiener denominator in Fourier space (SPD)."""
@@ -430,12 +531,14 @@ def flex_reconstruct(model: FlexModel, ps: ParticleSet, iterations: int = ITERAT
         prog.step(min(len(ps), world * min(s + batch_size, len(order))))
     for h in (1, 2):  # the ranks' partial sums: every rank then holds all particles' accumulators
         hp = halves[h]
+        hp.flush()
         distributed.all_reduce_(hp.num)
         distributed.all_reduce_(hp.den)
         hp.counts = distributed.all_reduce_(torch.as_tensor(hp.counts, device=dev)).cpu().numpy()
     if not distributed.is_main():  # the O(G·D³) solve is rank 0's
         return None
     for h in (1, 2):
+        halves[h].freeze()
         halves[h].set_flows(model, lb.displacements)
     m_t = torch.as_tensor(mask, dtype=torch.float32, device=dev) if mask is not None else None
     # the Wiener map's regulariser and shell gain: SSNR from the FSC of barely regularised half maps
@@ -472,6 +575,7 @@ def flex_reconstruct(model: FlexModel, ps: ParticleSet, iterations: int = ITERAT
             op = BinnedHalf(sp, 1, dev)
             op.num, op.den, op.counts = hp.total_num()[None], hp.total_den()[None], np.array([hp.counts.sum()])
             op.reg, op.gain = hp.reg, hp.gain
+            op.freeze()
             solve("noflex", h, op, starts[h], f"flex-reconstruct noflex half {h}")
     f_flex = _ssnr_fsc(torch.as_tensor(maps[("flex", 1)]), torch.as_tensor(maps[("flex", 2)]), m_t)
     if do_noflex:
