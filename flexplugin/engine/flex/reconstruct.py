@@ -217,6 +217,7 @@ class BinnedHalf:
     def freeze(self) -> None:
         """Flush, and keep the sums over the bins (the Wiener numerator and denominator) for the solve."""
         self.flush()
+        self._open_den = self._open_num = None  # the insertion's grid, not needed by the solve
         self._sum_den, self._sum_num = self.den.sum(0), self.num.sum(0)
 
     def set_flows(self, model: FlexModel, displacements: torch.Tensor) -> None:
