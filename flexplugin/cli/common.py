@@ -181,7 +181,9 @@ def _check_finite(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run a parsed subcommand; bad input → `error: …` and status 2, a full disk → status 3 (engine/errors.py)."""
+    from ..engine import distributed
     from ..engine.errors import EXIT_DISK_FULL, EXIT_INPUT, DiskFullError, InputError
+    finished = False
     try:
         _check_finite(args)
         if getattr(args, "threads", 0) < 0:
@@ -214,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
                       f"replaced (e.g. {folder.deleted[0]})", flush=True)
         else:
             args.func(args)
+        finished = True
     except InputError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_INPUT
@@ -221,13 +224,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_DISK_FULL
     except RuntimeError as e:  # a collective failed: another process of the torchrun job died or hung
-        from ..engine import distributed
         if distributed.world() == 1:
             raise
         print(f"error: rank {distributed.rank()} of {distributed.world()}: another process of this torchrun job "
               f"failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); the last checkpoint in --out is "
               "intact: rerun with --continue", file=sys.stderr, flush=True)
         return EXIT_DISTRIBUTED
+    finally:
+        distributed.shutdown(clean=finished)  # under torchrun: leave the group before exiting, after the others
     return 0
 
 

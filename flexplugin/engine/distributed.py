@@ -58,6 +58,20 @@ def init_from_env(device: torch.device | str = "cpu", timeout_s: float = 600.0) 
     return True
 
 
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group before the interpreter exits (no-op in one process). A group left to interpreter
+    shutdown can abort its process (gloo: "terminate called without an active exception") while another rank still
+    works. `clean`: this rank finished normally, so it first waits for the others; a failing rank leaves at once."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean:
+        try:
+            dist.barrier()
+        except RuntimeError:  # another rank died meanwhile: nothing left to wait for
+            pass
+    dist.destroy_process_group()
+
+
 def _stopped(signum: int, frame) -> None:
     """SIGTERM in a torchrun job (torchrun stops the others when a process fails): an error line naming this
     rank, then a normal exit, so that context managers release the output folder and unfinished files."""

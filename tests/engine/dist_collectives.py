@@ -45,6 +45,7 @@ def main() -> int:
         problems.append(f"bytes counted {got}, expected {expected}")
     if problems:
         print(f"rank {r}: " + "; ".join(problems), flush=True)
+    distributed.shutdown()
     return 1 if problems else 0
 
 

@@ -51,6 +51,7 @@ def main(argv: list[str]) -> None:
                     "start": np.stack([r.start_half1, r.start_half2]), "bins": r.bins, "objective": r.objective,
                     "half_counts": r.half_counts,
                     "world": distributed.world()}, out)
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

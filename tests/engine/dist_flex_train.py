@@ -40,6 +40,7 @@ def main(argv: list[str]) -> None:
         torch.save({"latents": tr.latents.cpu(), "generator": tr.gen.state_dict(), "density": tr.density.detach(),
                     "scale": tr.scale, "noise": tr.noise_shell.cpu(), "history": tr.history,
                     "world": distributed.world(), "epoch": tr.epoch}, out)
+    distributed.shutdown()  # leave the group after rank 0 has saved (an exit with the group alive can abort)
 
 
 if __name__ == "__main__":
