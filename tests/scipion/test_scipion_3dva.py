@@ -38,6 +38,7 @@ from flexplugin.engine.io import read_particles
 from flexplugin.protocols import VA3D_PROGNAME, FlexPluginProt3DVA, FlexPluginProt3DVADisplay
 
 from ..helpers import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
+from ..helpers.scipion_sets import check_flex_set, check_same_particle
 from ..helpers.scipion_views import hub_sections, open_viewer
 
 __all__ = ["Test3DVAProtocols"]  # what tests/scipion/__init__.py re-exports
@@ -113,12 +114,7 @@ class Test3DVAProtocols(scipion_project.ProjectRuns, unittest.TestCase):
         va, inParts = self.va, self.sim.outputParticles
         self.assertTrue(va.isFinished())
         parts = va.outputParticles
-        self.assertIsInstance(parts, SetOfParticlesFlex)
-        self.assertEqual(parts.getSize(), N)
-        self.assertEqual(parts.getAlignment(), ALIGN_PROJ)
-        self.assertTrue(parts.hasCTF())
-        self.assertAlmostEqual(parts.getSamplingRate(), APIX)
-        self.assertEqual(parts.getDim(), (BOX, BOX, 1))
+        check_flex_set(self, parts, N, BOX, APIX)
 
         table = pd.read_csv(va._getRunDir("latents.csv")).set_index("rlnImageId")
         self.assertEqual(list(table.columns), [f"z{k}" for k in range(K)] + ["scale"])
@@ -134,10 +130,7 @@ class Test3DVAProtocols(scipion_project.ProjectRuns, unittest.TestCase):
             np.testing.assert_allclose(z, row[[f"z{k}" for k in range(K)]].to_numpy(), rtol=1e-6, atol=1e-6)
             self.assertAlmostEqual(p._flex3dvaScale.get(), row["scale"], places=5)
             q = inputs[p.getObjId()]
-            np.testing.assert_allclose(p.getTransform().getMatrix(), q.getTransform().getMatrix(), atol=1e-9)
-            self.assertAlmostEqual(p.getCTF().getDefocusU(), q.getCTF().getDefocusU())
-            self.assertAlmostEqual(p.getCTF().getDefocusAngle(), q.getCTF().getDefocusAngle())
-            self.assertEqual(p.getLocation(), q.getLocation())
+            check_same_particle(self, p, q)
         self.assertEqual(ids, sorted(inputs))
 
         # the ids carry the right coordinates: component 1 follows the simulated motion of each particle

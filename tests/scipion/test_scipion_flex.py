@@ -16,7 +16,6 @@ import mrcfile
 import numpy as np
 import pandas as pd
 
-from pwem.constants import ALIGN_PROJ
 from pwem.objects import EMFile, ParticleFlex, SetOfParticlesFlex, Volume, VolumeMask
 from pyworkflow.protocol.constants import MODE_RESUME
 from pyworkflow.viewer import MessageView
@@ -24,6 +23,7 @@ from pyworkflow.viewer import MessageView
 from flexplugin.protocols import FLEX_PROGNAME, FlexPluginProtMeshPrep, FlexPluginProtTrain
 
 from ..helpers import scipion_project  # noqa: F401  (sets up Scipion's environment before pyworkflow is imported)
+from ..helpers.scipion_sets import check_flex_set, check_same_particle
 from ..helpers.scipion_views import hub_sections, open_viewer
 
 __all__ = ["TestFlexProtocols"]  # what tests/scipion/__init__.py re-exports
@@ -188,12 +188,7 @@ class TestFlexProtocols(unittest.TestCase):
         train, inParts = self.train, self.sim.outputParticles
         self.assertTrue(train.isFinished())
         parts = train.outputParticles
-        self.assertIsInstance(parts, SetOfParticlesFlex)
-        self.assertEqual(parts.getSize(), N)
-        self.assertEqual(parts.getAlignment(), ALIGN_PROJ)
-        self.assertTrue(parts.hasCTF())
-        self.assertAlmostEqual(parts.getSamplingRate(), APIX)
-        self.assertEqual(parts.getDim(), (BOX, BOX, 1))
+        check_flex_set(self, parts, N, BOX, APIX)
 
         table = pd.read_csv(train._getTrainDir("latents.csv")).set_index("rlnImageId")
         inputs = {p.getObjId(): p.clone() for p in inParts.iterItems()}
@@ -205,10 +200,7 @@ class TestFlexProtocols(unittest.TestCase):
             z = p.getZFlex()
             self.assertEqual(len(z), K)
             np.testing.assert_allclose(z, table.loc[p.getObjId()].to_numpy(), rtol=1e-6, atol=1e-7)
-            np.testing.assert_allclose(p.getTransform().getMatrix(), q.getTransform().getMatrix(), atol=1e-9)
-            self.assertAlmostEqual(p.getCTF().getDefocusU(), q.getCTF().getDefocusU())
-            self.assertAlmostEqual(p.getCTF().getDefocusAngle(), q.getCTF().getDefocusAngle())
-            self.assertEqual(p.getLocation(), q.getLocation())
+            check_same_particle(self, p, q)
             self.assertEqual(p.getFlexInfo().getProgName(), FLEX_PROGNAME)
         self.assertEqual(ids, sorted(inputs))
         zs = np.array([p.getZFlex() for p in parts.iterItems()])
