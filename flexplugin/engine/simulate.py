@@ -218,6 +218,8 @@ def simulate_dataset(cfg: SimConfig, out: str | os.PathLike, progress: Callable[
     `dataset` (name, description, sources …) is recorded in simulation.json."""
     if cfg.n < 2 or cfg.box < 16 or cfg.box % 2 or cfg.apix <= 0 or cfg.snr <= 0 or cfg.stack_size < 1:
         raise InputError("need n >= 2, an even box >= 16, apix > 0, snr > 0 and stack size >= 1")
+    if cfg.noise_seed is not None and cfg.noise_seed < 0:
+        raise InputError(f"--noise-seed must be >= 0, got {cfg.noise_seed}")
     out = Path(out)
     (out / "stacks").mkdir(parents=True, exist_ok=True)
     (out / "gt").mkdir(exist_ok=True)
@@ -251,7 +253,9 @@ def simulate_dataset(cfg: SimConfig, out: str | os.PathLike, progress: Callable[
     clean = np.concatenate(clean)
     sig_var = float(clean.var(axis=(1, 2)).mean())
     noise_sd = math.sqrt(sig_var / cfg.snr)
-    images = clean + rng.normal(0, noise_sd, clean.shape).astype(np.float32)
+    # the noise is the last draw, so a noise seed of its own changes nothing else (noise replicates)
+    noise_rng = rng if cfg.noise_seed is None else np.random.default_rng(cfg.noise_seed)
+    images = clean + noise_rng.normal(0, noise_sd, clean.shape).astype(np.float32)
 
     names = []
     n_stacks = math.ceil(n / cfg.stack_size)

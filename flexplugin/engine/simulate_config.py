@@ -20,6 +20,9 @@ class SimConfig:
     apix: float = setting(2.0, "pixel size in Å")
     snr: float = setting(0.1, "signal-to-noise ratio, variance ratio")
     seed: int = setting(0, "seed of every random draw (poses, CTFs, motion states, noise)")
+    noise_seed: int | None = setting(None, "seed of the image noise alone: the same particles (poses, CTFs, motion "
+                                           "states, clean images) with fresh noise of the same level, for noise "
+                                           "replicates of a benchmark", default_text="none, the noise follows --seed")
     hinge_deg: float = setting(25.0, "hinge amplitude in degrees at |t|=1", option="--hinge")
     twist_deg: float = setting(30.0, "head twist in degrees at |t|=1", option="--twist")
     atom_sigma_A: float = setting(2.0, "width (σ) of the pseudo-atoms in Å", cli=False)

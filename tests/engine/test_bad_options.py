@@ -80,6 +80,7 @@ CASES = [(f"{cmd}-out-{kind}", cmd, [], words, kind) for cmd in BASE for kind, w
     ("simulate-apix-nan", "simulate", ["--apix", "nan"], ["--apix", "finite number", "got nan"], "fresh"),
     ("simulate-hinge-inf", "simulate", ["--hinge", "inf"], ["--hinge", "finite number", "got inf"], "copy"),
     ("simulate-n-zero", "simulate", ["--n", "0"], ["need n >= 2"], "copy"),
+    ("simulate-noise-seed-negative", "simulate", ["--noise-seed", "-1"], ["--noise-seed", ">= 0", "got -1"], "copy"),
     ("reconstruct-batch-size-zero", "reconstruct", ["--batch-size", "0"], ["--batch-size", "at least 1"], "copy"),
     ("reconstruct-pad-zero", "reconstruct", ["--pad", "0"], ["--pad", "at least 1", "got 0"], "copy"),
     ("flex-mesh-out-empty", "flex-mesh", ["--out", ""], ["--out is empty"], "fresh"),

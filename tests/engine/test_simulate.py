@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from flexplugin.engine.errors import InputError
 from flexplugin.engine.io import read_particles, read_volume
 from flexplugin.engine.simulate import SimConfig, build_object, project_atoms, render_volumes, simulate_dataset
 
@@ -24,6 +25,27 @@ def test_deterministic_by_seed(tmp_path):
     assert not np.allclose(pa.images([0]), pc.images([0]))
     for f in ("consensus.mrc", "mask.mrc", "gt/state_004.mrc"):
         np.testing.assert_array_equal(read_volume(a / f)[0], read_volume(b / f)[0])
+
+
+def test_noise_seed_gives_noise_replicates(tmp_path):
+    """A noise seed changes the noise alone: the same particles and clean images with fresh noise of the same sd."""
+    a, b, a2 = (_make(tmp_path, k, seed=5, noise_seed=s) for k, s in (("a", 1), ("b", 2), ("a2", 1)))
+    clean = _make(tmp_path, "clean", seed=5, snr=1e12)  # the noise sd scales with 1/√snr: the clean images
+    pa, pb, pa2, pc = (read_particles(d / "particles.star") for d in (a, b, a2, clean))
+    cols = ["rlnImageId", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnDefocusU", "rlnOriginXAngst",
+            "rlnRandomSubset"]
+    for p in (pb, pc):
+        pd.testing.assert_frame_equal(pa.table[cols], p.table[cols])
+    for f in ("consensus.mrc", "gt/state_004.mrc", "gt/moving_mask.mrc", "ground_truth.csv"):
+        assert (a / f).read_bytes() == (b / f).read_bytes()
+    sd = json.loads((a / "simulation.json").read_text())["noise_sd"]
+    assert json.loads((b / "simulation.json").read_text())["noise_sd"] == sd
+    na, nb = pa.images(slice(None)) - pc.images(slice(None)), pb.images(slice(None)) - pc.images(slice(None))
+    assert na.std() == pytest.approx(sd, rel=0.02) and nb.std() == pytest.approx(sd, rel=0.02)
+    assert abs(np.corrcoef(na.ravel(), nb.ravel())[0, 1]) < 0.02  # 61,440 samples: independent noise
+    np.testing.assert_array_equal(pa.images(slice(None)), pa2.images(slice(None)))
+    with pytest.raises(InputError, match="noise-seed"):
+        _make(tmp_path, "bad", noise_seed=-1)
 
 
 def test_files_snr_and_ground_truth(tmp_path):

@@ -53,7 +53,8 @@ CASES = {
     SimConfig: (["simulate", "--out", "o"],
                 ("protocol_simulate", "FlexPluginProtSimulate",
                  {"n": "numberOfParticles", "box": "boxSize", "apix": "pixelSize", "snr": "snr", "seed": "seed",
-                  "hinge_deg": "hingeAmplitude", "twist_deg": "twistAmplitude", "stack_size": "stackSize"}), set()),
+                  "hinge_deg": "hingeAmplitude", "twist_deg": "twistAmplitude", "stack_size": "stackSize"}),
+                {"noise_seed"}),  # noise replicates are for benchmarks: command line only
     WienerConfig: (["reconstruct", "--particles", "p.star", "--out", "o"], None, set()),
 }
 CLASSES = list(CASES)
