@@ -11,7 +11,14 @@ flex_reconstruct on the set's particles (the FSC mask: gt/moving_mask.mrc) and p
   and the masked half-map FSC = 0.143 resolution of flex and noflex;
 - time of flex_reconstruct over the Wiener reconstruction of the same particles (the faster of two), same run.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_flex_reconstruct_quality.py --data SET --model TRAIN_DIR
+One set's FSC differences at a shell carry the noise of its images: with --replicates R the bench also simulates R
+noise replicates of the set (the same particles, poses, CTFs, states and clean images, fresh noise of the same level:
+SimConfig.noise_seed), reconstructs each with the same model and latents at the last --flow-noise value, and prints per
+shell the mean of flex − start over the R + 1 realisations with its standard error, and the shells where the mean is
+below −0.001 by more than two standard errors (a loss that is not noise).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_flex_reconstruct_quality.py --data SET --model TRAIN_DIR \
+        [--replicates 6 --work /tmp/replicates]
 
 SET holds particles.star and gt/ (flexplugin simulate, or engine/pdb_motion.make_benchmark); TRAIN_DIR is
 flex-train's output for those particles. Timings on a shared machine: compare the ratios measured in one run.
@@ -19,6 +26,8 @@ flex-train's output for those particles. Timings on a shared machine: compare th
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,7 +43,13 @@ from flexplugin.engine.flex.reconstruct import flex_reconstruct
 from flexplugin.engine.flex.reconstruct_config import FLOW_NOISE
 from flexplugin.engine.fourier import radius_3d
 from flexplugin.engine.io import read_particles, read_volume
+from flexplugin.engine.pdb_motion import BENCHMARKS, build_motion
 from flexplugin.engine.reconstruct import reconstruct_particles, shell_fsc
+from flexplugin.engine.simulate import SimConfig, simulate_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+LOSS_FLOOR = 1e-3  # an FSC difference below a thousandth is no loss (FSC curves are read to 0.001 at best)
+SDIST = "mdanalysistests-2.11.0"
 
 
 def _t(a: np.ndarray) -> torch.Tensor:
@@ -63,13 +78,45 @@ def worst(diff: np.ndarray, shells: np.ndarray) -> str:
     return f"{diff[i]:+.4f} ({i})"
 
 
+def noise_replicate(data: Path, out: Path, noise_seed: int, refdata: Path) -> Path:
+    """Re-simulate the set in `data` from its simulation.json with fresh noise (noise_seed) into `out`."""
+    if not (out / "particles.star").exists():
+        meta = json.loads((data / "simulation.json").read_text())
+        cfg = SimConfig(**{**meta["config"], "noise_seed": noise_seed})
+        ds = meta.get("dataset")
+        motion = build_motion(BENCHMARKS[ds["name"]], refdata / SDIST) if ds else None
+        simulate_dataset(cfg, out, lambda s: None, motion=motion, dataset=ds)
+    return out
+
+
+def replicate_table(runs: list[dict[str, np.ndarray]], sigma: np.ndarray) -> None:
+    """Print, per shell, the start's mean FSC with the truth and flex − start: mean, standard error, range."""
+    d = np.array([r["flex"] - r["start"] for r in runs])
+    start = np.array([r["start"] for r in runs]).mean(0)
+    mean, se = d.mean(0), d.std(0, ddof=1) / np.sqrt(len(d))
+    print(f"flex - start, FSC with the truth, over {len(d)} noise realisations\n"
+          "shell  start FSC  3/sqrt(n)  mean     s.e.    min      max")
+    for k in range(1, len(mean)):
+        print(f"{k:5d}  {start[k]:9.4f}  {3 * sigma[k]:9.4f}  {mean[k]:+.4f}  {se[k]:.4f}  {d[:, k].min():+.4f}  "
+              f"{d[:, k].max():+.4f}")
+    shells = np.arange(1, len(mean))
+    below = shells[mean[1:] + 2 * se[1:] < -LOSS_FLOOR]
+    print(f"  worst shell of the mean: {worst(mean, shells)} ± {se[shells[np.argmin(mean[1:])]]:.4f}; shells where "
+          f"the mean is below -{LOSS_FLOOR} by more than 2 s.e.: {', '.join(map(str, below)) or 'none'}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, type=Path)
     ap.add_argument("--model", required=True)
     ap.add_argument("--flow-noise", type=float, nargs="+", default=[0.0, FLOW_NOISE])
     ap.add_argument("--margin", type=int, default=3, help="dilation of the moving mask for the static region, voxels")
+    ap.add_argument("--replicates", type=int, default=0, help="noise replicates of the set to add (0: none)")
+    ap.add_argument("--work", type=Path, help="folder for the noise replicates (kept, reused)")
+    ap.add_argument("--refdata", type=Path, default=Path(os.environ.get("FLEXPLUGIN_REFDATA", ROOT / ".cache/refdata")))
     a = ap.parse_args()
+    if a.replicates and a.work is None:
+        ap.error("--replicates needs --work")
     model = load_model(a.model, "cpu")
     ps = read_particles(a.data / "particles.star")
     moving = read_volume(a.data / "gt/moving_mask.mrc")[0].astype(np.float32)
@@ -115,6 +162,19 @@ def main() -> None:
               f"{corr(r.noflex_map):.3f} / {corr(wiener.full):.3f}; masked half-map FSC 0.143 flex / noflex "
               f"{r.res_flex:.2f} / {r.res_noflex:.2f} Å\n"
               f"  time flex-reconstruct / Wiener: {t_f:.1f} / {min(t_w):.1f} s = {t_f / min(t_w):.1f}x", flush=True)
+    if not a.replicates:
+        return
+    runs = [{k: np.asarray(v) for k, v in fw.items()}]
+    for i in range(a.replicates):
+        rep = noise_replicate(a.data, a.work / f"noise{i + 1}", i + 1, a.refdata)
+        r = flex_reconstruct(model, read_particles(rep / "particles.star"), mask=moving, flow_noise=a.flow_noise[-1],
+                             progress=quiet)
+        assert r is not None and r.start_half1 is not None and r.start_half2 is not None
+        runs.append({"flex": np.asarray(shell_fsc(_t(r.flex_map), truth)),
+                     "start": np.asarray(shell_fsc(_t(0.5 * (r.start_half1 + r.start_half2)), truth))})
+        print(f"  noise replicate {i + 1}: worst shell flex - start {worst(runs[-1]['flex'] - runs[-1]['start'], every)}",
+              flush=True)
+    replicate_table(runs, sigma)
 
 
 if __name__ == "__main__":
