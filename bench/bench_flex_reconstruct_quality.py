@@ -153,7 +153,7 @@ def main() -> None:
               "start": shell_fsc(_t(r.start_half1), _t(r.start_half2))}
         every = np.arange(1, c // 2 + 1)
         signal = every[fw["start"][1:] > 3 * sigma[1:]]
-        print(f"flow noise {tau:g} voxels: {r.bins} bins, {100 * r.vertices_still:.0f} % of the vertices still\n"
+        print(f"flow noise {tau:g} voxels of the training box: {r.bins} bins, {100 * r.vertices_still:.0f} % of the vertices still\n"
               f"  FSC with the truth, flex - start, worst shell: whole map {worst(fw['flex'] - fw['start'], every)}, "
               f"where the start has signal (shells {signal.min()}-{signal.max()}) "
               f"{worst(fw['flex'] - fw['start'], signal)}, static region {worst(fs['flex'] - fs['start'], every)}\n"

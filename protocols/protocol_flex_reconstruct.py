@@ -133,8 +133,9 @@ class FlexPluginProtReconstruct(FlexPluginProtBase, FlexModelInput):
                            "that the flow tolerance is not met.")
         form.addParam("flowNoise", params.FloatParam, default=R.flow_noise, expertLevel=params.LEVEL_ADVANCED,
                       validators=[params.GE(0)],
-                      label="Flow noise (voxels)",
-                      help="The noise level of the trained flows, in voxels of the crop box. Each mesh vertex's "
+                      label="Flow noise (training voxels)",
+                      help="The noise level of the trained flows, in voxels of the training box (where the flow "
+                           "generator learned them). Each mesh vertex's "
                            "motion is shrunk by 1 - (noise / spread)^2, its spread measured over the particles, and "
                            "held still where the spread is below the noise: where nothing moves, the flows' noise "
                            "would otherwise misalign and blur the flex map. 0 uses the flows as trained.")

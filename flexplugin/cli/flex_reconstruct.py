@@ -72,7 +72,7 @@ def main(a: argparse.Namespace) -> None:
     write_reconstruction(out, r, model.crop, ps.apix, noflex=a.noflex, masked=mask is not None)
     info = {"particles": len(ps), "crop": model.crop, "apix": ps.apix, "iterations": a.iterations, "tol": a.tol,
             "reg_scale": a.reg, "bins": r.bins, "flow_spread_vox": r.flow_spread, "stopped": r.iterations,
-            "mean_deformation_taken_out_vox": r.frame_shift_vox, "flow_noise_vox": a.flow_noise,
+            "mean_deformation_taken_out_vox": r.frame_shift_vox, "flow_noise_train_vox": a.flow_noise,
             "vertices_still": r.vertices_still,
             "resolution_flex_A": r.res_flex, "resolution_noflex_A": r.res_noflex if a.noflex else None,
             "masked_fsc": mask is not None, "seconds": time.time() - t0,

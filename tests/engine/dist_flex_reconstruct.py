@@ -41,7 +41,7 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     distributed.init_from_env("cpu")
     ps = read_particles(data / "particles.star")
-    # flow_noise 0: the random flows are mostly below the default flow noise (0.25 voxel at 4 Å/px), which would hold
+    # flow_noise 0: the random flows are mostly below the default flow noise (ReconstructConfig.flow_noise), which would hold
     # them still in one bin; this test is about the ranks' insertion into several bins
     r = flex_reconstruct(small_model(data), ps, iterations=3, tol=1e-6, batch_size=16, max_bins=8, flow_noise=0.0,
                          progress=lambda s: None)

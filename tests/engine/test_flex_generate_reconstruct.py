@@ -180,7 +180,7 @@ def test_flex_map_is_no_worse_than_its_start_at_any_shell_over_noise_realisation
     images' noise (±0.01 on the benchmark sets where the start's FSC is weak), so it is averaged over the set and four noise
     replicates of it (the same particles and clean images, fresh noise: SimConfig.noise_seed), reconstructed with the
     same model and latents. No shell may lose more than 0.001 (the precision FSC curves are read to) beyond two
-    standard errors of that mean. Measured: the mean is >= 0 at every shell (0.000 at the lowest, +0.009 at Nyquist, +0.18
+    standard errors of that mean. Measured: the mean is >= 0 at every shell (0.000 at the lowest, +0.007 at Nyquist, +0.18
     at 12.8 Å); with the latents shuffled among the particles (wrong flows) it loses up to 0.039 (shell 7) and fails."""
     truth = torch.as_tensor(read_volume(trained["data"] / "gt" / "state_004.mrc")[0])
     diffs = []

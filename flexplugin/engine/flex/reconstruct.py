@@ -420,7 +420,7 @@ def check_options(iterations: int = ITERATIONS, batch_size: int = BATCH_SIZE, re
               (math.isfinite(flow_tol) and flow_tol > 0, f"--flow-tol must be a number > 0 (voxels), got {flow_tol}"),
               (max_bins >= 1, f"--max-bins must be >= 1, got {max_bins}"),
               (math.isfinite(flow_noise) and flow_noise >= 0,
-               f"--flow-noise must be a number >= 0 (voxels), got {flow_noise}")]
+               f"--flow-noise must be a number >= 0 (voxels of the training box), got {flow_noise}")]
     for ok, msg in checks:
         if not ok:
             raise InputError(msg)
@@ -464,7 +464,8 @@ def flex_reconstruct(model: FlexModel, ps: ParticleSet, iterations: int = ITERAT
     `bins` fixes G; otherwise G is the smallest power of two (≤ `max_bins`) whose flow spread (95 % of the
     particles) is ≤ `flow_tol` voxels. `labels` (N,) overrides the binning (0..G−1); `reg_scale` scales the
     FSC-derived regulariser (1: the Wiener map's). Each mesh vertex's motion is shrunk by its significance over
-    the flow noise `flow_noise` (voxels; binning.significance_shrinkage, 0: as trained) before the binning."""
+    the flow noise `flow_noise` (voxels of the training box; binning.significance_shrinkage, 0: as trained) before
+    the binning."""
     dev = torch.device(device)
     ps.require(poses=True, ctf=True)
     half = ps.half_sets(seed)
@@ -487,13 +488,17 @@ def flex_reconstruct(model: FlexModel, ps: ParticleSet, iterations: int = ITERAT
     d.sub_(mean_d)
     emit(f"flex-reconstruct: the particles' mean deformation (largest vertex displacement {frame_vox:.3f} voxels) "
          "is taken out of the flows: the flex map is in the particles' mean frame, as the Wiener map")
-    # the flow noise: trained flows scatter by ~0.2 voxel rms where nothing moves (measured on the benchmark sets),
+    # the flow noise: trained flows scatter by ~0.1 training-box voxel rms where nothing moves (benchmark models),
     # and a warp by such noise both misaligns and blurs; each vertex keeps its motion in proportion to its
-    # significance over that noise (binning.significance_shrinkage), and the bins are chosen on what is kept
-    keep = significance_shrinkage(d, apix_c, flow_noise)
+    # significance over that noise (binning.significance_shrinkage), and the bins are chosen on what is kept. The noise
+    # is a fraction of the training box's voxel at every crop box (0.09-0.17 in the median over the benchmark models'
+    # static vertices at crop boxes 32, 64 and 128: 0.09-0.68 voxels of the crop box), so it is stated in those voxels
+    apix_t = model.apix_at(model.train_box)
+    keep = significance_shrinkage(d, apix_t, flow_noise)
     d.mul_(keep[None, :, None])
     still = float((keep == 0).float().mean()) if keep.numel() else 0.0
-    emit(f"flex-reconstruct: flow noise {flow_noise:g} voxels: {100 * still:.0f} % of the mesh vertices held still, "
+    emit(f"flex-reconstruct: flow noise {flow_noise:g} voxels of the training box ({flow_noise * apix_t / apix_c:.3g} "
+         f"of the crop box): {100 * still:.0f} % of the mesh vertices held still, "
          f"the others' motion scaled by {float(keep[keep > 0].median()) if (keep > 0).any() else 0:.2f} (median)")
     if labels is not None:
         lb: LatentBins = bins_from_labels(d, np.asarray(labels, dtype=np.int64), apix_c)

@@ -26,9 +26,10 @@ class ReconstructConfig:
                                     "particles")
     max_bins: int = setting(64, "cap on the number of latent bins when chosen from --flow-tol (memory: two Fourier "
                                 "accumulators per bin and half set)")
-    flow_noise: float = setting(0.25, "noise level of the trained flows, voxels of the crop box: each mesh vertex's "
-                                      "motion is shrunk by 1 - (flow_noise / rms)^2, rms its displacement's spread "
-                                      "over the particles, and held still where rms is below it (0: no shrinkage)")
+    flow_noise: float = setting(0.125, "noise level of the trained flows, voxels of the training box (where the flow "
+                                       "generator learned them): each mesh vertex's motion is shrunk by 1 - (flow_noise "
+                                       "/ rms)^2, rms its displacement's spread over the particles, and held still where "
+                                       "rms is below it (0: no shrinkage)")
     noflex: bool = setting(True, "also reconstruct without motion (the rigid baseline, the Wiener map) with the same "
                                  "solver, for the FSC and the local resolution gain", "flex_do_noflex_recon")
     batch_size: int = setting(128, "particles per insertion batch")
