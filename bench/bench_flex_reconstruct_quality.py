@@ -39,7 +39,7 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flexplugin.engine.flex.generate import load_model
-from flexplugin.engine.flex.reconstruct import flex_reconstruct
+from flexplugin.engine.flex.reconstruct import HighresResult, flex_reconstruct
 from flexplugin.engine.flex.reconstruct_config import FLOW_NOISE
 from flexplugin.engine.fourier import radius_3d
 from flexplugin.engine.io import read_particles, read_volume
@@ -49,7 +49,6 @@ from flexplugin.engine.simulate import SimConfig, simulate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_FLOOR = 1e-3  # an FSC difference below a thousandth is no loss (FSC curves are read to 0.001 at best)
-SDIST = "mdanalysistests-2.11.0"
 
 
 def _t(a: np.ndarray) -> torch.Tensor:
@@ -78,13 +77,21 @@ def worst(diff: np.ndarray, shells: np.ndarray) -> str:
     return f"{diff[i]:+.4f} ({i})"
 
 
+def truth_fsc(r: HighresResult, truth: torch.Tensor, weight: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """FSC with the truth (optionally inside a soft mask) of a flex_reconstruct result's flex map and its Wiener start
+    (the mean of the start halves)."""
+    start = 0.5 * (r.start_half1 + r.start_half2)
+    return {k: np.asarray(shell_fsc(_t(m), truth, weight)) for k, m in (("flex", r.flex_map), ("start", start))}
+
+
 def noise_replicate(data: Path, out: Path, noise_seed: int, refdata: Path) -> Path:
     """Re-simulate the set in `data` from its simulation.json with fresh noise (noise_seed) into `out`."""
     if not (out / "particles.star").exists():
         meta = json.loads((data / "simulation.json").read_text())
         cfg = SimConfig(**{**meta["config"], "noise_seed": noise_seed})
         ds = meta.get("dataset")
-        motion = build_motion(BENCHMARKS[ds["name"]], refdata / SDIST) if ds else None
+        spec = BENCHMARKS[ds["name"]] if ds else None
+        motion = build_motion(spec, refdata / spec.sdist) if spec else None
         simulate_dataset(cfg, out, lambda s: None, motion=motion, dataset=ds)
     return out
 
@@ -146,14 +153,13 @@ def main() -> None:
         r = flex_reconstruct(model, ps, mask=moving, flow_noise=tau, progress=quiet)
         t_f = time.perf_counter() - t0
         assert r is not None and r.start_half1 is not None and r.start_half2 is not None  # one process: rank 0
-        start = 0.5 * (r.start_half1 + r.start_half2)
-        fw = {k: shell_fsc(_t(m), truth) for k, m in (("flex", r.flex_map), ("start", start))}
-        fs = {k: shell_fsc(_t(m), truth, stat) for k, m in (("flex", r.flex_map), ("start", start))}
+        fw, fs = truth_fsc(r, truth), truth_fsc(r, truth, stat)
         hh = {"flex": shell_fsc(_t(r.flex_half1), _t(r.flex_half2)),
               "start": shell_fsc(_t(r.start_half1), _t(r.start_half2))}
         every = np.arange(1, c // 2 + 1)
         signal = every[fw["start"][1:] > 3 * sigma[1:]]
-        print(f"flow noise {tau:g} voxels of the training box: {r.bins} bins, {100 * r.vertices_still:.0f} % of the vertices still\n"
+        print(f"flow noise {tau:g} voxels of the training box: {r.bins} bins, {100 * r.vertices_still:.0f} % of the "
+              "vertices still\n"
               f"  FSC with the truth, flex - start, worst shell: whole map {worst(fw['flex'] - fw['start'], every)}, "
               f"where the start has signal (shells {signal.min()}-{signal.max()}) "
               f"{worst(fw['flex'] - fw['start'], signal)}, static region {worst(fs['flex'] - fs['start'], every)}\n"
@@ -164,14 +170,13 @@ def main() -> None:
               f"  time flex-reconstruct / Wiener: {t_f:.1f} / {min(t_w):.1f} s = {t_f / min(t_w):.1f}x", flush=True)
     if not a.replicates:
         return
-    runs = [{k: np.asarray(v) for k, v in fw.items()}]
+    runs = [fw]
     for i in range(a.replicates):
         rep = noise_replicate(a.data, a.work / f"noise{i + 1}", i + 1, a.refdata)
         r = flex_reconstruct(model, read_particles(rep / "particles.star"), mask=moving, flow_noise=a.flow_noise[-1],
                              progress=quiet)
         assert r is not None and r.start_half1 is not None and r.start_half2 is not None
-        runs.append({"flex": np.asarray(shell_fsc(_t(r.flex_map), truth)),
-                     "start": np.asarray(shell_fsc(_t(0.5 * (r.start_half1 + r.start_half2)), truth))})
+        runs.append(truth_fsc(r, truth))
         print(f"  noise replicate {i + 1}: worst shell flex - start {worst(runs[-1]['flex'] - runs[-1]['start'], every)}",
               flush=True)
     replicate_table(runs, sigma)
