@@ -13,10 +13,14 @@ import torch
 
 from flexplugin.engine.errors import InputError
 from flexplugin.engine.flex.binning import bins_from_labels, choose_bins, significance_shrinkage
+from flexplugin.engine.flex.generate import FlexModel
+from flexplugin.engine.flex.mesh import build_mesh
 from flexplugin.engine.flex.reconstruct import BinnedHalf, Sphere, check_options, flex_reconstruct, pcg
+from flexplugin.engine.flex.reconstruct_config import FLOW_NOISE
 from flexplugin.engine.fourier import rfft3c
 from flexplugin.engine.io import read_particles, read_volume
 from flexplugin.engine.reconstruct import shell_fsc
+from flexplugin.engine.simulate import SimConfig, simulate_dataset
 
 
 def test_pcg_solves_a_dense_spd_system_and_says_why_it_stopped():
@@ -198,25 +202,14 @@ def test_flex_map_is_no_worse_than_its_wiener_start_in_fsc_with_the_truth(tmp_pa
     Wiener start's - 0.01 (measured: >= -0.0005) and up to 0.72 above it where the misalignment blurs the start.
     Before the reconstruction took the particles' mean deformation out, the common deformation shifted the flex map
     off the truth: -0.044, -0.062, -0.075 in shells 3-5 (43-26 A), and gains of at most 0.36."""
-    from flexplugin.engine.flex.generate import FlexModel
-    from flexplugin.engine.flex.mesh import build_mesh
-    from flexplugin.engine.flex.reconstruct import flex_reconstruct
-    from flexplugin.engine.io import read_particles, read_volume
-    from flexplugin.engine.reconstruct import shell_fsc
-    from flexplugin.engine.simulate import SimConfig, simulate_dataset
-    cfg = SimConfig(n=400, box=32, apix=4.0, snr=0.5, seed=4, hinge_deg=0.0, twist_deg=0.0)
-    simulate_dataset(cfg, tmp_path, progress=lambda s: None)
-    ps = read_particles(tmp_path / "particles.star")
-    truth, apix = read_volume(tmp_path / "consensus.mrc")  # the object does not move: every state is the consensus
+    truth, ps, mesh, apix = _static_object(tmp_path)  # the object does not move: every state is the consensus
     delta = np.random.default_rng(0).normal(scale=1.5 * apix, size=(len(ps), 2))
     ps.table["rlnOriginXAngst"] += delta[:, 0]
     ps.table["rlnOriginYAngst"] += delta[:, 1]
     rot = ps.rotations(np.arange(len(ps))).double().numpy()
     own = -np.einsum("nji,nj->ni", rot, np.concatenate([delta, np.zeros((len(ps), 1))], 1)).astype(np.float32)
-    mesh = build_mesh(truth, apix, cells=8)
     gen = _CommonPlusOwn(len(mesh.points), [0.6 * apix, -0.5 * apix, 0.5 * apix])
-    model = FlexModel(gen, mesh, torch.as_tensor(truth), apix, cfg.box, cfg.box, cfg.box, apix, own, ps.ids, {},
-                      torch.device("cpu"))
+    model = FlexModel(gen, mesh, torch.as_tensor(truth), apix, 32, 32, 32, apix, own, ps.ids, {}, torch.device("cpu"))
     r = flex_reconstruct(model, ps, do_noflex=False, progress=lambda s: None)
     t = torch.as_tensor(truth)
     flex = shell_fsc(torch.as_tensor(r.flex_map), t)
@@ -263,7 +256,6 @@ def test_flow_noise_where_nothing_moves_is_held_still(tmp_path):
     more than 0.01 (measured: -0.018 at shell 14 of 16). At the default flow noise (0.125 voxel of the training box)
     the insignificant vertices are held still and the flex map is no worse than its start at any shell (measured:
     equal)."""
-    from flexplugin.engine.flex.reconstruct_config import FLOW_NOISE
     truth, ps, mesh, apix = _static_object(tmp_path)
     model = _noise_model(truth, ps, mesh, apix, 0.12, train_box=32)
     t = torch.as_tensor(truth)
@@ -295,8 +287,6 @@ def test_flow_noise_is_stated_in_voxels_of_the_training_box(tmp_path):
 
 def _static_object(tmp_path):
     """400 particles of the example object without motion (box 32, 4 Å/px) and an 8-cell mesh over it."""
-    from flexplugin.engine.flex.mesh import build_mesh
-    from flexplugin.engine.simulate import SimConfig, simulate_dataset
     cfg = SimConfig(n=400, box=32, apix=4.0, snr=0.5, seed=4, hinge_deg=0.0, twist_deg=0.0)
     simulate_dataset(cfg, tmp_path, progress=lambda s: None)
     ps = read_particles(tmp_path / "particles.star")
@@ -307,7 +297,6 @@ def _static_object(tmp_path):
 def _noise_model(truth, ps, mesh, apix: float, rms_vox: float, train_box: int):
     """A model over `mesh` whose vertex displacements are random, linear in a 4-D latent, of rms `rms_vox` voxels of
     the crop box (box 32), trained (nominally) at `train_box`."""
-    from flexplugin.engine.flex.generate import FlexModel
     k = 4
     w = torch.randn(k, 3 * len(mesh.points), generator=torch.Generator().manual_seed(1)) * (rms_vox * apix / np.sqrt(3 * k))
     z = np.random.default_rng(2).normal(size=(len(ps), k)).astype(np.float32)
