@@ -135,10 +135,10 @@ class FlexPluginProtReconstruct(FlexPluginProtBase, FlexModelInput):
                       validators=[params.GE(0)],
                       label="Flow noise (training voxels)",
                       help="The noise level of the trained flows, in voxels of the training box (where the flow "
-                           "generator learned them). Each mesh vertex's "
-                           "motion is shrunk by 1 - (noise / spread)^2, its spread measured over the particles, and "
-                           "held still where the spread is below the noise: where nothing moves, the flows' noise "
-                           "would otherwise misalign and blur the flex map. 0 uses the flows as trained.")
+                           "generator learned them). Each mesh vertex's motion is shrunk by 1 - (noise / spread)^2, "
+                           "its spread measured over the particles, and held still where the spread is below the "
+                           "noise: where nothing moves, the flows' noise would otherwise misalign and blur the flex "
+                           "map. 0 uses the flows as trained.")
         form.addParam("batchSize", params.IntParam, default=R.batch_size, validators=[params.GE(1)],
                       expertLevel=params.LEVEL_ADVANCED,
                       label="Batch size (particles)",
